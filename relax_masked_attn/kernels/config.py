@@ -1,0 +1,23 @@
+"""Tile sizes of every kernel, per target and dtype, in one place."""
+
+from __future__ import annotations
+
+
+def cpu_tiles(head_dim: int, dtype: str) -> tuple[int, int]:
+    """(query rows, key columns) of one CPU tile.
+
+    16 key columns fill one AVX-512 register of float32 scores; 8 query rows keep the score
+    block (8 x 16 floats) in registers while the key tile is reused 8 times from L1.
+    """
+    del head_dim, dtype  # accumulation is float32 for every input dtype
+    return 8, 16
+
+
+def portable_gpu_tiles(head_dim: int, dtype: str) -> tuple[int, int]:
+    """(query rows = threads per block, key columns per shared tile) of the portable GPU kernel.
+
+    64 threads a block keep enough blocks per multiprocessor for short sequences; 32 keys a tile
+    keep the two float32 shared tiles at 2 * 32 * head_dim * 4 bytes (32 KiB at head_dim 128).
+    """
+    del dtype
+    return 64, 32 if head_dim <= 128 else 16

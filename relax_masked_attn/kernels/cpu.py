@@ -1,0 +1,135 @@
+"""The CPU kernel of ``masked_sequence_prefill``: a tiled online-softmax loop in TIR.
+
+One parallel task per (batch row, query head). Inside it, query tiles of ``TILE_Q`` rows walk key
+tiles of ``TILE_K`` columns; only tiles that hold real, visible pairs are visited, so the cost
+follows ``valid_len``, not the padded shape. Scores and the output update are vectorized (over the
+key tile and over ``head_dim``), accumulation is float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from ..modes import is_causal, is_left_padded
+from .config import cpu_tiles
+
+LOG2E = math.log2(math.e)
+NEG_INF = -1.0e30  # finite "minus infinity": exp2 of it minus a real max is exactly 0
+
+
+def cpu_kernel(
+    heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float
+) -> tirx.PrimFunc:
+    """PrimFunc ``(q, k, v, valid_len, out)`` for the CPU; batch and lengths are symbolic."""
+    causal, left = is_causal(mode), is_left_padded(mode)
+    group = heads_q // heads_kv
+    tq, tk = cpu_tiles(head_dim, dtype)
+    qk_scale = float(sm_scale * LOG2E)  # scores live in the log2 domain: exp2 is cheaper than exp
+    d = head_dim
+
+    @T.prim_func
+    def masked_prefill_cpu(
+        q_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        valid_len_handle: T.handle,
+        out_handle: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int64()
+        seq_q = T.int64()
+        seq_kv = T.int64()
+        q = T.match_buffer(q_handle, (batch, seq_q, heads_q, d), dtype)
+        k = T.match_buffer(k_handle, (batch, seq_kv, heads_kv, d), dtype)
+        v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
+        valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
+        out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
+
+        for bh in T.parallel(batch * heads_q):
+            q_tile = T.alloc_buffer((tq, d), "float32")
+            k_tile_t = T.alloc_buffer((d, tk), "float32")  # transposed: scores vectorize over keys
+            v_tile = T.alloc_buffer((tk, d), "float32")
+            scores = T.alloc_buffer((tq, tk), "float32")
+            acc = T.alloc_buffer((tq, d), "float32")
+            row_max = T.alloc_buffer((tq,), "float32")
+            row_sum = T.alloc_buffer((tq,), "float32")
+            rescale = T.alloc_buffer((tq,), "float32")
+
+            b = bh // heads_q
+            h = bh % heads_q
+            h_kv = h // group
+            n = T.max(T.min(T.Cast("int64", valid_len[b]), T.min(seq_q, seq_kv)), T.int64(0))
+            q_off = T.if_then_else(left, seq_q - n, T.int64(0))
+            kv_off = T.if_then_else(left, seq_kv - n, T.int64(0))
+
+            # Padding queries: exact zeros.
+            for r in T.serial(seq_q - n):
+                for j in T.vectorized(d):
+                    out[b, T.if_then_else(left, r, n + r), h, j] = T.Cast(dtype, T.float32(0))
+
+            for qt in T.serial((n + tq - 1) // tq):
+                r0 = qt * tq
+                for i, j in T.grid(tq, d):
+                    q_tile[i, j] = T.if_then_else(
+                        r0 + i < n,
+                        T.Cast("float32", q[b, q_off + T.min(r0 + i, n - 1), h, j]) * qk_scale,
+                        T.float32(0),
+                    )
+                for i in T.serial(tq):
+                    row_max[i] = NEG_INF
+                    row_sum[i] = T.float32(0)
+                    for j in T.vectorized(d):
+                        acc[i, j] = T.float32(0)
+
+                # Keys this query tile can see: all n, or up to its last row when causal.
+                kv_end = T.if_then_else(causal, T.min(n, r0 + tq), n)
+                for kt in T.serial((kv_end + tk - 1) // tk):
+                    c0 = kt * tk
+                    for c, j in T.grid(tk, d):
+                        k_tile_t[j, c] = T.if_then_else(
+                            c0 + c < kv_end,
+                            T.Cast("float32", k[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                            T.float32(0),
+                        )
+                        v_tile[c, j] = T.if_then_else(
+                            c0 + c < kv_end,
+                            T.Cast("float32", v[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                            T.float32(0),
+                        )
+                    for i in T.unroll(tq):
+                        for c in T.vectorized(tk):
+                            scores[i, c] = T.float32(0)
+                    for j in T.serial(d):
+                        for i in T.unroll(tq):
+                            for c in T.vectorized(tk):
+                                scores[i, c] = scores[i, c] + q_tile[i, j] * k_tile_t[j, c]
+                    for i in T.serial(tq):
+                        for c in T.vectorized(tk):
+                            scores[i, c] = T.if_then_else(
+                                (c0 + c < kv_end) and ((not causal) or (c0 + c <= r0 + i)),
+                                scores[i, c],
+                                NEG_INF,
+                            )
+                        rescale[i] = row_max[i]
+                        for c in T.serial(tk):
+                            row_max[i] = T.max(row_max[i], scores[i, c])
+                        rescale[i] = T.exp2(rescale[i] - row_max[i])
+                        for c in T.vectorized(tk):
+                            scores[i, c] = T.exp2(scores[i, c] - row_max[i])
+                        row_sum[i] = row_sum[i] * rescale[i]
+                        for c in T.serial(tk):
+                            row_sum[i] = row_sum[i] + scores[i, c]
+                        for j in T.vectorized(d):
+                            acc[i, j] = acc[i, j] * rescale[i]
+                        for c in T.serial(tk):
+                            for j in T.vectorized(d):
+                                acc[i, j] = acc[i, j] + scores[i, c] * v_tile[c, j]
+
+                for i in T.serial(T.min(tq, n - r0)):
+                    for j in T.vectorized(d):
+                        out[b, q_off + r0 + i, h, j] = T.Cast(dtype, acc[i, j] / row_sum[i])
+
+    return masked_prefill_cpu

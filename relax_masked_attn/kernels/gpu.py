@@ -1,0 +1,123 @@
+"""The portable GPU kernel of ``masked_sequence_prefill``: generic TIR, one thread per query row.
+
+It uses only what every TVM GPU backend has (threads, shared memory, barriers), so it compiles
+for CUDA, ROCm, Metal and Vulkan alike. A block owns ``rows`` query rows of one (batch row,
+query head); key/value tiles are staged in shared memory and only tiles that hold real, visible
+keys are loaded. Blocks whose rows are all padding only write zeros. CUDA targets with tensor
+cores get :mod:`relax_masked_attn.kernels.cuda_mma` instead for fp16/bf16.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from ..modes import is_causal, is_left_padded
+from .config import portable_gpu_tiles
+from .cpu import LOG2E, NEG_INF
+
+
+def portable_gpu_kernel(
+    heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float
+) -> tirx.PrimFunc:
+    """PrimFunc ``(q, k, v, valid_len, out)`` for any GPU target; batch and lengths symbolic."""
+    causal, left = is_causal(mode), is_left_padded(mode)
+    group = heads_q // heads_kv
+    rows, cols = portable_gpu_tiles(head_dim, dtype)
+    qk_scale = float(sm_scale * LOG2E)
+    d = head_dim
+
+    @T.prim_func
+    def masked_prefill_gpu(
+        q_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        valid_len_handle: T.handle,
+        out_handle: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_kv = T.int32()
+        q = T.match_buffer(q_handle, (batch, seq_q, heads_q, d), dtype)
+        k = T.match_buffer(k_handle, (batch, seq_kv, heads_kv, d), dtype)
+        v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
+        valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
+        out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
+
+        bh = T.launch_thread("blockIdx.x", batch * heads_q)
+        qt = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
+        tx = T.launch_thread("threadIdx.x", rows)
+        k_smem = T.alloc_buffer((cols, d), "float32", scope="shared")
+        v_smem = T.alloc_buffer((cols, d), "float32", scope="shared")
+        q_reg = T.alloc_buffer((d,), "float32", scope="local")
+        acc = T.alloc_buffer((d,), "float32", scope="local")
+        s = T.alloc_buffer((cols,), "float32", scope="local")
+        stats = T.alloc_buffer((3,), "float32", scope="local")  # row max, row sum, rescale
+
+        b = bh // heads_q
+        h = bh % heads_q
+        h_kv = h // group
+        n = T.max(T.min(valid_len[b], T.min(seq_q, seq_kv)), 0)
+        q_off = T.if_then_else(left, seq_q - n, 0)
+        kv_off = T.if_then_else(left, seq_kv - n, 0)
+        row = qt * rows + tx  # absolute query position of this thread
+        rel = row - q_off  # position inside the real block
+        # Real rows of this block, relative: [first, last]; empty when first > last.
+        first = T.max(qt * rows - q_off, 0)
+        last = T.min(qt * rows + rows - 1 - q_off, n - 1)
+        kv_end = T.if_then_else(causal, T.min(n, last + 1), n)
+
+        if first <= last:
+            if 0 <= rel and rel < n:
+                for j in T.serial(d):
+                    q_reg[j] = T.Cast("float32", q[b, row, h, j]) * qk_scale
+                    acc[j] = T.float32(0)
+            stats[0] = NEG_INF
+            stats[1] = T.float32(0)
+            for kt in T.serial((kv_end + cols - 1) // cols):
+                c0 = kt * cols
+                T.tvm_storage_sync("shared")
+                for it in T.serial((cols * d + rows - 1) // rows):
+                    e = it * rows + tx
+                    if e < cols * d:
+                        c = e // d
+                        j = e % d
+                        k_smem[c, j] = T.if_then_else(
+                            c0 + c < kv_end,
+                            T.Cast("float32", k[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                            T.float32(0),
+                        )
+                        v_smem[c, j] = T.if_then_else(
+                            c0 + c < kv_end,
+                            T.Cast("float32", v[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                            T.float32(0),
+                        )
+                T.tvm_storage_sync("shared")
+                if 0 <= rel and rel < n:
+                    stats[2] = stats[0]
+                    for c in T.unroll(cols):
+                        s[c] = T.float32(0)
+                        for j in T.serial(d):
+                            s[c] = s[c] + q_reg[j] * k_smem[c, j]
+                        if c0 + c >= kv_end or (causal and c0 + c > rel):
+                            s[c] = NEG_INF
+                        stats[0] = T.max(stats[0], s[c])
+                    stats[2] = T.exp2(stats[2] - stats[0])
+                    stats[1] = stats[1] * stats[2]
+                    for j in T.serial(d):
+                        acc[j] = acc[j] * stats[2]
+                    for c in T.unroll(cols):
+                        s[c] = T.exp2(s[c] - stats[0])
+                        stats[1] = stats[1] + s[c]
+                        for j in T.serial(d):
+                            acc[j] = acc[j] + s[c] * v_smem[c, j]
+        if row < seq_q:
+            if first <= last and 0 <= rel and rel < n:
+                for j in T.serial(d):
+                    out[b, row, h, j] = T.Cast(dtype, acc[j] / stats[1])
+            else:
+                for j in T.serial(d):
+                    out[b, row, h, j] = T.Cast(dtype, T.float32(0))
+
+    return masked_prefill_gpu

@@ -1,0 +1,89 @@
+"""Legalization of ``masked_sequence_prefill``: pick the target, generate its kernel, call it.
+
+The target is the one of q's virtual device if it has one, else ``Target.current()`` (set by
+``tvm.compile`` while it legalizes), else a clear error. Then:
+
+* ``llvm`` (CPU): :func:`relax_masked_attn.kernels.cpu.cpu_kernel`;
+* CUDA with compute capability >= 8.0, fp16/bf16, head_dim a multiple of 16 up to 256:
+  the tensor-core kernel :func:`relax_masked_attn.kernels.cuda_mma.tensor_core_kernel`;
+* any other GPU target (ROCm, Metal, Vulkan, older CUDA, float32 on CUDA):
+  :func:`relax_masked_attn.kernels.gpu.portable_gpu_kernel`.
+"""
+
+from __future__ import annotations
+
+from tvm import relax, tirx
+from tvm.relax.transform.legalize_ops.common import register_legalize
+from tvm.target import Target
+
+from .kernels.cpu import cpu_kernel
+from .kernels.gpu import portable_gpu_kernel
+from .op import OP_NAME, call_mode, call_sm_scale
+
+
+def target_of(call: relax.Call) -> Target:
+    """The target a call is compiled for: q's vdevice, else the current target."""
+    vdevice = getattr(call.args[0].ty, "vdevice", None)
+    if vdevice is not None and vdevice.target is not None:
+        return vdevice.target
+    target = Target.current()
+    if target is None:
+        raise ValueError(
+            "masked_sequence_prefill: no target to legalize for. Compile with "
+            "tvm.compile(mod, target=...), run the pass inside `with tvm.target.Target(...)`, "
+            "or give the tensors a vdevice."
+        )
+    return target
+
+
+def is_gpu(target: Target) -> bool:
+    return "gpu" in target.keys
+
+
+def _static_dims(call: relax.Call) -> tuple[int, int, int, str]:
+    q_ty, k_ty = call.args[0].ty, call.args[1].ty
+    dims = []
+    for ty, axis, what in ((q_ty, 2, "heads_q"), (k_ty, 2, "heads_kv"), (q_ty, 3, "head_dim")):
+        dim = None if ty.shape is None else ty.shape.values[axis]
+        if not isinstance(dim, tirx.IntImm):
+            raise ValueError(
+                f"masked_sequence_prefill: {what} must be a static integer to generate a kernel, "
+                f"but got {dim}"
+            )
+        dims.append(int(dim.value))
+    return dims[0], dims[1], dims[2], q_ty.dtype.dtype
+
+
+def kernel_for(call: relax.Call, target: Target) -> tirx.PrimFunc:
+    """The PrimFunc ``(q, k, v, valid_len, out)`` that computes ``call`` on ``target``."""
+    heads_q, heads_kv, head_dim, dtype = _static_dims(call)
+    mode = call_mode(call)
+    sm_scale = call_sm_scale(call, head_dim)
+    args = (heads_q, heads_kv, head_dim, dtype, mode, sm_scale)
+    if target.kind.name == "llvm":
+        return cpu_kernel(*args)
+    if is_gpu(target):
+        from .kernels import cuda_mma  # noqa: PLC0415  (keeps CPU-only imports light)
+
+        if cuda_mma.supports(target, head_dim, dtype):
+            return cuda_mma.tensor_core_kernel(*args)
+        return portable_gpu_kernel(*args)
+    raise ValueError(
+        f"masked_sequence_prefill: no kernel for target kind {target.kind.name!r}; "
+        "supported: llvm (CPU) and GPU targets (cuda, rocm, metal, vulkan)"
+    )
+
+
+def kernel_name(call: relax.Call) -> str:
+    heads_q, heads_kv, head_dim, dtype = _static_dims(call)
+    return f"masked_prefill_{call_mode(call)}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}"
+
+
+def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """Replace one call of the op by ``call_tir`` of the target's kernel."""
+    func = kernel_for(call, target_of(call))
+    gv = bb.add_func(func.with_attr("tirx.is_scheduled", True), kernel_name(call))
+    return relax.call_tir(gv, list(call.args), out_ty=call.ty)
+
+
+register_legalize(OP_NAME, legalize)

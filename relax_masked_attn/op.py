@@ -1,0 +1,168 @@
+"""The Relax op ``relax_masked_attn.masked_sequence_prefill``: registration and type inference.
+
+Importing this module registers the op (``FInferType``, ``FPurity``); the legalization lives in
+:mod:`relax_masked_attn.legalize`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+
+from .modes import check_mode
+
+OP_NAME = "relax_masked_attn.masked_sequence_prefill"
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def masked_sequence_prefill(
+    q: relax.Expr,
+    k: relax.Expr,
+    v: relax.Expr,
+    valid_len: relax.Expr,
+    mode: str = "padded",
+    sm_scale: float | None = None,
+) -> relax.Expr:
+    """Attention over the real (non-padding) tokens of each batch row.
+
+    Parameters
+    ----------
+    q : relax.Expr
+        The queries, ``[batch, seq_q, heads_q, head_dim]``.
+    k, v : relax.Expr
+        The keys and values, ``[batch, seq_kv, heads_kv, head_dim]``, with
+        ``heads_q % heads_kv == 0`` (grouped-query attention when ``heads_kv < heads_q``).
+    valid_len : relax.Expr
+        ``[batch]`` int32, the number of real tokens of each row. Values outside
+        ``[0, min(seq_q, seq_kv)]`` are clamped into that range.
+    mode : str
+        ``"padded"``, ``"causal_padded"``, ``"padded_left"`` or ``"causal_padded_left"``; see
+        :mod:`relax_masked_attn.modes`.
+    sm_scale : float, optional
+        The softmax scale, positive; ``1 / sqrt(head_dim)`` if not given.
+
+    Returns
+    -------
+    relax.Expr
+        ``[batch, seq_q, heads_q, head_dim]`` in q's dtype. Rows of padding queries, and every row
+        of a batch row with no real token, are exactly 0.
+    """
+    check_mode(mode)
+    attrs = {"mode": mode}
+    if sm_scale is not None:
+        attrs["sm_scale"] = _check_sm_scale(sm_scale)
+    call_attrs = tvm.ir.make_node("ir.DictAttrs", **attrs)
+    return relax.Call(tvm.ir.Op.get(OP_NAME), [q, k, v, valid_len], call_attrs)
+
+
+def _check_sm_scale(sm_scale: object) -> float:
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"masked_sequence_prefill: sm_scale must be a float, but got {sm_scale!r}")
+    scale = float(sm_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"masked_sequence_prefill: sm_scale must be positive and finite, but got {sm_scale!r}"
+        )
+    return scale
+
+
+def call_mode(call: relax.Call) -> str:
+    """The mode of a call of the op."""
+    return check_mode(str(call.attrs["mode"]))
+
+
+def call_sm_scale(call: relax.Call, head_dim: int) -> float:
+    """The softmax scale of a call of the op (its attribute, else ``1 / sqrt(head_dim)``)."""
+    if "sm_scale" in call.attrs.keys():
+        return _check_sm_scale(float(call.attrs["sm_scale"]))
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _error(msg: str) -> ValueError:
+    return ValueError(f"masked_sequence_prefill: {msg}")
+
+
+def _tensor_type(arg: relax.Expr, name: str) -> relax.TensorType:
+    ty = arg.ty
+    if not isinstance(ty, relax.TensorType):
+        raise _error(f"{name} must be a tensor, but got {ty}")
+    return ty
+
+
+def _fmt(dim) -> str:
+    return str(dim.value) if isinstance(dim, tvm.tirx.IntImm) else str(dim)
+
+
+def _provably_different(a, b) -> bool:
+    return tvm.sym.Analyzer().can_prove(a != b)
+
+
+def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
+    """Check the arguments of a call and return the type of its result.
+
+    Raises only on what it can prove wrong: a symbolic batch or length that might match is
+    accepted.
+    """
+    if len(call.args) != 4:
+        raise _error(f"expects 4 arguments (q, k, v, valid_len), but got {len(call.args)}")
+    call_mode(call)
+    if "sm_scale" in call.attrs.keys():
+        _check_sm_scale(float(call.attrs["sm_scale"]))
+    q, k, v, valid_len = (
+        _tensor_type(arg, name) for arg, name in zip(call.args, ("q", "k", "v", "valid_len"))
+    )
+    for ty, name, layout in (
+        (q, "q", "[batch, seq_q, heads_q, head_dim]"),
+        (k, "k", "[batch, seq_kv, heads_kv, head_dim]"),
+        (v, "v", "[batch, seq_kv, heads_kv, head_dim]"),
+    ):
+        if ty.ndim != 4:
+            raise _error(f"{name} should have 4 dimensions {layout}, but got {ty.ndim}")
+        if ty.dtype.dtype not in FLOAT_DTYPES:
+            raise _error(
+                f"{name} must have a dtype among {', '.join(FLOAT_DTYPES)}, but got {ty.dtype.dtype}"
+            )
+    if not (q.dtype.dtype == k.dtype.dtype == v.dtype.dtype):
+        raise _error(
+            "q, k and v must share one dtype, but got "
+            f"{q.dtype.dtype}, {k.dtype.dtype} and {v.dtype.dtype}"
+        )
+    if valid_len.ndim != 1:
+        raise _error(f"valid_len should have 1 dimension [batch], but got {valid_len.ndim}")
+    if valid_len.dtype.dtype != "int32":
+        raise _error(f"valid_len must be int32, but got {valid_len.dtype.dtype}")
+    if q.shape is None or k.shape is None or v.shape is None:
+        return relax.TensorType(dtype=q.dtype, ndim=4, vdevice=q.vdevice)
+    qs, ks, vs = q.shape.values, k.shape.values, v.shape.values
+
+    for dim, what in ((3, "head_dim"), (2, "heads_kv"), (1, "seq_kv")):
+        if _provably_different(ks[dim], vs[dim]):
+            raise _error(f"k and v must have the same {what}, but got {_fmt(ks[dim])} and {_fmt(vs[dim])}")
+    if _provably_different(qs[3], ks[3]):
+        raise _error(f"q and k must have the same head_dim, but got {_fmt(qs[3])} and {_fmt(ks[3])}")
+    for name, shape in (("k", ks), ("v", vs)):
+        if _provably_different(qs[0], shape[0]):
+            raise _error(f"q and {name} must have the same batch, but got {_fmt(qs[0])} and {_fmt(shape[0])}")
+    if valid_len.shape is not None and _provably_different(qs[0], valid_len.shape.values[0]):
+        raise _error(
+            f"valid_len must have one entry per batch row ({_fmt(qs[0])}), "
+            f"but got {_fmt(valid_len.shape.values[0])}"
+        )
+    heads_q, heads_kv = qs[2], ks[2]
+    if isinstance(heads_q, tvm.tirx.IntImm) and isinstance(heads_kv, tvm.tirx.IntImm):
+        if heads_kv.value <= 0 or heads_q.value % heads_kv.value != 0:
+            raise _error(
+                "heads_q must be a multiple of heads_kv, "
+                f"but got heads_q={heads_q.value} and heads_kv={heads_kv.value}"
+            )
+    return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
+
+
+def _register() -> None:
+    tvm.ir.register_op_attr(OP_NAME, "FInferType", infer_type)
+    tvm.ir.register_op_attr(OP_NAME, "FPurity", True)
+
+
+_register()

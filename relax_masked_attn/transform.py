@@ -1,0 +1,67 @@
+"""Passes: legalize only ``masked_sequence_prefill``, and the ``relax_masked_attn`` pipeline."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .legalize import legalize
+from .op import OP_NAME
+
+
+@mutator
+class _PrefillLegalizer(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod = mod
+        self.op = tvm.ir.Op.get(OP_NAME)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.same_as(self.op):
+            return legalize(self.builder_, call)
+        return call
+
+    def transform(self) -> tvm.IRModule:
+        for gvar, func in self.mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+
+@tvm.transform.module_pass(opt_level=0, name="LegalizeMaskedPrefill")
+class LegalizeMaskedPrefill:
+    """Replace every ``masked_sequence_prefill`` call by ``call_tir`` of the target's kernel.
+
+    Leaves every other op alone, so it can stand anywhere in a ``tvm.transform.Sequential``
+    before ``LegalizeOps``. The target is the tensors' vdevice, else ``Target.current()``::
+
+        with tvm.target.Target("cuda"):
+            mod = LegalizeMaskedPrefill()(mod)
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _PrefillLegalizer(mod).transform()
+
+
+PIPELINE_NAME = "relax_masked_attn"
+
+
+def _pipeline(target: tvm.target.Target | str | None = None, **_kwargs) -> tvm.transform.Pass:
+    """The default build pipeline with our legalization first (so it wins over any other)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="relax_masked_attn_pipeline")
+    def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        tgt = tvm.target.Target(target) if target is not None else tvm.target.Target.current()
+        if tgt is None:
+            raise ValueError("relax_masked_attn pipeline: no target (pass one to tvm.compile)")
+        with tgt:
+            mod = LegalizeMaskedPrefill()(mod)
+            return relax.get_default_pipeline(tgt)(mod)
+
+    return run
+
+
+if PIPELINE_NAME not in relax.pipeline.PIPELINE_MAP:
+    relax.register_pipeline(PIPELINE_NAME)(_pipeline)

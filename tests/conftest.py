@@ -1,0 +1,107 @@
+"""Shared helpers: random inputs, length patterns, compiling the op for a target, running it."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+
+import relax_masked_attn as rma
+
+
+def cuda_available() -> bool:
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001  (no CUDA runtime at all)
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def lengths(pattern: str, batch: int, seq: int, rng: np.random.Generator) -> np.ndarray:
+    """valid_len for a named pattern: zero, full, mixed, one_zero."""
+    if pattern == "zero":
+        out = np.zeros(batch)
+    elif pattern == "full":
+        out = np.full(batch, seq)
+    elif pattern == "mixed":
+        out = rng.integers(1, seq + 1, batch)
+    elif pattern == "one_zero":
+        out = rng.integers(1, seq + 1, batch)
+        out[batch // 2] = 0
+    else:
+        raise ValueError(pattern)
+    return out.astype("int32")
+
+
+def random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng):
+    def draw(*shape):
+        x = rng.standard_normal(shape).astype("float32")
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            return x.astype(ml_dtypes.bfloat16)
+        return x.astype(dtype)
+
+    return (
+        draw(batch, seq_q, heads_q, head_dim),
+        draw(batch, seq_kv, heads_kv, head_dim),
+        draw(batch, seq_kv, heads_kv, head_dim),
+    )
+
+
+def op_module(heads_q, heads_kv, head_dim, dtype, mode, sm_scale=None) -> tvm.IRModule:
+    """A Relax module ``main(q, k, v, valid_len)`` calling the op on symbolic batch/lengths."""
+    batch, seq_q, seq_kv = (tirx.Var(n, "int64") for n in ("batch", "seq_q", "seq_kv"))
+    q = relax.Var("q", relax.TensorType((batch, seq_q, heads_q, head_dim), dtype))
+    k = relax.Var("k", relax.TensorType((batch, seq_kv, heads_kv, head_dim), dtype))
+    v = relax.Var("v", relax.TensorType((batch, seq_kv, heads_kv, head_dim), dtype))
+    valid_len = relax.Var("valid_len", relax.TensorType((batch,), "int32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [q, k, v, valid_len]):
+        out = bb.emit(rma.masked_sequence_prefill(q, k, v, valid_len, mode, sm_scale))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_op(target: str, heads_q, heads_kv, head_dim, dtype, mode, sm_scale=None):
+    """A VM function running the op for ``target`` ("llvm" or "cuda"), compiled once per key."""
+    mod = op_module(heads_q, heads_kv, head_dim, dtype, mode, sm_scale)
+    tgt = tvm.target.Target.from_device(tvm.cuda(0)) if target == "cuda" else target
+    ex = tvm.compile(mod, target=tgt)
+    dev = tvm.cuda(0) if target == "cuda" else tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+
+    def run(q, k, v, valid_len) -> np.ndarray:
+        args = [tvm.runtime.tensor(x, device=dev) for x in (q, k, v, valid_len)]
+        return vm["main"](*args).numpy()
+
+    return run
+
+
+def tolerance(dtype: str) -> float:
+    return {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
+
+
+def assert_matches_reference(out, q, k, v, valid_len, mode, sm_scale=None):
+    """out == reference within the dtype's tolerance; padding rows exactly zero; all finite."""
+    ref = rma.reference.masked_sequence_prefill(q, k, v, valid_len, mode, sm_scale)
+    out32, ref32 = out.astype("float32"), ref.astype("float32")
+    assert np.isfinite(out32).all()
+    np.testing.assert_allclose(out32, ref32, atol=tolerance(str(q.dtype)), rtol=0)
+    seq_q = q.shape[1]
+    left = mode.endswith("_left")
+    for b, n in enumerate(np.clip(valid_len, 0, min(seq_q, k.shape[1]))):
+        pad = slice(0, seq_q - n) if left else slice(n, seq_q)
+        assert (out32[b, pad] == 0).all(), f"padding rows of batch row {b} are not exactly 0"

@@ -1,0 +1,119 @@
+"""Legalization: which kernel each target gets, the module it leaves, and its errors."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import relax_masked_attn as rma
+from relax_masked_attn.transform import LegalizeMaskedPrefill
+
+from .conftest import assert_matches_reference, op_module, random_qkv
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+
+
+def legalized(mod, target):
+    with tvm.target.Target(target):
+        return LegalizeMaskedPrefill()(mod)
+
+
+def called_kernels(mod):
+    return sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def test_pass_replaces_the_call_with_call_tir():
+    mod = legalized(op_module(8, 2, 64, "float16", "causal_padded_left"), "llvm")
+    assert called_kernels(mod) == ["masked_prefill_causal_padded_left_h8_2_d64_float16"]
+    text = mod["main"].script()
+    assert "R.call_tir" in text and rma.OP_NAME not in text
+    func = mod["masked_prefill_causal_padded_left_h8_2_d64_float16"]
+    assert func.attrs["tirx.is_scheduled"]
+    assert len(func.params) == 5  # q, k, v, valid_len, out
+
+
+def test_pass_leaves_other_ops_alone():
+    mod = op_module(4, 4, 32, "float32", "padded")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3), "float32"))
+    with bb.function("other", [x]):
+        bb.emit_func_output(bb.emit(relax.op.nn.softmax(x)))
+    mod["other"] = bb.get()["other"]
+    out = legalized(mod, "llvm")
+    assert "R.nn.softmax" in out["other"].script()
+
+
+def test_same_kernel_is_added_once():
+    mod = op_module(4, 4, 32, "float32", "padded")
+    main = mod["main"]
+    bb = relax.BlockBuilder()
+    with bb.function("main", list(main.params)):
+        q, k, v, n = main.params
+        a = bb.emit(rma.masked_sequence_prefill(q, k, v, n))
+        b = bb.emit(rma.masked_sequence_prefill(a, k, v, n))
+        bb.emit_func_output(b)
+    assert len(called_kernels(legalized(bb.get(), "llvm"))) == 1
+
+
+def test_vdevice_target_wins_over_current():
+    vdev = relax.VDevice(CUDA, 0, "global")
+    q = relax.Var("q", relax.TensorType((2, 8, 4, 64), "float32", vdevice=vdev))
+    n = relax.Var("n", relax.TensorType((2,), "int32", vdevice=vdev))
+    call = rma.masked_sequence_prefill(q, q, q, n)
+    call = relax.BlockBuilder().normalize(call)
+    from relax_masked_attn.legalize import target_of
+
+    with tvm.target.Target("llvm"):
+        assert target_of(call).kind.name == "cuda"
+
+
+def test_no_target_is_a_clear_error():
+    with pytest.raises(ValueError, match="no target to legalize for"):
+        LegalizeMaskedPrefill()(op_module(4, 4, 32, "float32", "padded"))
+
+
+def test_unsupported_target_kind():
+    with pytest.raises(ValueError, match="no kernel for target kind 'c'"):
+        legalized(op_module(4, 4, 32, "float32", "padded"), "c")
+
+
+@pytest.mark.parametrize("how", ["default", "pipeline"])
+def test_tvm_compile_default_and_named_pipeline(how):
+    mod = op_module(4, 2, 32, "float32", "padded_left")
+    kwargs = {"relax_pipeline": relax.get_pipeline("relax_masked_attn")} if how == "pipeline" else {}
+    ex = tvm.compile(mod, target="llvm", **kwargs)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(0)
+    q, k, v = random_qkv(3, 10, 10, 4, 2, 32, "float32", rng)
+    valid_len = np.array([10, 0, 4], dtype="int32")
+    out = vm["main"](*(tvm.runtime.tensor(x) for x in (q, k, v, valid_len))).numpy()
+    assert_matches_reference(out, q, k, v, valid_len, "padded_left")
+
+
+def test_pass_in_a_users_sequential():
+    seq = tvm.transform.Sequential([LegalizeMaskedPrefill(), relax.transform.LegalizeOps()])
+    with tvm.target.Target("llvm"):
+        mod = seq(op_module(4, 4, 32, "float32", "padded"))
+    assert len(called_kernels(mod)) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_portable_gpu_kernel_generates_cuda(dtype):
+    """CPU-only check that the CUDA module builds; float32 on CUDA uses the portable kernel."""
+    mod = op_module(8, 4, 64, dtype, "causal_padded_left")
+    ex = tvm.compile(mod, target=CUDA)
+    src = ex.mod.imports[0].imports[0].inspect_source()
+    assert "__global__" in src and "__shared__" in src
+
+
+def test_symbolic_head_dim_is_refused():
+    from tvm import tirx
+
+    d = tirx.Var("d", "int64")
+    q = relax.Var("q", relax.TensorType((2, 8, 4, d), "float32"))
+    n = relax.Var("n", relax.TensorType((2,), "int32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [q, n]):
+        bb.emit_func_output(bb.emit(rma.masked_sequence_prefill(q, q, q, n)))
+    with pytest.raises(ValueError, match="head_dim must be a static integer"):
+        legalized(bb.get(), "llvm")

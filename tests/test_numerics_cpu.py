@@ -1,0 +1,59 @@
+"""The CPU kernel, compiled through tvm.compile, against the NumPy reference."""
+
+import numpy as np
+import pytest
+
+from relax_masked_attn import MODES
+
+from .conftest import assert_matches_reference, compiled_op, lengths, random_qkv
+
+HEADS = [(4, 4), (4, 2), (8, 2)]  # MHA, GQA 2:1, GQA 4:1
+PATTERNS = ["zero", "full", "mixed", "one_zero"]
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("heads_q,heads_kv", HEADS)
+@pytest.mark.parametrize("mode", MODES)
+def test_matrix(mode, heads_q, heads_kv, dtype, head_dim):
+    run = compiled_op("llvm", heads_q, heads_kv, head_dim, dtype, mode)
+    rng = np.random.default_rng(hash((mode, heads_q, dtype, head_dim)) % 2**32)
+    # seq_q != seq_kv for the causal modes, and batch 1, on the same compiled module.
+    shapes = [(3, 37, 37), (1, 20, 20)]
+    if mode.startswith("causal"):
+        shapes += [(3, 19, 40), (2, 33, 9)]
+    for batch, seq_q, seq_kv in shapes:
+        q, k, v = random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng)
+        for pattern in PATTERNS:
+            valid_len = lengths(pattern, batch, min(seq_q, seq_kv), rng)
+            out = run(q, k, v, valid_len)
+            assert_matches_reference(out, q, k, v, valid_len, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lengths_are_clamped(mode):
+    run = compiled_op("llvm", 2, 1, 32, "float32", mode)
+    rng = np.random.default_rng(3)
+    q, k, v = random_qkv(4, 12, 12, 2, 1, 32, "float32", rng)
+    valid_len = np.array([-5, 13, 1000, 6], dtype="int32")
+    out = run(q, k, v, valid_len)
+    assert_matches_reference(out, q, k, v, valid_len, mode)
+    assert (out[0] == 0).all()
+
+
+def test_custom_sm_scale():
+    run = compiled_op("llvm", 4, 2, 64, "float32", "padded", 0.02)
+    rng = np.random.default_rng(4)
+    q, k, v = random_qkv(2, 30, 30, 4, 2, 64, "float32", rng)
+    valid_len = np.array([30, 11], dtype="int32")
+    assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, "padded", 0.02)
+
+
+def test_one_module_many_shapes():
+    """One compiled module serves every batch size and length, including long tile-crossing ones."""
+    run = compiled_op("llvm", 4, 4, 64, "float32", "causal_padded_left")
+    rng = np.random.default_rng(5)
+    for batch, seq in [(1, 1), (5, 3), (2, 130), (7, 64), (3, 257)]:
+        q, k, v = random_qkv(batch, seq, seq, 4, 4, 64, "float32", rng)
+        valid_len = lengths("mixed", batch, seq, rng)
+        assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, "causal_padded_left")
