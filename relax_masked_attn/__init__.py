@@ -5,7 +5,7 @@ type inference and its legalization, and the Relax pipeline ``"relax_masked_attn
 """
 
 from . import legalize as _legalize  # noqa: F401  (registers FLegalize)
-from . import nn, reference, transform
+from . import nn, op, reference, transform
 from .modes import MODES
 from .op import OP_NAME, masked_sequence_prefill
 

@@ -166,3 +166,28 @@ def _register() -> None:
 
 
 _register()
+
+
+def standalone_module(
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    dtype: str,
+    mode: str = "padded",
+    sm_scale: float | None = None,
+) -> tvm.IRModule:
+    """A Relax module whose ``main(q, k, v, valid_len)`` is one call of the op.
+
+    Batch and lengths are symbolic (``batch``, ``seq_q``, ``seq_kv``), so one compiled module
+    serves every shape; handy for benchmarks, demos and checking a kernel in isolation.
+    """
+    batch, seq_q, seq_kv = (tvm.tirx.Var(n, "int64") for n in ("batch", "seq_q", "seq_kv"))
+    q = relax.Var("q", relax.TensorType((batch, seq_q, heads_q, head_dim), dtype))
+    k = relax.Var("k", relax.TensorType((batch, seq_kv, heads_kv, head_dim), dtype))
+    v = relax.Var("v", relax.TensorType((batch, seq_kv, heads_kv, head_dim), dtype))
+    valid_len = relax.Var("valid_len", relax.TensorType((batch,), "int32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [q, k, v, valid_len]):
+        out = bb.emit(masked_sequence_prefill(q, k, v, valid_len, mode, sm_scale))
+        bb.emit_func_output(out)
+    return bb.get()

@@ -7,7 +7,7 @@ import functools
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
 import relax_masked_attn as rma
 
@@ -60,18 +60,7 @@ def random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng):
     )
 
 
-def op_module(heads_q, heads_kv, head_dim, dtype, mode, sm_scale=None) -> tvm.IRModule:
-    """A Relax module ``main(q, k, v, valid_len)`` calling the op on symbolic batch/lengths."""
-    batch, seq_q, seq_kv = (tirx.Var(n, "int64") for n in ("batch", "seq_q", "seq_kv"))
-    q = relax.Var("q", relax.TensorType((batch, seq_q, heads_q, head_dim), dtype))
-    k = relax.Var("k", relax.TensorType((batch, seq_kv, heads_kv, head_dim), dtype))
-    v = relax.Var("v", relax.TensorType((batch, seq_kv, heads_kv, head_dim), dtype))
-    valid_len = relax.Var("valid_len", relax.TensorType((batch,), "int32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [q, k, v, valid_len]):
-        out = bb.emit(rma.masked_sequence_prefill(q, k, v, valid_len, mode, sm_scale))
-        bb.emit_func_output(out)
-    return bb.get()
+op_module = rma.op.standalone_module
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,3 +21,13 @@ def portable_gpu_tiles(head_dim: int, dtype: str) -> tuple[int, int]:
     """
     del dtype
     return 64, 32 if head_dim <= 128 else 16
+
+
+def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int]:
+    """(query rows, key rows, warps) of one block of the tensor-core kernel.
+
+    4 warps x 16 rows = 64 query rows; 64-key tiles. Q, K and V tiles in fp16/bf16 take
+    3 * 64 * head_dim * 2 bytes of shared memory: 48 KiB at head_dim 128, the static limit.
+    """
+    del head_dim, dtype
+    return 64, 64, 4

@@ -49,14 +49,14 @@ def cpu_kernel(
         out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
 
         for bh in T.parallel(batch * heads_q):
-            q_tile = T.alloc_buffer((tq, d), "float32")
+            q_tile = T.alloc_buffer((tq, d), "float32", scope="local")
             k_tile_t = T.alloc_buffer((d, tk), "float32")  # transposed: scores vectorize over keys
-            v_tile = T.alloc_buffer((tk, d), "float32")
-            scores = T.alloc_buffer((tq, tk), "float32")
-            acc = T.alloc_buffer((tq, d), "float32")
-            row_max = T.alloc_buffer((tq,), "float32")
-            row_sum = T.alloc_buffer((tq,), "float32")
-            rescale = T.alloc_buffer((tq,), "float32")
+            v_tile = T.alloc_buffer((tk, d), "float32", scope="local")
+            scores = T.alloc_buffer((tq, tk), "float32", scope="local")
+            acc = T.alloc_buffer((tq, d), "float32", scope="local")
+            row_max = T.alloc_buffer((tq,), "float32", scope="local")
+            row_sum = T.alloc_buffer((tq,), "float32", scope="local")
+            rescale = T.alloc_buffer((tq,), "float32", scope="local")
 
             b = bh // heads_q
             h = bh % heads_q

@@ -1,0 +1,175 @@
+"""Kernel benchmark: masked_sequence_prefill next to the alternatives, in one run, with ratios.
+
+    python benchmarks/bench_kernel.py --device cpu     # ours vs torch SDPA (bool mask) vs NumPy
+    python benchmarks/bench_kernel.py --device cuda    # ours vs TVM upstream vs torch SDPA
+
+Lengths: full (every row = seq), mixed (uniform in [seq/8, seq]), short (uniform in [1, seq/4]).
+Every time is the median of several repeats of a timed loop, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+import relax_masked_attn as rma
+from relax_masked_attn.reference import masked_sequence_prefill as numpy_reference
+
+CPU_CONFIGS = [  # batch, seq, heads_q, heads_kv, head_dim, dtype, mode
+    (8, 512, 12, 12, 64, "float32", "padded"),
+    (4, 512, 16, 8, 128, "float32", "causal_padded_left"),
+]
+CUDA_CONFIGS = [
+    (32, 512, 12, 12, 64, "float16", "padded"),
+    (16, 1024, 16, 8, 128, "float16", "causal_padded_left"),
+    (4, 4096, 16, 8, 128, "bfloat16", "causal_padded_left"),
+]
+
+
+def draw_lengths(kind: str, batch: int, seq: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "full":
+        return np.full(batch, seq, dtype="int32")
+    lo, hi = (seq // 8, seq) if kind == "mixed" else (1, seq // 4)
+    return rng.integers(lo, hi + 1, batch).astype("int32")
+
+
+def torch_mask(valid_len: torch.Tensor, seq: int, mode: str) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean mask equivalent to ``mode`` for square shapes."""
+    pos = torch.arange(seq, device=valid_len.device)[None, :]
+    n = valid_len.long()[:, None]
+    real = pos >= seq - n if mode.endswith("_left") else pos < n
+    mask = real[:, :, None] & real[:, None, :]
+    if mode.startswith("causal"):
+        mask &= pos[:, None, :] <= pos[:, :, None]  # real blocks are aligned: col <= row
+    # torch gives NaN rows where a query sees nothing; let padding queries see themselves.
+    mask |= torch.eye(seq, dtype=torch.bool, device=mask.device)[None]
+    return mask[:, None]
+
+
+def median_time(fn, sync, repeats: int = 5, min_seconds: float = 0.2) -> float:
+    fn()
+    sync()
+    start, loops = time.perf_counter(), 0
+    while time.perf_counter() - start < min_seconds / repeats or loops < 1:
+        fn()
+        loops += 1
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / loops)
+    return statistics.median(times)
+
+
+def useful_flops(valid_len: np.ndarray, heads_q: int, head_dim: int, mode: str) -> float:
+    n = valid_len.astype("float64")
+    pairs = (n * (n + 1) / 2).sum() if mode.startswith("causal") else (n * n).sum()
+    return 4.0 * heads_q * head_dim * pairs
+
+
+def ours(target, heads_q, heads_kv, head_dim, dtype, mode, dev):
+    ex = tvm.compile(rma.op.standalone_module(heads_q, heads_kv, head_dim, dtype, mode), target=target)
+    return relax.VirtualMachine(ex, dev)["main"]
+
+
+def upstream(target, heads_q, heads_kv, head_dim, dtype, mode):
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_sequence_prefill_with_mask
+
+    f = _attention_sequence_prefill_with_mask(
+        heads_kv, heads_q, head_dim, dtype, target, 1 / math.sqrt(head_dim), mask_mode=mode
+    )
+    return tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+
+
+def bench_cpu(args) -> None:
+    target = tvm.target.Target(
+        {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    )
+    print(f"CPU: {torch.get_num_threads()} threads, target {target}")
+    print(f"{'config':44} {'lengths':7} {'ours ms':>9} {'torch ms':>9} {'numpy ms':>9} "
+          f"{'vs torch':>9} {'vs numpy':>9}")
+    rng = np.random.default_rng(0)
+    for batch, seq, hq, hkv, d, dtype, mode in CPU_CONFIGS:
+        run = ours(target, hq, hkv, d, dtype, mode, tvm.cpu())
+        q, k, v = (rng.standard_normal((batch, seq, h, d)).astype(dtype) for h in (hq, hkv, hkv))
+        qt, kt, vt = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
+        for kind in ("full", "mixed", "short"):
+            valid_len = draw_lengths(kind, batch, seq, rng)
+            tvm_args = [tvm.runtime.tensor(x) for x in (q, k, v, valid_len)]
+            mask = torch_mask(torch.from_numpy(valid_len), seq, mode)
+            t_ours = median_time(lambda: run(*tvm_args), lambda: None)
+            t_torch = median_time(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, attn_mask=mask, enable_gqa=hq != hkv
+                ),
+                lambda: None,
+            )
+            t_np = median_time(
+                lambda: numpy_reference(q, k, v, valid_len, mode), lambda: None, repeats=1
+            )
+            cfg = f"({batch}, {seq}, {hq}/{hkv}, {d}, {mode})"
+            print(f"{cfg:44} {kind:7} {t_ours*1e3:9.2f} {t_torch*1e3:9.2f} {t_np*1e3:9.1f} "
+                  f"{t_torch/t_ours:8.2f}x {t_np/t_ours:8.1f}x")
+
+
+def bench_cuda(args) -> None:
+    dev = tvm.cuda(0)
+    target = tvm.target.Target.from_device(dev)
+    print(f"CUDA: {torch.cuda.get_device_name()}, target arch {target.attrs.get('arch')}")
+    print(f"{'config':50} {'lengths':7} {'ours ms':>8} {'upstrm ms':>9} {'torch ms':>8} "
+          f"{'vs upstrm':>9} {'vs torch':>8} {'TFLOP/s':>8}")
+    rng = np.random.default_rng(0)
+    sync = torch.cuda.synchronize
+    for batch, seq, hq, hkv, d, dtype, mode in CUDA_CONFIGS:
+        run = ours(target, hq, hkv, d, dtype, mode, dev)
+        base = upstream(target, hq, hkv, d, dtype, mode) if not args.skip_upstream else None
+        tdt = getattr(torch, dtype)
+        q, k, v = (
+            torch.randn(batch, seq, h, d, device="cuda", dtype=tdt) for h in (hq, hkv, hkv)
+        )
+        out = torch.empty_like(q)
+        lse = torch.empty(batch, seq, hq, device="cuda", dtype=tdt)
+        for kind in ("full", "mixed", "short"):
+            valid_len = draw_lengths(kind, batch, seq, rng)
+            vl = torch.from_numpy(valid_len).cuda()
+            tvm_args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, vl)]
+            t_ours = median_time(lambda: run(*tvm_args), sync)
+            if base is not None:
+                base_args = tvm_args + [tvm.runtime.from_dlpack(out), tvm.runtime.from_dlpack(lse)]
+                t_base = median_time(lambda: base(*base_args), sync, repeats=3, min_seconds=0.1)
+            else:
+                t_base = float("nan")
+            mask = torch_mask(vl, seq, mode)
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            t_torch = median_time(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, attn_mask=mask, enable_gqa=hq != hkv
+                ),
+                sync,
+            )
+            tflops = useful_flops(valid_len, hq, d, mode) / t_ours / 1e12
+            cfg = f"({batch}, {seq}, {hq}/{hkv}, {d}, {dtype}, {mode})"
+            print(f"{cfg:50} {kind:7} {t_ours*1e3:8.3f} {t_base*1e3:9.3f} {t_torch*1e3:8.3f} "
+                  f"{t_base/t_ours:8.1f}x {t_torch/t_ours:7.2f}x {tflops:8.1f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--skip-upstream", action="store_true", help="CUDA: skip the slow baseline")
+    args = parser.parse_args()
+    bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
+
+
+if __name__ == "__main__":
+    main()

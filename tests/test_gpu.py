@@ -1,0 +1,79 @@
+"""The CUDA kernels on a real GPU (marked gpu; skipped where no CUDA device exists)."""
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+
+from relax_masked_attn import MODES
+
+from .conftest import assert_matches_reference, compiled_op, lengths, random_qkv
+
+pytestmark = pytest.mark.gpu
+PATTERNS = ["zero", "full", "mixed", "one_zero"]
+
+
+def check(mode, heads_q, heads_kv, head_dim, dtype, shapes, seed):
+    run = compiled_op("cuda", heads_q, heads_kv, head_dim, dtype, mode)
+    rng = np.random.default_rng(seed)
+    for batch, seq_q, seq_kv in shapes:
+        q, k, v = random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng)
+        for pattern in PATTERNS:
+            valid_len = lengths(pattern, batch, min(seq_q, seq_kv), rng)
+            assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_matrix(mode, dtype, head_dim):
+    shapes = [(3, 130, 130), (1, 70, 70)]
+    if mode.startswith("causal"):
+        shapes += [(2, 65, 140), (2, 150, 40)]
+    check(mode, 4, 2, head_dim, dtype, shapes, seed=head_dim)
+
+
+@pytest.mark.parametrize("heads_q,heads_kv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("mode", MODES)
+def test_heads(mode, heads_q, heads_kv):
+    check(mode, heads_q, heads_kv, 128, "float16", [(2, 100, 100)], seed=heads_kv)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+def test_awkward_lengths(mode, dtype):
+    """Lengths that are not multiples of the tiles: 1, 7, 127, 129, 1000."""
+    run = compiled_op("cuda", 8, 4, 64, dtype, mode)
+    rng = np.random.default_rng(11)
+    q, k, v = random_qkv(5, 1000, 1000, 8, 4, 64, dtype, rng)
+    valid_len = np.array([1, 7, 127, 129, 1000], dtype="int32")
+    assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+def test_agrees_with_upstream_on_valid_rows(mode, dtype):
+    """Cross-check against TVM's own _attention_sequence_prefill_with_mask."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_sequence_prefill_with_mask
+
+    heads_q, heads_kv, d, batch, seq = 8, 4, 64, 4, 200
+    target = tvm.target.Target.from_device(tvm.cuda(0))
+    f = _attention_sequence_prefill_with_mask(
+        heads_kv, heads_q, d, dtype, target, 1 / math.sqrt(d), mask_mode=mode
+    )
+    upstream = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+    rng = np.random.default_rng(5)
+    q, k, v = random_qkv(batch, seq, seq, heads_q, heads_kv, d, dtype, rng)
+    valid_len = np.array([200, 1, 77, 150], dtype="int32")
+    dev = tvm.cuda(0)
+    args = [tvm.runtime.tensor(x, device=dev) for x in (q, k, v, valid_len)]
+    out = tvm.runtime.tensor(np.zeros(q.shape, q.dtype), device=dev)
+    lse = tvm.runtime.tensor(np.zeros((batch, seq, heads_q), q.dtype), device=dev)
+    upstream(*args, out, lse)
+    theirs = out.numpy().astype("float32")
+    ours = compiled_op("cuda", heads_q, heads_kv, d, dtype, mode)(q, k, v, valid_len)
+    ours = ours.astype("float32")
+    for b, n in enumerate(valid_len):
+        rows = slice(seq - n, seq) if mode.endswith("_left") else slice(0, n)
+        np.testing.assert_allclose(ours[b, rows], theirs[b, rows], atol=3e-2 if dtype == "bfloat16" else 4e-3)
