@@ -87,3 +87,10 @@ def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 register_legalize(OP_NAME, legalize)
+
+
+def host_cpu_target() -> Target:
+    """``llvm`` tuned for this machine's CPU (plain ``"llvm"`` targets a generic x86-64)."""
+    from tvm.target import codegen
+
+    return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})

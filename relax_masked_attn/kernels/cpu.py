@@ -50,7 +50,7 @@ def cpu_kernel(
 
         for bh in T.parallel(batch * heads_q):
             q_tile = T.alloc_buffer((tq, d), "float32", scope="local")
-            k_tile_t = T.alloc_buffer((d, tk), "float32")  # transposed: scores vectorize over keys
+            k_tile_t = T.alloc_buffer((d, tk), "float32", scope="local")  # transposed: scores vectorize over keys
             v_tile = T.alloc_buffer((tk, d), "float32", scope="local")
             scores = T.alloc_buffer((tq, tk), "float32", scope="local")
             acc = T.alloc_buffer((tq, d), "float32", scope="local")
@@ -72,12 +72,13 @@ def cpu_kernel(
 
             for qt in T.serial((n + tq - 1) // tq):
                 r0 = qt * tq
-                for i, j in T.grid(tq, d):
-                    q_tile[i, j] = T.if_then_else(
-                        r0 + i < n,
-                        T.Cast("float32", q[b, q_off + T.min(r0 + i, n - 1), h, j]) * qk_scale,
-                        T.float32(0),
-                    )
+                for i in T.serial(tq):
+                    for j in T.vectorized(d):
+                        q_tile[i, j] = T.if_then_else(
+                            r0 + i < n,
+                            T.Cast("float32", q[b, q_off + T.min(r0 + i, n - 1), h, j]) * qk_scale,
+                            T.float32(0),
+                        )
                 for i in T.serial(tq):
                     row_max[i] = NEG_INF
                     row_sum[i] = T.float32(0)
@@ -88,17 +89,19 @@ def cpu_kernel(
                 kv_end = T.if_then_else(causal, T.min(n, r0 + tq), n)
                 for kt in T.serial((kv_end + tk - 1) // tk):
                     c0 = kt * tk
-                    for c, j in T.grid(tk, d):
-                        k_tile_t[j, c] = T.if_then_else(
-                            c0 + c < kv_end,
-                            T.Cast("float32", k[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
-                            T.float32(0),
-                        )
-                        v_tile[c, j] = T.if_then_else(
-                            c0 + c < kv_end,
-                            T.Cast("float32", v[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
-                            T.float32(0),
-                        )
+                    for c in T.serial(tk):
+                        for j in T.vectorized(d):
+                            v_tile[c, j] = T.if_then_else(
+                                c0 + c < kv_end,
+                                T.Cast("float32", v[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                                T.float32(0),
+                            )
+                        for j in T.serial(d):
+                            k_tile_t[j, c] = T.if_then_else(
+                                c0 + c < kv_end,
+                                T.Cast("float32", k[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                                T.float32(0),
+                            )
                     for i in T.unroll(tq):
                         for c in T.vectorized(tk):
                             scores[i, c] = T.float32(0)
