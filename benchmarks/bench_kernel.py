@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
+
+# TVM's CPU thread pool defaults to half the logical cores (it assumes SMT); torch uses all of
+# them. Give both the same cores.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
 
 import numpy as np
 import torch
@@ -95,7 +100,8 @@ def bench_cpu(args) -> None:
     target = tvm.target.Target(
         {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
     )
-    print(f"CPU: {torch.get_num_threads()} threads, target {target}")
+    print(f"CPU: torch {torch.get_num_threads()} threads, TVM {os.environ['TVM_NUM_THREADS']} "
+          f"threads, target {target}")
     print(f"{'config':44} {'lengths':7} {'ours ms':>9} {'torch ms':>9} {'numpy ms':>9} "
           f"{'vs torch':>9} {'vs numpy':>9}")
     rng = np.random.default_rng(0)
@@ -131,8 +137,12 @@ def bench_cuda(args) -> None:
     rng = np.random.default_rng(0)
     sync = torch.cuda.synchronize
     for batch, seq, hq, hkv, d, dtype, mode in CUDA_CONFIGS:
+        if args.max_seq and seq > args.max_seq:
+            continue
+        start = time.perf_counter()
         run = ours(target, hq, hkv, d, dtype, mode, dev)
         base = upstream(target, hq, hkv, d, dtype, mode) if not args.skip_upstream else None
+        print(f"  (compiled ours and upstream in {time.perf_counter() - start:.1f} s)", flush=True)
         tdt = getattr(torch, dtype)
         q, k, v = (
             torch.randn(batch, seq, h, d, device="cuda", dtype=tdt) for h in (hq, hkv, hkv)
@@ -146,7 +156,7 @@ def bench_cuda(args) -> None:
             t_ours = median_time(lambda: run(*tvm_args), sync)
             if base is not None:
                 base_args = tvm_args + [tvm.runtime.from_dlpack(out), tvm.runtime.from_dlpack(lse)]
-                t_base = median_time(lambda: base(*base_args), sync, repeats=3, min_seconds=0.1)
+                t_base = median_time(lambda: base(*base_args), sync, repeats=3, min_seconds=0.0)
             else:
                 t_base = float("nan")
             mask = torch_mask(vl, seq, mode)
@@ -167,6 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--skip-upstream", action="store_true", help="CUDA: skip the slow baseline")
+    parser.add_argument("--max-seq", type=int, default=0, help="CUDA: skip configs longer than this")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -66,6 +67,8 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TVM's CPU thread pool defaults to half the logical cores (it assumes SMT); use them all.
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
     from . import MODES
 
     parser = argparse.ArgumentParser(prog="relax-masked-attn", description=__doc__)

@@ -74,9 +74,20 @@ def kernel_for(call: relax.Call, target: Target) -> tirx.PrimFunc:
     )
 
 
+KERNEL_PREFIX = "zz_masked_prefill"
+
+
 def kernel_name(call: relax.Call) -> str:
+    """The PrimFunc's name: ``zz_masked_prefill_<mode>_h<heads_q>_<heads_kv>_d<head_dim>_<dtype>``.
+
+    The ``zz_`` sorts our kernels after every other function of the module, on purpose: in
+    apache-tvm 0.27 the LLVM code generator gives every function of a module a ``_compute_``
+    body with ``noalias`` arguments only when the module's last function (by name) has a
+    parallel loop, and without it the CPU kernel runs about 2x slower (measured on this
+    project's 2-core Zen 5 machine: 0.29 s vs 0.14 s for batch 8, seq 512, 12 heads, dim 64).
+    """
     heads_q, heads_kv, head_dim, dtype = _static_dims(call)
-    return f"masked_prefill_{call_mode(call)}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}"
+    return f"{KERNEL_PREFIX}_{call_mode(call)}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}"
 
 
 def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:

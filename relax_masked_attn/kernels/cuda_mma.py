@@ -62,6 +62,20 @@ def tensor_core_kernel(
     pack = f"cvt.rn.{ab}x2.f32"
     loads_per_thread = rows * chunks // threads
 
+    @T.macro
+    def load_kv_tile(smem, src, b, h_kv, kv_off, n, c0, kv_end, tx):
+        """cp.async key rows [c0, c0 + cols) of the real block into ``smem``; zero past kv_end."""
+        for it in T.unroll(cols * chunks // threads):
+            e = it * threads + tx
+            r = e // chunks
+            c = e % chunks
+            T.ptx.cp.async_.cg.shared.global_(
+                smem.ptr_to([r, (c ^ (r % swz)) * 8]),
+                src.ptr_to([b, kv_off + T.min(c0 + r, n - 1), h_kv, c * 8]),
+                16,
+                T.if_then_else(c0 + r < kv_end, T.uint32(16), T.uint32(0)),
+            )
+
     @T.prim_func
     def masked_prefill_tensor_core(
         q_handle: T.handle,
@@ -135,7 +149,9 @@ def tensor_core_kernel(
                     T.if_then_else(r0 + r < n, T.uint32(16), T.uint32(0)),
                 )
             T.ptx.cp.async_.commit_group()
-            T.ptx.cp.async_.wait_group(0)
+            load_kv_tile(k_smem, k, b, h_kv, kv_off, n, 0, kv_end, tx)  # K(0) flies meanwhile
+            T.ptx.cp.async_.commit_group()
+            T.ptx.cp.async_.wait_group(1)
             T.cuda.cta_sync()
             for kk in T.unroll(dk):
                 T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
@@ -152,28 +168,14 @@ def tensor_core_kernel(
                 for c in T.unroll(4):
                     o_acc[j, c] = T.float32(0)
 
-            for kt in T.serial((kv_end + cols - 1) // cols):
+            # Software pipeline: V(kt) loads while S(kt) computes, K(kt + 1) while O += P V(kt).
+            num_kt = (kv_end + cols - 1) // cols
+            for kt in T.serial(num_kt):
                 c0 = kt * cols
-                T.cuda.cta_sync()  # the previous tile's readers are done with k_smem / v_smem
-                for it in T.unroll(cols * chunks // threads):
-                    e = it * threads + tx
-                    r = e // chunks
-                    c = e % chunks
-                    T.ptx.cp.async_.cg.shared.global_(
-                        k_smem.ptr_to([r, (c ^ (r % swz)) * 8]),
-                        k.ptr_to([b, kv_off + T.min(c0 + r, n - 1), h_kv, c * 8]),
-                        16,
-                        T.if_then_else(c0 + r < kv_end, T.uint32(16), T.uint32(0)),
-                    )
-                    T.ptx.cp.async_.cg.shared.global_(
-                        v_smem.ptr_to([r, (c ^ (r % swz)) * 8]),
-                        v.ptr_to([b, kv_off + T.min(c0 + r, n - 1), h_kv, c * 8]),
-                        16,
-                        T.if_then_else(c0 + r < kv_end, T.uint32(16), T.uint32(0)),
-                    )
-                T.ptx.cp.async_.commit_group()
                 T.ptx.cp.async_.wait_group(0)
-                T.cuda.cta_sync()
+                T.cuda.cta_sync()  # K(kt) landed; every warp is done with V(kt - 1)
+                load_kv_tile(v_smem, v, b, h_kv, kv_off, n, c0, kv_end, tx)
+                T.ptx.cp.async_.commit_group()
 
                 # S = Q K^T on the tensor cores.
                 for j in T.unroll(sn):
@@ -204,18 +206,25 @@ def tensor_core_kernel(
                             s_acc[2 * jj + 1, 2], s_acc[2 * jj + 1, 3],
                         )
 
-                # Scale into the log2 domain and mask (c2, c3 are row g + 8).
-                for j in T.unroll(sn):
-                    for c in T.unroll(4):
-                        s_acc[j, c] = T.if_then_else(
-                            (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
-                            and (
-                                (not causal)
-                                or (c0 + j * 8 + t4 * 2 + c % 2 <= r0 + warp * 16 + g + (c // 2) * 8)
-                            ),
-                            s_acc[j, c] * qk_scale,
-                            NEG_INF,
-                        )
+                # Scale into the log2 domain; mask only tiles that cross the end of the real
+                # keys or (causal) this warp's diagonal. c2, c3 belong to row g + 8.
+                if c0 + cols > kv_end or (causal and c0 + cols - 1 > r0 + warp * 16):
+                    for j in T.unroll(sn):
+                        for c in T.unroll(4):
+                            s_acc[j, c] = T.if_then_else(
+                                (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
+                                and (
+                                    (not causal)
+                                    or (c0 + j * 8 + t4 * 2 + c % 2
+                                        <= r0 + warp * 16 + g + (c // 2) * 8)
+                                ),
+                                s_acc[j, c] * qk_scale,
+                                NEG_INF,
+                            )
+                else:
+                    for j in T.unroll(sn):
+                        for c in T.unroll(4):
+                            s_acc[j, c] = s_acc[j, c] * qk_scale
                 # Online softmax: new row max over the tile, quad-reduced.
                 for i in T.unroll(2):
                     m_new[i] = m_i[i]
@@ -232,6 +241,12 @@ def tensor_core_kernel(
                 for j in T.unroll(on):
                     for c in T.unroll(4):
                         o_acc[j, c] = o_acc[j, c] * alpha[c // 2]
+
+                T.ptx.cp.async_.wait_group(0)
+                T.cuda.cta_sync()  # V(kt) landed; every warp is done with K(kt)
+                if kt + 1 < num_kt:
+                    load_kv_tile(k_smem, k, b, h_kv, kv_off, n, c0 + cols, kv_end, tx)
+                    T.ptx.cp.async_.commit_group()
 
                 # O += P V: P's A fragments are S's accumulators packed to 16 bits.
                 for kk in T.unroll(pk):
