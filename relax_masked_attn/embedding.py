@@ -81,7 +81,7 @@ def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
         log(f"compiling {spec.model_type} for {target.kind.name} ({dtype}); "
             "the compiled library is cached for the next start")
     start = time.perf_counter()
-    ex = tvm.compile(mod, target=target)
+    ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     if log:
         log(f"compiled in {time.perf_counter() - start:.1f} s")
     if use_cache:

@@ -93,7 +93,9 @@ def kernel_name(call: relax.Call) -> str:
 def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """Replace one call of the op by ``call_tir`` of the target's kernel."""
     func = kernel_for(call, target_of(call))
-    gv = bb.add_func(func.with_attr("tirx.is_scheduled", True), kernel_name(call))
+    name = kernel_name(call)  # also the symbol, so kernels of different calls never collide
+    func = func.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", name)
+    gv = bb.add_func(func, name)
     return relax.call_tir(gv, list(call.args), out_ty=call.ty)
 
 

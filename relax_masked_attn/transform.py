@@ -45,11 +45,45 @@ class LegalizeMaskedPrefill:
         return _PrefillLegalizer(mod).transform()
 
 
+@tvm.transform.module_pass(opt_level=0, name="DisableDlightTensorize")
+def disable_dlight_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Mark every PrimFunc ``dlight.do_not_tensorize``.
+
+    apache-tvm 0.27's dlight tensor-core matmul rule calls ``sch.tensorize``, which segfaults
+    in the PyPI wheel (any fp16 matmul on CUDA under the default pipeline kills the process).
+    With the mark, dlight schedules those matmuls on CUDA cores instead.
+    """
+    out = tvm.IRModule()
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            func = func.with_attr("dlight.do_not_tensorize", True)
+        out[gvar] = func
+    return out.with_attrs(mod.attrs) if mod.attrs else out
+
+
 PIPELINE_NAME = "relax_masked_attn"
 
 
+def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """The target's default build passes, with our legalization first and, before every dlight
+    scheduling pass, :func:`disable_dlight_tensorize`."""
+    import importlib
+
+    kind = target.kind.name
+    backend = {"cuda": "cuda", "rocm": "rocm", "llvm": "cpu_generic"}.get(kind, "gpu_generic")
+    if backend == "gpu_generic" and "gpu" not in target.keys:
+        raise ValueError(f"relax_masked_attn pipeline: unsupported target kind {kind!r}")
+    rp = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
+    passes = [LegalizeMaskedPrefill(), *rp.library_dispatch_passes(target)]
+    for p in rp.legalize_passes(target):
+        if p.info.name == "ApplyDefaultSchedule":
+            passes.append(disable_dlight_tensorize)
+        passes.append(p)
+    return passes + [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
+
+
 def _pipeline(target: tvm.target.Target | str | None = None, **_kwargs) -> tvm.transform.Pass:
-    """The default build pipeline with our legalization first (so it wins over any other)."""
+    """``tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))``."""
 
     @tvm.transform.module_pass(opt_level=0, name="relax_masked_attn_pipeline")
     def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
@@ -57,8 +91,7 @@ def _pipeline(target: tvm.target.Target | str | None = None, **_kwargs) -> tvm.t
         if tgt is None:
             raise ValueError("relax_masked_attn pipeline: no target (pass one to tvm.compile)")
         with tgt:
-            mod = LegalizeMaskedPrefill()(mod)
-            return relax.get_default_pipeline(tgt)(mod)
+            return tvm.transform.Sequential(pipeline_passes(tgt))(mod)
 
     return run
 

@@ -56,3 +56,21 @@ def test_kernel_is_well_formed(head_dim):
     assert tvm.tirx.analysis.verify_well_formed(func)
     src = tvm.compile(tvm.IRModule({"main": func}), target=SM90).mod.imports[0].inspect_source()
     assert "mma.sync" in src
+
+
+def test_two_different_calls_get_two_kernels():
+    """Calls with different modes in one module compile to distinctly named CUDA kernels."""
+    from tvm import relax
+
+    import relax_masked_attn as rma
+
+    main = op_module(8, 2, 64, "float16", "padded")["main"]
+    bb = relax.BlockBuilder()
+    with bb.function("main", list(main.params)):
+        q, k, v, n = main.params
+        a = bb.emit(rma.masked_sequence_prefill(q, k, v, n, "padded"))
+        b = bb.emit(rma.masked_sequence_prefill(a, k, v, n, "causal_padded_left"))
+        bb.emit_func_output(b)
+    src = cuda_source(bb.get())
+    assert "zz_masked_prefill_padded_h8_2_d64_float16_kernel" in src
+    assert "zz_masked_prefill_causal_padded_left_h8_2_d64_float16_kernel" in src
