@@ -4,14 +4,17 @@ Importing the package registers the op ``relax_masked_attn.masked_sequence_prefi
 type inference and its legalization, and the Relax pipeline ``"relax_masked_attn"``.
 """
 
+__version__ = "0.1.0"
+
 from . import legalize as _legalize  # noqa: F401  (registers FLegalize)
 from . import nn, op, reference, transform
 from .modes import MODES
 from .op import OP_NAME, masked_sequence_prefill
+from .embedding import EmbeddingModel
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "EmbeddingModel",
     "MODES",
     "OP_NAME",
     "masked_sequence_prefill",
