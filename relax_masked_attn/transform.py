@@ -98,3 +98,14 @@ def _pipeline(target: tvm.target.Target | str | None = None, **_kwargs) -> tvm.t
 
 if PIPELINE_NAME not in relax.pipeline.PIPELINE_MAP:
     relax.register_pipeline(PIPELINE_NAME)(_pipeline)
+
+
+from .fuse_attention import FuseMaskedAttention, fuse_masked_attention  # noqa: E402
+
+__all__ = [
+    "FuseMaskedAttention",
+    "LegalizeMaskedPrefill",
+    "disable_dlight_tensorize",
+    "fuse_masked_attention",
+    "pipeline_passes",
+]
