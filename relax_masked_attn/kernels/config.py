@@ -31,3 +31,14 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int]:
     """
     del head_dim, dtype
     return 64, 64, 4
+
+
+def cpu_dense_tiles(dtype: str) -> tuple[int, int, int]:
+    """(rows of x, rows of w, vector lanes) of one block of the CPU dense kernel.
+
+    4 x 4 dot products of 16 float32 lanes: 16 accumulator registers of AVX-512 (32 exist),
+    8 loads per 16 fused multiply-adds. Measured on the 2-core Zen 5 machine at 137-184 GFLOP/s
+    for m = 4096 and (n, k) in {(384, 384), (1536, 384), (384, 1536)}, 85% of torch's.
+    """
+    del dtype
+    return 4, 4, 16
