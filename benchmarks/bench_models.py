@@ -18,13 +18,12 @@ import time
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from relax_masked_attn.embedding import EmbeddingModel, pad_batch  # noqa: E402
+from relax_masked_attn.embedding import EmbeddingModel, pad_batch
 
-WORDS = ("the model compiles attention kernels for padded batches of text on every target "
-         "with masks skipping work").split()
+WORDS = ["the", "model", "compiles", "attention", "kernels", "for", "padded", "batches", "of", "text", "on", "every", "target", "with", "masks", "skipping", "work"]
 
 
 def mixed_texts(n: int, rng: np.random.Generator, max_words: int = 200) -> list[str]:

@@ -4,7 +4,7 @@
         --section SpeedOfLight --section WarpStateStats python benchmarks/profile_kernel.py
 """
 
-import numpy as np  # noqa: F401
+import numpy as np
 import torch
 import tvm
 from tvm import relax

@@ -8,18 +8,18 @@ __version__ = "0.1.0"
 
 from . import legalize as _legalize  # noqa: F401  (registers FLegalize)
 from . import nn, op, reference, transform
+from .embedding import EmbeddingModel
 from .modes import MODES
 from .op import OP_NAME, masked_sequence_prefill
-from .embedding import EmbeddingModel
-
 
 __all__ = [
-    "EmbeddingModel",
     "MODES",
     "OP_NAME",
+    "EmbeddingModel",
+    "__version__",
     "masked_sequence_prefill",
     "nn",
+    "op",
     "reference",
     "transform",
-    "__version__",
 ]

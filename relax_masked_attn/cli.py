@@ -149,7 +149,7 @@ def compile_cmd(args: argparse.Namespace) -> int:
         raise SystemExit(f"relax-masked-attn: {err}") from None
     target, _ = resolve_target(args.target)
     dtype = args.dtype or ("float32" if target.kind.name == "llvm" else "float16")
-    log = lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)  # noqa: E731
+    log = lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)
     lib, _ = compile_model(spec, target, dtype, use_cache=False, log=log)
     lib.export_library(args.output)
     print(f"wrote {args.output}")

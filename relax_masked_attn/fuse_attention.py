@@ -17,6 +17,7 @@ import logging
 
 import tvm
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .op import masked_sequence_prefill
 
@@ -354,7 +355,6 @@ class FuseMaskedAttention:
         ))
 
 
-from tvm.relax.expr_functor import PyExprMutator, mutator  # noqa: E402
 
 
 @mutator

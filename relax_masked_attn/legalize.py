@@ -63,7 +63,7 @@ def kernel_for(call: relax.Call, target: Target) -> tirx.PrimFunc:
     if target.kind.name == "llvm":
         return cpu_kernel(*args)
     if is_gpu(target):
-        from .kernels import cuda_mma  # noqa: PLC0415  (keeps CPU-only imports light)
+        from .kernels import cuda_mma  # imported here: CPU-only users never need it
 
         if cuda_mma.supports(target, head_dim, dtype):
             return cuda_mma.tensor_core_kernel(*args)

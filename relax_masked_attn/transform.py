@@ -11,11 +11,18 @@ from .legalize import legalize
 from .op import OP_NAME
 
 
+def _mutate_functions(mutator: PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
+    """Run ``mutator`` over every Relax function of ``mod``; PrimFuncs it adds are kept."""
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @mutator
 class _PrefillLegalizer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self.mod = mod
         self.op = tvm.ir.Op.get(OP_NAME)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -23,12 +30,6 @@ class _PrefillLegalizer(PyExprMutator):
         if isinstance(call.op, tvm.ir.Op) and call.op.same_as(self.op):
             return legalize(self.builder_, call)
         return call
-
-    def transform(self) -> tvm.IRModule:
-        for gvar, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegalizeMaskedPrefill")
@@ -43,7 +44,7 @@ class LegalizeMaskedPrefill:
     """
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _PrefillLegalizer(mod).transform()
+        return _mutate_functions(_PrefillLegalizer(mod), mod)
 
 
 @tvm.transform.module_pass(opt_level=0, name="DisableDlightTensorize")
@@ -66,7 +67,6 @@ def disable_dlight_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 class _DenseDispatcher(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self.mod = mod
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
@@ -104,12 +104,6 @@ class _DenseDispatcher(PyExprMutator):
         )
         return relax.op.reshape(out, [*lead, n])
 
-    def transform(self) -> tvm.IRModule:
-        for gvar, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
-
 
 @tvm.transform.module_pass(opt_level=0, name="DispatchCPUDense")
 def dispatch_cpu_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -119,14 +113,13 @@ def dispatch_cpu_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     For CPU targets: apache-tvm 0.27 legalizes such matmuls to unscheduled loops. The
     ``"relax_masked_attn"`` pipeline runs it on ``llvm`` targets.
     """
-    return _DenseDispatcher(mod).transform()
+    return _mutate_functions(_DenseDispatcher(mod), mod)
 
 
 @mutator
 class _GeluRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self.mod = mod
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
@@ -143,19 +136,13 @@ class _GeluRewriter(PyExprMutator):
         one_plus = relax.op.add(relax.const(1.0, "float32"), erf)
         return relax.op.multiply(relax.op.multiply(x, half), one_plus)
 
-    def transform(self) -> tvm.IRModule:
-        for gvar, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
-
 
 @tvm.transform.module_pass(opt_level=0, name="VectorizableGelu")
 def vectorizable_gelu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Rewrite exact (erf) ``nn.gelu`` on float32 as ``0.5 x (1 + erf(x / sqrt 2))`` with TVM's
     polynomial ``topi.fast_erf``, which LLVM vectorizes; the libm ``erf`` it replaces runs one
     lane at a time (it was 45% of all-MiniLM-L6-v2's CPU time). For CPU targets."""
-    return _GeluRewriter(mod).transform()
+    return _mutate_functions(_GeluRewriter(mod), mod)
 
 
 PIPELINE_NAME = "relax_masked_attn"
@@ -199,14 +186,14 @@ if PIPELINE_NAME not in relax.pipeline.PIPELINE_MAP:
     relax.register_pipeline(PIPELINE_NAME)(_pipeline)
 
 
-from .fuse_attention import FuseMaskedAttention, fuse_masked_attention  # noqa: E402
+from .fuse_attention import FuseMaskedAttention, fuse_masked_attention
 
 __all__ = [
     "FuseMaskedAttention",
     "LegalizeMaskedPrefill",
     "disable_dlight_tensorize",
     "dispatch_cpu_dense",
-    "vectorizable_gelu",
     "fuse_masked_attention",
     "pipeline_passes",
+    "vectorizable_gelu",
 ]

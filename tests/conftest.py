@@ -63,7 +63,7 @@ def random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng):
 op_module = rma.op.standalone_module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_op(target: str, heads_q, heads_kv, head_dim, dtype, mode, sm_scale=None):
     """A VM function running the op for ``target`` ("llvm" or "cuda"), compiled once per key."""
     mod = op_module(heads_q, heads_kv, head_dim, dtype, mode, sm_scale)

@@ -118,4 +118,4 @@ def _sentence_transformers_pooling(path: Path) -> tuple[str, bool]:
     return pooling, normalize
 
 
-__all__ = ["CheckpointError", "ModelSpec", "SUPPORTED", "read_spec", "BertConfig", "Qwen3Config"]
+__all__ = ["SUPPORTED", "BertConfig", "CheckpointError", "ModelSpec", "Qwen3Config", "read_spec"]
