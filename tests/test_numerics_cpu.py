@@ -57,3 +57,14 @@ def test_one_module_many_shapes():
         q, k, v = random_qkv(batch, seq, seq, 4, 4, 64, "float32", rng)
         valid_len = lengths("mixed", batch, seq, rng)
         assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, "causal_padded_left")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16(mode):
+    run = compiled_op("llvm", 4, 2, 64, "bfloat16", mode)
+    rng = np.random.default_rng(8)
+    for batch, seq in [(3, 40), (1, 9)]:
+        q, k, v = random_qkv(batch, seq, seq, 4, 2, 64, "bfloat16", rng)
+        for pattern in PATTERNS:
+            valid_len = lengths(pattern, batch, seq, rng)
+            assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)

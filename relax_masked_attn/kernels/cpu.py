@@ -56,6 +56,8 @@ def cpu_kernel(
     tq, tk = cpu_tiles(head_dim, dtype)
     qk_scale = float(sm_scale * LOG2E)  # scores live in the log2 domain: exp2 is cheaper than exp
     d = head_dim
+    # TVM 0.27's LLVM lowering of bfloat16 cannot store bf16 vectors; store those lane by lane.
+    store_loop = T.serial if dtype == "bfloat16" else T.vectorized
 
     @T.prim_func
     def masked_prefill_cpu(
@@ -94,7 +96,7 @@ def cpu_kernel(
 
             # Padding queries: exact zeros.
             for r in T.serial(seq_q - n):
-                for j in T.vectorized(d):
+                for j in store_loop(d):
                     out[b, T.if_then_else(left, r, n + r), h, j] = T.Cast(dtype, T.float32(0))
 
             for qt in T.serial((n + tq - 1) // tq):
@@ -159,7 +161,7 @@ def cpu_kernel(
                                 acc[i, j] = acc[i, j] + scores[i, c] * v_tile[c, j]
 
                 for i in T.serial(T.min(tq, n - r0)):
-                    for j in T.vectorized(d):
+                    for j in store_loop(d):
                         out[b, q_off + r0 + i, h, j] = T.Cast(dtype, acc[i, j] / row_sum[i])
 
     return masked_prefill_cpu
