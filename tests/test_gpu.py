@@ -77,3 +77,11 @@ def test_agrees_with_upstream_on_valid_rows(mode, dtype):
     for b, n in enumerate(valid_len):
         rows = slice(seq - n, seq) if mode.endswith("_left") else slice(0, n)
         np.testing.assert_allclose(ours[b, rows], theirs[b, rows], atol=3e-2 if dtype == "bfloat16" else 4e-3)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 256])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+def test_other_head_dims(mode, dtype, head_dim):
+    """head_dims the tensor-core kernel does not take run (correctly) on the portable kernel."""
+    check(mode, 4, 2, head_dim, dtype, [(3, 130, 130)], seed=head_dim)
