@@ -120,18 +120,25 @@ def _strip_batch_merge(g: _Graph, expr):
     return inner if inner.ty.ndim == 4 else None
 
 
+def _chain(g: _Graph, expr, *op_names: str):
+    """The calls ``op_names[0](op_names[1](...))`` bound behind ``expr``, outermost first; None
+    unless every link is there."""
+    calls = []
+    for name in op_names:
+        call = g.call(expr, name)
+        if call is None:
+            return None
+        calls.append(call)
+        expr = call.args[0]
+    return calls
+
+
 def _strip_gqa(g: _Graph, expr):
     """``reshape(broadcast_to(expand_dims(x, 2)))`` (repeat_kv) -> x; else expr itself."""
-    reshape = g.call(expr, "relax.reshape")
-    if reshape is None:
+    calls = _chain(g, expr, "relax.reshape", "relax.broadcast_to", "relax.expand_dims")
+    if calls is None or calls[-1].args[0].ty.ndim != 4:
         return expr
-    bcast = g.call(reshape.args[0], "relax.broadcast_to")
-    if bcast is None:
-        return expr
-    expand = g.call(bcast.args[0], "relax.expand_dims")
-    if expand is None or expand.args[0].ty.ndim != 4:
-        return expr
-    return expand.args[0]
+    return calls[-1].args[0]
 
 
 def _ancestors(g: _Graph, expr, limit: int = 200):
@@ -208,12 +215,10 @@ def _match(g: _Graph, softmax_var: relax.Var, softmax: relax.Call) -> _Match | N
         return None
     mask_param, causal = bias
     scores, s_scale = _strip_scale(g, scores)
-    reshape = g.call(scores, "relax.reshape")
-    if reshape is None:
+    calls = _chain(g, scores, "relax.reshape", "relax.matmul")
+    if calls is None:
         return None
-    qk = g.call(reshape.args[0], "relax.matmul")
-    if qk is None:
-        return None
+    qk = calls[-1]
     q = _strip_batch_merge(g, qk.args[0])
     kt = _strip_batch_merge(g, qk.args[1])
     if q is None or kt is None:
