@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ._ir import is_call_of
 from .op import masked_sequence_prefill
 
 logger = logging.getLogger("relax_masked_attn.fuse")
@@ -61,10 +62,7 @@ class _Graph:
     def call(self, expr, op_name: str):
         """The call bound to ``expr`` if it is a call of ``op_name``, else None."""
         _, value = self.resolve(expr)
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-            if value.op.name == op_name:
-                return value
-        return None
+        return value if is_call_of(value, op_name) else None
 
 
 def _call_args(value):
@@ -156,8 +154,7 @@ def _ancestors(g: _Graph, expr, limit: int = 200):
 
 
 def _arange_derived(g: _Graph, expr) -> bool:
-    return any(isinstance(c, relax.Call) and isinstance(c.op, tvm.ir.Op)
-               and c.op.name == "relax.arange" for c in _ancestors(g, expr, 20))
+    return any(is_call_of(c, "relax.arange") for c in _ancestors(g, expr, 20))
 
 
 def _mask_bias(g: _Graph, expr) -> tuple[relax.Var, bool] | None:
@@ -310,8 +307,7 @@ class FuseMaskedAttention:
         g = _Graph(func)
         matches: dict[relax.Var, _Match] = {}
         for var, value in g.value.items():
-            if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
-                    and value.op.name == "relax.nn.softmax"):
+            if is_call_of(value, "relax.nn.softmax"):
                 m = _match(g, var, value)
                 if m is not None:
                     matches[m.out_var] = m

@@ -6,6 +6,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ._ir import is_call_of
 from .kernels import cpu_dense
 from .legalize import legalize
 from .op import OP_NAME
@@ -65,17 +66,13 @@ def disable_dlight_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 @mutator
 class _DenseDispatcher(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
+        if not is_call_of(call, "relax.matmul"):
             return call
         x, wt = call.args
         binding = self.lookup_binding(wt) if isinstance(wt, relax.Var) else wt
-        if not (isinstance(binding, relax.Call) and isinstance(binding.op, tvm.ir.Op)
-                and binding.op.name == "relax.permute_dims"):
+        if not is_call_of(binding, "relax.permute_dims"):
             return call
         axes = binding.attrs.axes
         w = binding.args[0]
@@ -118,12 +115,9 @@ def dispatch_cpu_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 @mutator
 class _GeluRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu"):
+        if not is_call_of(call, "relax.nn.gelu"):
             return call
         from tvm import topi
 
