@@ -7,7 +7,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._ir import is_call_of
-from .kernels import cpu_dense
+from .kernels import cpu_dense, cuda_dense
 from .legalize import legalize
 from .op import OP_NAME
 
@@ -64,53 +64,124 @@ def disable_dlight_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return out.with_attrs(mod.attrs) if mod.attrs else out
 
 
+def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, bias: bool):
+    """Our dense kernel for ``x[m, k] @ w[n, k].T (+ bias)`` on ``target``, or None."""
+    if target.kind.name == "llvm":
+        return None if bias or not cpu_dense.supports(n, k, dtype) else cpu_dense.dense_kernel(n, k, dtype)
+    if cuda_dense.supports(target, n, k, dtype):
+        return cuda_dense.dense_kernel(n, k, dtype, bias)
+    return None
+
+
 @mutator
 class _DenseDispatcher(PyExprMutator):
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = self.visit_expr_post_order(call)
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod)
+        self.target = target
+        self.linears = {}  # our kernel's output var -> (x2, w, lead shape, n, k, dtype)
+        self.kernel_names = set()
+
+    def _linear(self, call: relax.Call):
+        """(x, w, n, k, dtype, lead) when ``call`` is ``matmul(x, permute_dims(w))`` with a
+        static ``[n, k]`` ``w`` of x's dtype; else None."""
         if not is_call_of(call, "relax.matmul"):
-            return call
+            return None
         x, wt = call.args
         binding = self.lookup_binding(wt) if isinstance(wt, relax.Var) else wt
         if not is_call_of(binding, "relax.permute_dims"):
-            return call
+            return None
         axes = binding.attrs.axes
         w = binding.args[0]
         if axes is not None and [int(a) for a in axes] != [1, 0]:
-            return call
+            return None
         x_ty, w_ty = x.ty, w.ty
         if w_ty.ndim != 2 or x_ty.ndim < 2 or x_ty.shape is None or w_ty.shape is None:
-            return call
+            return None
         n, k = w_ty.shape.values
-        if not (isinstance(n, tvm.tirx.IntImm) and isinstance(k, tvm.tirx.IntImm)):
+        last = x_ty.shape.values[-1]
+        if not all(isinstance(v, tvm.tirx.IntImm) for v in (n, k, last)):
+            return None
+        if w_ty.dtype.dtype != x_ty.dtype.dtype or int(last) != int(k):
+            return None
+        return x, w, int(n), int(k), x_ty.dtype.dtype, list(x_ty.shape.values[:-1])
+
+    def _emit(self, x2, w, bias, lead, n, k, dtype):
+        func = _dense_kernel(self.target, n, k, dtype, bias is not None)
+        if func is None:
+            return None
+        name = f"zz_dense{'_bias' if bias is not None else ''}_n{n}_k{k}_{dtype}"
+        gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        self.kernel_names.add(name)
+        rows = x2.ty.shape.values[0]
+        args = [x2, w] if bias is None else [x2, w, bias]
+        out = self.builder_.emit(
+            relax.call_tir(gv, args, out_ty=relax.TensorType([rows, n], dtype))
+        )
+        self.linears[out] = (x2, w, lead, n, k, dtype)
+        return out if len(lead) == 1 else relax.op.reshape(out, [*lead, n])
+
+    def _fused_bias(self, call: relax.Call):
+        """``add(linear(x), b)`` with ``b`` a ``[n]`` vector -> one kernel call with the bias."""
+        for lin, bias in (call.args, call.args[::-1]):
+            if not isinstance(lin, relax.Var):
+                continue
+            out = lin if lin in self.linears else self.lookup_binding(lin)
+            if is_call_of(out, "relax.reshape"):
+                out = out.args[0]
+            while isinstance(out, relax.Var) and out not in self.linears:
+                out = self.lookup_binding(out)  # follow aliases
+            if out not in self.linears or bias.ty.shape is None or bias.ty.ndim != 1:
+                continue
+            x2, w, lead, n, k, dtype = self.linears[out]
+            size = bias.ty.shape.values[0]
+            if bias.ty.dtype.dtype == dtype and isinstance(size, tvm.tirx.IntImm) and int(size) == n:
+                return self._emit(x2, w, bias, lead, n, k, dtype)
+        return None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if is_call_of(call, "relax.add"):
+            fused = self._fused_bias(call)
+            return call if fused is None else fused
+        linear = self._linear(call)
+        if linear is None:
             return call
-        n, k, dtype = int(n), int(k), x_ty.dtype.dtype
-        lead = list(x_ty.shape.values[:-1])
-        if (w_ty.dtype.dtype != dtype or not isinstance(x_ty.shape.values[-1], tvm.tirx.IntImm)
-                or int(x_ty.shape.values[-1]) != k or not cpu_dense.supports(n, k, dtype)):
-            return call
+        x, w, n, k, dtype, lead = linear
         rows = lead[0]
         for dim in lead[1:]:
             rows = rows * dim
-        name = f"zz_dense_n{n}_k{k}_{dtype}"
-        func = cpu_dense.dense_kernel(n, k, dtype).with_attr("global_symbol", name)
-        gv = self.builder_.add_func(func, name)
-        x2 = self.builder_.emit(relax.op.reshape(x, [rows, k]))
-        out = self.builder_.emit(
-            relax.call_tir(gv, [x2, w], out_ty=relax.TensorType([rows, n], dtype))
-        )
-        return relax.op.reshape(out, [*lead, n])
+        x2 = x if len(lead) == 1 else self.builder_.emit(relax.op.reshape(x, [rows, k]))
+        out = self._emit(x2, w, None, lead, n, k, dtype)
+        return call if out is None else out
 
 
-@tvm.transform.module_pass(opt_level=0, name="DispatchCPUDense")
-def dispatch_cpu_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Replace ``matmul(x, permute_dims(w))`` (``nn.Linear``, float32, ``w`` a static
-    ``[n, k]`` tensor) by ``call_tir`` of :mod:`relax_masked_attn.kernels.cpu_dense`.
+@tvm.transform.module_pass(opt_level=0, name="DispatchDense")
+def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Replace ``matmul(x, permute_dims(w))`` (``nn.Linear``: ``w`` a static ``[n, k]`` tensor),
+    and on CUDA a following ``+ bias``, by ``call_tir`` of our dense kernel for the current
+    target: :mod:`~relax_masked_attn.kernels.cpu_dense` (float32 on ``llvm``) or
+    :mod:`~relax_masked_attn.kernels.cuda_dense` (fp16/bf16 tensor cores, CUDA sm80+).
+    Shapes and dtypes the kernels do not cover are left to TVM's own legalization.
 
-    For CPU targets: apache-tvm 0.27 legalizes such matmuls to unscheduled loops. The
-    ``"relax_masked_attn"`` pipeline runs it on ``llvm`` targets.
+    apache-tvm 0.27 has no CPU matmul schedule (a legalized ``nn.Linear`` runs as plain loops)
+    and its CUDA tensor-core matmul rule crashes in the PyPI wheel. The ``"relax_masked_attn"``
+    pipeline runs this pass first; alone, run it inside ``with target:``.
     """
-    return _mutate_functions(_DenseDispatcher(mod), mod)
+    target = tvm.target.Target.current()
+    if target is None:
+        raise ValueError("DispatchDense: no target (run it inside `with tvm.target.Target(...)`)")
+    dispatcher = _DenseDispatcher(mod, target)
+    mod = _mutate_functions(dispatcher, mod)
+    # A product whose bias got fused is dead: drop its binding, then its kernel if unused.
+    used = set()
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            func = relax.analysis.remove_all_unused(func)
+            mod[gvar] = func
+            used.update(gv.name_hint for gv in relax.analysis.all_global_vars(func))
+    for name in dispatcher.kernel_names - used:
+        del mod[name]
+    return mod
 
 
 @mutator
@@ -153,8 +224,9 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         raise ValueError(f"relax_masked_attn pipeline: unsupported target kind {kind!r}")
     rp = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
     passes = [LegalizeMaskedPrefill(), *rp.library_dispatch_passes(target)]
+    passes.append(dispatch_dense)
     if kind == "llvm":
-        passes += [dispatch_cpu_dense, vectorizable_gelu]
+        passes.append(vectorizable_gelu)
     for p in rp.legalize_passes(target):
         if p.info.name == "ApplyDefaultSchedule":
             passes.append(disable_dlight_tensorize)
@@ -186,7 +258,7 @@ __all__ = [
     "FuseMaskedAttention",
     "LegalizeMaskedPrefill",
     "disable_dlight_tensorize",
-    "dispatch_cpu_dense",
+    "dispatch_dense",
     "fuse_masked_attention",
     "pipeline_passes",
     "vectorizable_gelu",

@@ -135,43 +135,6 @@ def test_portable_gpu_kernel_builds_for_other_gpu_targets(kind, dtype):
     assert ex is not None
 
 
-def linear_module(n, k, dtype="float32"):
-    from tvm import tirx
-
-    b, s = tirx.Var("b", "int64"), tirx.Var("s", "int64")
-    x = relax.Var("x", relax.TensorType((b, s, k), dtype))
-    w = relax.Var("w", relax.TensorType((n, k), dtype))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x, w]):
-        wt = bb.emit(relax.op.permute_dims(w))
-        bb.emit_func_output(bb.emit(relax.op.matmul(x, wt)))
-    return bb.get()
-
-
-@pytest.mark.parametrize("batch,seq", [(1, 1), (3, 7), (2, 33)])
-def test_cpu_dense_dispatch_matches_numpy(batch, seq):
-    """nn.Linear-shaped matmuls go to our CPU dense kernel (any row count, tails included)."""
-    from relax_masked_attn.transform import dispatch_cpu_dense
-
-    mod = linear_module(48, 64)
-    assert "zz_dense_n48_k64_float32" in str(dispatch_cpu_dense(mod).get_global_vars())
-    ex = tvm.compile(mod, target="llvm", relax_pipeline=relax.get_pipeline("relax_masked_attn"))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, seq, 64)).astype("float32")
-    w = rng.standard_normal((48, 64)).astype("float32")
-    out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
-    np.testing.assert_allclose(out, x @ w.T, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("n,k,dtype", [(50, 64, "float32"), (48, 60, "float32"), (48, 64, "float16")])
-def test_cpu_dense_dispatch_leaves_other_shapes_alone(n, k, dtype):
-    from relax_masked_attn.transform import dispatch_cpu_dense
-
-    mod = linear_module(n, k, dtype)
-    assert len(dispatch_cpu_dense(mod).get_global_vars()) == 1
-
-
 def test_vectorizable_gelu_matches_exact_gelu():
     import torch
 

@@ -44,3 +44,15 @@ def cpu_dense_tiles(dtype: str) -> tuple[int, int, int]:
     """
     del dtype
     return 4, 4, 16
+
+
+def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:
+    """(rows of x, rows of w, k-step, warps along m, warps along n, pipeline stages) of one block
+    of the CUDA tensor-core dense kernel.
+
+    128 x 128 outputs a block on 2 x 4 warps (64 x 32 outputs, 64 fp32 accumulators a thread);
+    k-steps of 32 through a 3-stage cp.async ring: 3 * (128 + 128) * 32 * 2 bytes = 48 KiB of
+    shared memory, the static limit.
+    """
+    del dtype
+    return 128, 128, 32, 2, 4, 3

@@ -1,0 +1,117 @@
+"""Dense benchmark (CUDA): our tensor-core nn.Linear kernel next to torch (cuBLAS), in one run.
+
+    python benchmarks/bench_dense.py [--rows 8192]
+
+Shapes are the linears of BERT-base and Qwen3-0.6B; both sides compute ``x @ w.T (+ b)`` in fp16
+on the same device arrays. Prints TFLOP/s of each and the ratio ours / torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch
+import tvm
+from tvm import relax
+
+from bench_kernel import median_time
+
+SHAPES = [  # (n, k, bias, what)
+    (768, 768, True, "BERT-base attention projections"),
+    (3072, 768, True, "BERT-base intermediate"),
+    (768, 3072, True, "BERT-base output"),
+    (2048, 1024, False, "Qwen3-0.6B q_proj"),
+    (1024, 2048, False, "Qwen3-0.6B o_proj"),
+    (3072, 1024, False, "Qwen3-0.6B gate/up_proj"),
+    (1024, 3072, False, "Qwen3-0.6B down_proj"),
+]
+
+
+def linear_module(n: int, k: int, dtype: str, bias: bool) -> tvm.IRModule:
+    m = tvm.tirx.Var("m", "int64")
+    x = relax.Var("x", relax.TensorType((m, k), dtype))
+    w = relax.Var("w", relax.TensorType((n, k), dtype))
+    params = [x, w] + ([relax.Var("b", relax.TensorType((n,), dtype))] if bias else [])
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w))))
+            if bias:
+                out = bb.emit(relax.op.add(out, params[2]))
+            gv = bb.emit_output(out)
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
+    (128, 128, 32, 2, 4, 3),
+    (128, 128, 32, 2, 2, 3),
+    (128, 256, 32, 2, 4, 2),
+    (256, 128, 32, 4, 2, 2),
+]
+
+
+def sweep(args, dev, target, tdtype) -> None:
+    """Time the raw kernel under each tile configuration of SWEEP (no bias)."""
+    from relax_masked_attn.kernels import cuda_dense
+
+    print("tile sweep (ms, raw kernel):", "  ".join(str(t) for t in SWEEP))
+    for n, k, _, what in SHAPES:
+        x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
+        w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5
+        out = torch.empty(args.rows, n, device="cuda", dtype=tdtype)
+        ref = torch.nn.functional.linear(x, w)
+        times = []
+        for tiles in SWEEP:
+            if n % tiles[1]:
+                times.append("-")
+                continue
+            func = cuda_dense.dense_kernel(n, k, args.dtype, tiles=tiles)
+            kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+            targs = [tvm.runtime.from_dlpack(t) for t in (x, w, out)]
+            kernel(*targs)
+            assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), tiles
+            times.append(f"{median_time(lambda: kernel(*targs), torch.cuda.synchronize) * 1e3:.3f}")
+        print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8192, help="rows of x (tokens)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
+    args = parser.parse_args()
+    dev = tvm.cuda(0)
+    target = tvm.target.Target.from_device(dev)
+    tdtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows")
+    print(f"{'n':>5} {'k':>5} {'bias':>5} {'ours ms':>8} {'torch ms':>9} {'ours TF/s':>10} "
+          f"{'torch TF/s':>11} {'ratio':>6}  what")
+    for n, k, bias, what in SHAPES:
+        ex = tvm.compile(linear_module(n, k, args.dtype, bias), target=target,
+                         relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+        run = relax.VirtualMachine(ex, dev)["main"]
+        x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
+        w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5
+        b = torch.randn(n, device="cuda", dtype=tdtype) if bias else None
+        tvm_args = [tvm.runtime.from_dlpack(t) for t in (x, w, b) if t is not None]
+        out = torch.from_dlpack(run(*tvm_args))
+        ref = torch.nn.functional.linear(x, w, b)
+        err = (out.float() - ref.float()).abs().max().item()
+        sync = torch.cuda.synchronize
+        t_ours = median_time(lambda: run(*tvm_args), sync)
+        t_torch = median_time(lambda: torch.nn.functional.linear(x, w, b), sync)
+        flops = 2.0 * args.rows * n * k
+        print(f"{n:5} {k:5} {str(bias):>5} {t_ours * 1e3:8.3f} {t_torch * 1e3:9.3f} "
+              f"{flops / t_ours / 1e12:10.1f} {flops / t_torch / 1e12:11.1f} "
+              f"{t_torch / t_ours:5.2f}x  {what} (max err {err:.2g})", flush=True)
+    if args.sweep:
+        sweep(args, dev, target, tdtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The dense kernels behind nn.Linear (CPU float32, CUDA tensor cores) and their dispatch."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+
+from relax_masked_attn.kernels import cuda_dense
+from relax_masked_attn.transform import dispatch_dense
+
+from .conftest import cuda_available
+
+SM90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+
+
+def linear_module(n, k, dtype="float32", bias=False, rank=3):
+    """``main(x, w[, b]) = x @ w.T (+ b)`` with symbolic leading dims, as nn.Linear exports it."""
+    lead = [tirx.Var("b", "int64"), tirx.Var("s", "int64")][:rank - 1]
+    x = relax.Var("x", relax.TensorType((*lead, k), dtype))
+    w = relax.Var("w", relax.TensorType((n, k), dtype))
+    params = [x, w]
+    if bias:
+        params.append(relax.Var("bias", relax.TensorType((n,), dtype)))
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            wt = bb.emit(relax.op.permute_dims(w))
+            out = bb.emit(relax.op.matmul(x, wt))
+            if bias:
+                out = bb.emit(relax.op.add(out, params[2]))
+            gv = bb.emit_output(out)
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+def kernels_of(mod):
+    return sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+def dispatched(mod, target):
+    with tvm.target.Target(target):
+        return dispatch_dense(mod)
+
+
+def run_linear(mod, target, dev, x, w, bias=None):
+    ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+    vm = relax.VirtualMachine(ex, dev)
+    args = [tvm.runtime.tensor(a, device=dev) for a in (x, w, bias) if a is not None]
+    return vm["main"](*args).numpy()
+
+
+# --- CPU (float32) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 1), (3, 7), (2, 33)])
+def test_cpu_dense_dispatch_matches_numpy(batch, seq):
+    """nn.Linear-shaped matmuls go to our CPU dense kernel (any row count, tails included)."""
+    mod = linear_module(48, 64)
+    assert kernels_of(dispatched(mod, "llvm")) == ["zz_dense_n48_k64_float32"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, seq, 64)).astype("float32")
+    w = rng.standard_normal((48, 64)).astype("float32")
+    np.testing.assert_allclose(run_linear(mod, "llvm", tvm.cpu(), x, w), x @ w.T,
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,k,dtype", [(50, 64, "float32"), (48, 60, "float32"), (48, 64, "float16")])
+def test_cpu_dense_dispatch_leaves_other_shapes_alone(n, k, dtype):
+    assert kernels_of(dispatched(linear_module(n, k, dtype), "llvm")) == []
+
+
+def test_cpu_keeps_the_bias_add_separate_and_right():
+    mod = linear_module(48, 64, bias=True)
+    assert kernels_of(dispatched(mod, "llvm")) == ["zz_dense_n48_k64_float32"]
+    rng = np.random.default_rng(1)
+    x, w, b = (rng.standard_normal(s).astype("float32") for s in ((2, 5, 64), (48, 64), (48,)))
+    np.testing.assert_allclose(run_linear(mod, "llvm", tvm.cpu(), x, w, b), x @ w.T + b,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_dispatch_needs_a_target():
+    with pytest.raises(ValueError, match="no target"):
+        dispatch_dense(linear_module(48, 64))
+
+
+# --- CUDA tensor cores: generated code, checked on CPU-only machines ---------------------------
+
+
+@pytest.mark.parametrize(
+    "target,n,k,dtype,expected",
+    [
+        (SM90, 768, 768, "float16", True),
+        (tvm.target.Target({"kind": "cuda", "arch": "sm_80"}), 3072, 1024, "bfloat16", True),
+        (tvm.target.Target({"kind": "cuda", "arch": "sm_75"}), 768, 768, "float16", False),
+        (SM90, 768, 768, "float32", False),
+        (SM90, 100, 768, "float16", False),  # n not a multiple of the 128-wide tile
+        (SM90, 768, 40, "float16", False),  # k not a multiple of the 32-wide k-step
+        (tvm.target.Target("llvm"), 768, 768, "float16", False),
+    ],
+)
+def test_cuda_kernel_choice(target, n, k, dtype, expected):
+    assert cuda_dense.supports(target, n, k, dtype) is expected
+
+
+@pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
+def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
+    mod = dispatched(linear_module(256, 128, dtype, bias=True), SM90)
+    assert kernels_of(mod) == [f"zz_dense_bias_n256_k128_{dtype}"]
+    assert "R.add" not in mod["main"].script() and "R.matmul" not in mod["main"].script()
+    ex = tvm.compile(linear_module(256, 128, dtype, bias=True), target=SM90,
+                     relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+    src = ex.mod.imports[0].imports[0].inspect_source()
+    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in src
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in src
+    assert "cp.async.cg.shared.global" in src
+
+
+def test_cuda_unsupported_shapes_stay_with_tvm():
+    assert kernels_of(dispatched(linear_module(100, 64, "float16"), SM90)) == []
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cuda_kernel_is_well_formed(bias):
+    func = cuda_dense.dense_kernel(256, 96, "float16", bias)
+    assert tvm.tirx.analysis.verify_well_formed(func)
+
+
+# --- CUDA on a real GPU ---------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(128, 32), (768, 768), (384, 1536)])
+def test_cuda_dense_matches_numpy(n, k, bias, dtype):
+    """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; with and without bias."""
+    import ml_dtypes
+
+    assert cuda_available()
+    dev = tvm.cuda(0)
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    rng = np.random.default_rng(n + k)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
+    b = rng.standard_normal(n).astype(np_dtype) if bias else None
+    target = tvm.target.Target.from_device(dev)
+    for rank, shape in ((2, (1, k)), (2, (7, k)), (3, (1, 127, k)), (3, (3, 43, k)), (2, (1000, k))):
+        mod = linear_module(n, k, dtype, bias, rank)
+        x = rng.standard_normal(shape).astype(np_dtype)
+        out = run_linear(mod, target, dev, x, w, b).astype("float32")
+        ref = x.astype("float64") @ w.astype("float64").T
+        if bias:
+            ref = ref + b.astype("float64")
+        tol = 2e-2 if dtype == "float16" else 6e-2
+        np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
