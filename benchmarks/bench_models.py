@@ -67,6 +67,9 @@ def profile(model: EmbeddingModel, input_ids: np.ndarray, mask: np.ndarray) -> N
     total = sum(buckets.values())
     print("   where our time goes:",
           ", ".join(f"{k} {v / total:.0%} ({v * 1e3:.1f} ms)" for k, v in buckets.items()))
+    slowest = list(model.profile(input_ids, mask, by="function").items())[:12]
+    print("   slowest functions:",
+          ", ".join(f"{name} {sec * 1e3:.2f} ms" for name, sec in slowest))
 
 
 def random_checkpoint(kind: str, folder: str) -> None:

@@ -51,7 +51,8 @@ def export(spec: ModelSpec, dtype: str) -> tuple[tvm.IRModule, list[tuple[str, n
     model = spec.create()
     model.to(dtype)
     ids = {"input_ids": nn.spec.Tensor(["batch", "seq"], "int32"),
-           "attention_mask": nn.spec.Tensor(["batch", "seq"], "int32")}
+           "attention_mask": nn.spec.Tensor(["batch", "seq"], "int32"),
+           "token_index": nn.spec.Tensor(["tokens"], "int32")}
     return model.export_tvm({"forward": dict(ids), "hidden_states": dict(ids)})
 
 
@@ -140,8 +141,8 @@ class EmbeddingModel:
         return self.spec.config.hidden_size
 
     def _run(self, fn: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
-        args = [tvm.runtime.tensor(x, device=self.device) for x in (input_ids, attention_mask)]
+        args = [tvm.runtime.tensor(x, device=self.device)
+                for x in self._check_ids(input_ids, attention_mask)]
         out = self._vm[fn](*args, *self._params).numpy()
         return out.astype("float32")
 
@@ -163,16 +164,19 @@ class EmbeddingModel:
         vocab = self.spec.config.vocab_size
         if input_ids.min() < 0 or input_ids.max() >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}), the model's vocabulary")
-        return input_ids.astype("int32"), (attention_mask != 0).astype("int32")
+        return model_inputs(input_ids, attention_mask, self.spec.padding_side)
 
-    def profile(self, input_ids, attention_mask) -> dict[str, float]:
-        """Seconds of one ``forward`` call spent in attention, matmuls and the rest.
+    def profile(self, input_ids, attention_mask, by: str = "kind") -> dict[str, float]:
+        """Seconds of one ``forward`` call per kind of kernel (``by="kind"``: attention, matmul,
+        rest) or per function the VM calls (``by="function"``, slowest first).
 
         Each VM call is timed between device synchronizations (so the sum exceeds a plain run).
         """
-        input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
+        if by not in ("kind", "function"):
+            raise ValueError(f"by must be 'kind' or 'function', but got {by!r}")
+        inputs = self._check_ids(input_ids, attention_mask)
         vm = relax.VirtualMachine(self._lib, self.device)
-        buckets = {"attention": 0.0, "matmul": 0.0, "rest": 0.0}
+        seconds: dict[str, float] = {}
         started: list[float] = []
 
         def instrument(func, name, before_run, ret_value, *args):
@@ -180,15 +184,19 @@ class EmbeddingModel:
             if before_run:
                 started.append(time.perf_counter())
                 return 0
-            name = str(name)
-            kind = ("attention" if "masked_prefill" in name
-                    else "matmul" if "matmul" in name or "dense" in name else "rest")
-            buckets[kind] += time.perf_counter() - started.pop()
+            seconds[str(name)] = seconds.get(str(name), 0.0) + time.perf_counter() - started.pop()
             return 0
 
         vm.set_instrument(instrument)
-        args = [tvm.runtime.tensor(x, device=self.device) for x in (input_ids, attention_mask)]
+        args = [tvm.runtime.tensor(x, device=self.device) for x in inputs]
         vm["forward"](*args, *self._params)
+        if by == "function":
+            return dict(sorted(seconds.items(), key=lambda item: -item[1]))
+        buckets = {"attention": 0.0, "matmul": 0.0, "rest": 0.0}
+        for name, sec in seconds.items():
+            kind = ("attention" if "masked_prefill" in name
+                    else "matmul" if "matmul" in name or "dense" in name else "rest")
+            buckets[kind] += sec
         return buckets
 
     def embed_ids(self, input_ids, attention_mask) -> np.ndarray:
@@ -265,3 +273,25 @@ def pad_batch(ids: list[list[int]], side: str, pad_id: int = 0) -> tuple[np.ndar
         input_ids[row, cols] = x
         mask[row, cols] = 1
     return input_ids, mask
+
+
+def model_inputs(input_ids, attention_mask, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three int32 arguments of a compiled model's ``forward`` / ``hidden_states``:
+    ``input_ids`` and ``attention_mask`` ``[batch, seq]`` and ``token_index`` ``[t]``, the flat
+    indices of the mask's ones (the real tokens, which the model's layers run on).
+
+    Every mask row must be one block of ones on the side opposite the padding (``side`` is the
+    padding side: "right" means ones first); anything else is a ValueError.
+    """
+    mask = (np.asarray(attention_mask) != 0).astype("int32")
+    steps = np.diff(mask, axis=1)
+    if (steps > 0 if side == "right" else steps < 0).any():
+        where = "at the start" if side == "right" else "at the end"
+        raise ValueError(
+            f"attention_mask rows must be one block of ones {where} ({side} padding); "
+            "got a row with a gap or on the wrong side"
+        )
+    token_index = np.flatnonzero(mask).astype("int32")
+    if token_index.size == 0:
+        token_index = np.zeros(1, dtype="int32")  # no real token at all: every row embeds to padding
+    return np.asarray(input_ids).astype("int32"), mask, token_index

@@ -158,6 +158,55 @@ def test_tiny_qwen3_matches_transformers(tiny_qwen3):
     np.testing.assert_allclose(ours.embed_ids(ids, mask), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
+def test_an_empty_row_leaves_the_others_alone(which, side, request):
+    """Rows are packed into real tokens only: a row without tokens must not shift the others."""
+    path, _ = request.getfixturevalue(which)
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1, 120, (3, 11)).astype("int64")
+    with_empty = ours.embed_ids(ids, masks([11, 0, 4], 11, side))
+    alone = ours.embed_ids(ids[[0, 2]], masks([11, 4], 11, side))
+    np.testing.assert_allclose(with_empty[[0, 2]], alone, atol=1e-5)
+    assert np.isfinite(with_empty).all()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_model_inputs_pack_the_real_tokens(side):
+    from relax_masked_attn.embedding import model_inputs
+
+    mask = masks([3, 0, 5], 5, side)
+    ids = np.arange(15).reshape(3, 5)
+    _, _, token_index = model_inputs(ids, mask, side)
+    np.testing.assert_array_equal(token_index, np.flatnonzero(mask))
+    assert model_inputs(ids, np.zeros((3, 5)), side)[2].size == 1  # never an empty gather
+
+
+@pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
+def test_masks_that_are_not_one_block_are_refused(which, side, request):
+    path, _ = request.getfixturevalue(which)
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
+    ids = np.ones((2, 6), dtype="int64")
+    gap = np.array([[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    wrong_side = masks([2, 6], 6, "left" if side == "right" else "right")
+    for mask in (gap if side == "right" else gap[:, ::-1], wrong_side):
+        with pytest.raises(ValueError, match="one block of ones"):
+            ours.embed_ids(ids, mask)
+
+
+def test_profile_splits_the_time(tiny_bert):
+    path, _ = tiny_bert
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
+    ids, mask = np.ones((2, 8), dtype="int64"), masks([8, 3], 8, "right")
+    kinds = ours.profile(ids, mask)
+    assert set(kinds) == {"attention", "matmul", "rest"} and kinds["attention"] > 0
+    functions = ours.profile(ids, mask, by="function")
+    assert any(name.startswith("zz_masked_prefill") for name in functions)
+    assert list(functions.values()) == sorted(functions.values(), reverse=True)
+    with pytest.raises(ValueError, match="by must be"):
+        ours.profile(ids, mask, by="op")
+
+
 # --- checkpoints that must be refused clearly ----------------------------------------------------
 
 

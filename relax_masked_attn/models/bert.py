@@ -11,8 +11,7 @@ import dataclasses
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from .. import nn as rma_nn
-from .common import l2_normalize, mean_pool
+from .common import PackedBatch, l2_normalize, mean_pool
 
 
 @dataclasses.dataclass
@@ -48,14 +47,11 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: nn.Tensor) -> nn.Tensor:
-        seq = input_ids.shape[1]
-        positions = op.arange(0, seq, dtype="int32")  # right padding: real tokens start at 0
-        token_types = op.zeros((seq,), "int32")  # one segment
-        x = self.word_embeddings(input_ids)  # (b, s, h)
-        x = x + op.unsqueeze(self.position_embeddings(positions), 0)
-        x = x + op.unsqueeze(self.token_type_embeddings(token_types), 0)
-        return self.LayerNorm(x)
+    def forward(self, input_ids: nn.Tensor, positions: nn.Tensor) -> nn.Tensor:
+        """Packed ``[t]`` token ids and positions -> ``[t, hidden]``."""
+        token_type = self.token_type_embeddings(op.zeros((1,), "int32"))  # one segment: (1, h)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        return self.LayerNorm(x + token_type)
 
 
 class BertSelfAttention(nn.Module):
@@ -65,12 +61,11 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
-        b, s, h = x.shape
-        q, k, v = (op.reshape(f(x), (b, s, self.heads, self.head_dim))
-                   for f in (self.query, self.key, self.value))  # (b, s, nh, hd)
-        out = rma_nn.masked_sequence_prefill(q, k, v, valid_len, mode="padded")
-        return op.reshape(out, (b, s, h))
+    def forward(self, x: nn.Tensor, batch: PackedBatch) -> nn.Tensor:
+        t, h = x.shape
+        q, k, v = (op.reshape(f(x), (t, self.heads, self.head_dim))
+                   for f in (self.query, self.key, self.value))  # (t, nh, hd)
+        return op.reshape(batch.attention(q, k, v, mode="padded"), (t, h))
 
 
 class BertSelfOutput(nn.Module):
@@ -87,8 +82,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)
         self.output = BertSelfOutput(cfg, cfg.hidden_size)
 
-    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
-        return self.output(self.self(x, valid_len), x)
+    def forward(self, x: nn.Tensor, batch: PackedBatch) -> nn.Tensor:
+        return self.output(self.self(x, batch), x)
 
 
 class BertIntermediate(nn.Module):
@@ -106,8 +101,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertSelfOutput(cfg, cfg.intermediate_size)
 
-    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
-        x = self.attention(x, valid_len)
+    def forward(self, x: nn.Tensor, batch: PackedBatch) -> nn.Tensor:
+        x = self.attention(x, batch)
         return self.output(self.intermediate(x), x)
 
 
@@ -115,17 +110,19 @@ class BertEncoder(nn.Module):
     def __init__(self, cfg: BertConfig):
         self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
 
-    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
+    def forward(self, x: nn.Tensor, batch: PackedBatch) -> nn.Tensor:
         for layer in self.layer:
-            x = layer(x, valid_len)
+            x = layer(x, batch)
         return x
 
 
 class BertEmbedder(nn.Module):
     """``BertModel`` plus sentence-transformers pooling (mean or CLS) and optional L2 norm.
 
-    ``forward(input_ids, attention_mask)``: both ``[batch, seq]`` int32, right-padded, each
-    row's mask one block of ones at the start. Returns ``[batch, hidden]``.
+    ``forward(input_ids, attention_mask, token_index)``: ids and mask ``[batch, seq]`` int32,
+    right-padded, each row's mask one block of ones at the start; ``token_index`` ``[t]`` int32
+    the flat indices of the mask's ones (``numpy.flatnonzero(mask)``), which the layers run on
+    (:class:`~relax_masked_attn.models.common.PackedBatch`). Returns ``[batch, hidden]``.
     ``hidden_states`` returns ``[batch, seq, hidden]`` (padding rows are not meaningful).
     """
 
@@ -138,17 +135,20 @@ class BertEmbedder(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
 
-    def _encode(self, input_ids: nn.Tensor, attention_mask: nn.Tensor):
-        valid_len = rma_nn.valid_len_from_attention_mask(attention_mask)
-        return self.encoder(self.embeddings(input_ids), valid_len), valid_len
+    def _encode(self, input_ids, attention_mask, token_index):
+        batch = PackedBatch(attention_mask, token_index, self.padding_side)
+        x = self.embeddings(batch.to_packed(input_ids), batch.positions())
+        return batch.to_padded(self.encoder(x, batch)), batch
 
-    def hidden_states(self, input_ids: nn.Tensor, attention_mask: nn.Tensor) -> nn.Tensor:
-        return self._encode(input_ids, attention_mask)[0]
+    def hidden_states(self, input_ids: nn.Tensor, attention_mask: nn.Tensor,
+                      token_index: nn.Tensor) -> nn.Tensor:
+        return self._encode(input_ids, attention_mask, token_index)[0]
 
-    def forward(self, input_ids: nn.Tensor, attention_mask: nn.Tensor) -> nn.Tensor:
-        hidden, valid_len = self._encode(input_ids, attention_mask)
+    def forward(self, input_ids: nn.Tensor, attention_mask: nn.Tensor,
+                token_index: nn.Tensor) -> nn.Tensor:
+        hidden, batch = self._encode(input_ids, attention_mask, token_index)
         if self.pooling == "mean":
-            pooled = mean_pool(hidden, attention_mask, valid_len)
+            pooled = mean_pool(hidden, attention_mask, batch.valid_len)
         else:
             pooled = op.squeeze(op.split(hidden, [1], axis=1)[0], axis=1)  # the [CLS] row
         return l2_normalize(pooled) if self.normalize else pooled

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
+
+from .. import nn as rma_nn
 
 
 def _unary(fn, x: nn.Tensor, name: str) -> nn.Tensor:
@@ -25,27 +29,73 @@ def mean_pool(hidden: nn.Tensor, attention_mask: nn.Tensor, valid_len: nn.Tensor
     return op.divide(total, op.unsqueeze(count, -1), name="mean_pool")
 
 
-def rope(x: nn.Tensor, theta: float, name: str = "rope") -> nn.Tensor:
-    """Rotary position embedding, rotate-half layout, positions ``0..s-1``: ``[b, s, h, d]``.
+class PackedBatch:
+    """The real tokens of a padded ``[b, s]`` batch, packed row by row into ``[t]``.
 
-    Positions count columns, padding included (as Hugging Face does when no position_ids are
-    given); attention depends only on position differences, so left padding does not matter.
+    Every token-wise layer (embeddings, linears, norms, MLPs) runs on the ``t`` packed tokens, so
+    their cost follows the real tokens, not the padded shape; only attention sees the padded
+    ``[b, s, heads, head_dim]`` layout its op takes (:meth:`to_padded` / :meth:`to_packed`).
+
+    ``token_index`` ``[t]`` (int32, computed by the caller: the flat indices ``row * s + col`` of
+    the mask's ones in row-major order, ``numpy.flatnonzero(mask)``) gives the gather to packed
+    order; the inverse map is built here from ``valid_len``: slot ``(row, col)`` of the padded
+    batch reads packed token ``row_start[row] + clamp(col - offset, 0, L - 1)``, so padding slots
+    repeat a real token of their row (finite values that attention and pooling never use).
     """
-    _, seq, _, dim = x.shape
+
+    def __init__(self, attention_mask: nn.Tensor, token_index: nn.Tensor, side: str):
+        self.batch, self.seq = attention_mask.shape
+        self.token_index = token_index
+        self.valid_len = rma_nn.valid_len_from_attention_mask(attention_mask)
+        self.mask = attention_mask
+        length = op.unsqueeze(self.valid_len, -1)  # (b, 1)
+        row_start = op.cumsum(self.valid_len, axis=0, exclusive=True)  # (b,)
+        if side == "left":  # column - (s - L)
+            col = op.add(op.unsqueeze(op.arange(-self.seq, 0, dtype="int32"), 0), length)
+        else:
+            col = op.unsqueeze(op.arange(0, self.seq, dtype="int32"), 0)  # (1, s)
+        within = op.minimum(op.maximum(col, op.zeros((1, 1), "int32")),
+                            op.subtract(length, op.full((1, 1), 1, "int32")))
+        slots = op.add(op.unsqueeze(row_start, -1), within)  # (b, s); -1 only for empty rows
+        slots = op.maximum(slots, op.zeros((1, 1), "int32"))
+        self.slot_index = op.reshape(slots, (self.batch * self.seq,), name="slot_index")
+
+    def positions(self) -> nn.Tensor:
+        """``[t]`` int32: each token's column in the padded batch (Hugging Face's default
+        position ids: right padding starts at 0; left padding counts the padding too)."""
+        cols = op.broadcast_to(op.arange(0, self.seq, dtype="int32"), (self.batch, self.seq))
+        return self.to_packed(cols)
+
+    def to_padded(self, x: nn.Tensor) -> nn.Tensor:
+        """``[t, *f]`` -> ``[b, s, *f]``."""
+        return op.reshape(op.take(x, self.slot_index, axis=0), (self.batch, self.seq, *x.shape[1:]))
+
+    def to_packed(self, x: nn.Tensor) -> nn.Tensor:
+        """``[b, s, *f]`` -> ``[t, *f]``."""
+        flat = op.reshape(x, (self.batch * self.seq, *x.shape[2:]))
+        return op.take(flat, self.token_index, axis=0)
+
+    def attention(self, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, mode: str) -> nn.Tensor:
+        """``masked_sequence_prefill`` of packed ``[t, heads, head_dim]`` q/k/v, packed out."""
+        q, k, v = (self.to_padded(x) for x in (q, k, v))
+        return self.to_packed(rma_nn.masked_sequence_prefill(q, k, v, self.valid_len, mode=mode))
+
+
+def rope(x: nn.Tensor, positions: nn.Tensor, theta: float, name: str = "rope") -> nn.Tensor:
+    """Rotary position embedding, rotate-half layout: ``[t, h, d]`` at ``positions`` ``[t]``."""
+    _, _, dim = x.shape
     half = dim // 2
     inv_freq = op.exp(
         op.multiply(
             op.arange(0, half, dtype="float32"),
-            op.full((half,), -2.0 * __import__("math").log(theta) / dim, "float32"),
+            op.full((half,), -2.0 * math.log(theta) / dim, "float32"),
         )
     )  # theta ** (-2 i / d)
-    pos = op.arange(0, seq, dtype="float32")  # (s,)
-    freqs = op.multiply(op.unsqueeze(pos, -1), op.unsqueeze(inv_freq, 0))  # (s, d/2)
-    angles = op.concat([freqs, freqs], dim=-1)  # (s, d)
-    cos = op.astype(_unary(relax.op.cos, angles, "rope_cos"), x.dtype)
-    sin = op.astype(_unary(relax.op.sin, angles, "rope_sin"), x.dtype)
-    cos = op.reshape(cos, (1, seq, 1, dim))
-    sin = op.reshape(sin, (1, seq, 1, dim))
+    pos = op.astype(positions, "float32")  # (t,)
+    freqs = op.multiply(op.unsqueeze(pos, -1), op.unsqueeze(inv_freq, 0))  # (t, d/2)
+    angles = op.concat([freqs, freqs], dim=-1)  # (t, d)
+    cos = op.unsqueeze(op.astype(_unary(relax.op.cos, angles, "rope_cos"), x.dtype), 1)
+    sin = op.unsqueeze(op.astype(_unary(relax.op.sin, angles, "rope_sin"), x.dtype), 1)
     x1, x2 = op.split(x, 2, axis=-1)
     rotated = op.concat([op.negative(x2), x1], dim=-1)
     return op.add(op.multiply(x, cos), op.multiply(rotated, sin), name=name)

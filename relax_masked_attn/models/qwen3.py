@@ -14,8 +14,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from .. import nn as rma_nn
-from .common import l2_normalize, rope
+from .common import PackedBatch, l2_normalize, rope
 
 
 @dataclasses.dataclass
@@ -56,16 +55,17 @@ class Qwen3Attention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, axes=-1, epsilon=cfg.rms_norm_eps, bias=False)
         self.k_norm = nn.RMSNorm(hd, axes=-1, epsilon=cfg.rms_norm_eps, bias=False)
 
-    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
+    def forward(self, x: nn.Tensor, batch: PackedBatch, positions: nn.Tensor) -> nn.Tensor:
         cfg = self.cfg
-        b, s, _ = x.shape
+        t = x.shape[0]
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = self.q_norm(op.reshape(self.q_proj(x), (b, s, hq, hd)))
-        k = self.k_norm(op.reshape(self.k_proj(x), (b, s, hkv, hd)))
-        v = op.reshape(self.v_proj(x), (b, s, hkv, hd))
-        q, k = rope(q, cfg.rope_theta, "rope_q"), rope(k, cfg.rope_theta, "rope_k")
-        out = rma_nn.masked_sequence_prefill(q, k, v, valid_len, mode="causal_padded_left")
-        return self.o_proj(op.reshape(out, (b, s, hq * hd)))
+        q = self.q_norm(op.reshape(self.q_proj(x), (t, hq, hd)))
+        k = self.k_norm(op.reshape(self.k_proj(x), (t, hkv, hd)))
+        v = op.reshape(self.v_proj(x), (t, hkv, hd))
+        q = rope(q, positions, cfg.rope_theta, "rope_q")
+        k = rope(k, positions, cfg.rope_theta, "rope_k")
+        out = batch.attention(q, k, v, mode="causal_padded_left")
+        return self.o_proj(op.reshape(out, (t, hq * hd)))
 
 
 class Qwen3MLP(nn.Module):
@@ -88,16 +88,18 @@ class Qwen3DecoderLayer(nn.Module):
             cfg.hidden_size, axes=-1, epsilon=eps, bias=False
         )
 
-    def forward(self, x: nn.Tensor, valid_len: nn.Tensor) -> nn.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), valid_len)
+    def forward(self, x: nn.Tensor, batch: PackedBatch, positions: nn.Tensor) -> nn.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3Embedder(nn.Module):
     """``Qwen3Model`` plus last-token pooling and L2 normalization.
 
-    ``forward(input_ids, attention_mask)``: both ``[batch, seq]`` int32, left-padded, each
-    row's mask one block of ones at the end. Returns ``[batch, hidden]``.
+    ``forward(input_ids, attention_mask, token_index)``: ids and mask ``[batch, seq]`` int32,
+    left-padded, each row's mask one block of ones at the end; ``token_index`` ``[t]`` int32 the
+    flat indices of the mask's ones (``numpy.flatnonzero(mask)``), which the layers run on
+    (:class:`~relax_masked_attn.models.common.PackedBatch`). Returns ``[batch, hidden]``.
     ``hidden_states`` returns the final norm's ``[batch, seq, hidden]``.
     """
 
@@ -109,15 +111,18 @@ class Qwen3Embedder(nn.Module):
         self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, axes=-1, epsilon=cfg.rms_norm_eps, bias=False)
 
-    def hidden_states(self, input_ids: nn.Tensor, attention_mask: nn.Tensor) -> nn.Tensor:
-        valid_len = rma_nn.valid_len_from_attention_mask(attention_mask)
-        x = self.embed_tokens(input_ids)
+    def hidden_states(self, input_ids: nn.Tensor, attention_mask: nn.Tensor,
+                      token_index: nn.Tensor) -> nn.Tensor:
+        batch = PackedBatch(attention_mask, token_index, self.padding_side)
+        positions = batch.positions()
+        x = self.embed_tokens(batch.to_packed(input_ids))
         for layer in self.layers:
-            x = layer(x, valid_len)
-        return self.norm(x)
+            x = layer(x, batch, positions)
+        return batch.to_padded(self.norm(x))
 
-    def forward(self, input_ids: nn.Tensor, attention_mask: nn.Tensor) -> nn.Tensor:
-        hidden = self.hidden_states(input_ids, attention_mask)
+    def forward(self, input_ids: nn.Tensor, attention_mask: nn.Tensor,
+                token_index: nn.Tensor) -> nn.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask, token_index)
         seq = hidden.shape[1]
         last = op.wrap_nested(
             relax.op.strided_slice(hidden._expr, axes=[1], begin=[seq - 1], end=[seq]), "last_row"
