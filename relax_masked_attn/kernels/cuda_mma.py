@@ -95,7 +95,7 @@ def tensor_core_kernel(
         out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
 
         bh = T.launch_thread("blockIdx.x", batch * heads_q)
-        qt = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
+        qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
         tx = T.launch_thread("threadIdx.x", threads)
 
         q_smem = T.alloc_buffer((rows, d), dtype, scope="shared")
@@ -119,6 +119,9 @@ def tensor_core_kernel(
         q_off = T.if_then_else(left, seq_q - n, 0)
         kv_off = T.if_then_else(left, seq_kv - n, 0)
         pad_off = T.if_then_else(left, 0, n)  # first padding row
+        # Blocks start in launch order: the last query tiles (the most key tiles when causal)
+        # go first, so the short ones fill the tail of the grid instead of the long ones.
+        qt = (seq_q + rows - 1) // rows - 1 - qt_launch
         r0 = qt * rows  # first row of this tile, relative to the real block
         warp = tx // 32
         lane = tx % 32
