@@ -94,7 +94,7 @@ def test_dispatch_needs_a_target():
         (tvm.target.Target({"kind": "cuda", "arch": "sm_75"}), 768, 768, "float16", False),
         (SM90, 768, 768, "float32", False),
         (SM90, 100, 768, "float16", False),  # n not a multiple of the 128-wide tile
-        (SM90, 768, 40, "float16", False),  # k not a multiple of the 32-wide k-step
+        (SM90, 768, 96, "float16", False),  # k not a multiple of the 64-wide k-step
         (tvm.target.Target("llvm"), 768, 768, "float16", False),
     ],
 )
@@ -121,7 +121,7 @@ def test_cuda_unsupported_shapes_stay_with_tvm():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_cuda_kernel_is_well_formed(bias):
-    func = cuda_dense.dense_kernel(256, 96, "float16", bias)
+    func = cuda_dense.dense_kernel(256, 192, "float16", bias)
     assert tvm.tirx.analysis.verify_well_formed(func)
 
 
@@ -131,7 +131,7 @@ def test_cuda_kernel_is_well_formed(bias):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("n,k", [(128, 32), (768, 768), (384, 1536)])
+@pytest.mark.parametrize("n,k", [(128, 64), (768, 768), (384, 1536)])
 def test_cuda_dense_matches_numpy(n, k, bias, dtype):
     """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; with and without bias."""
     import ml_dtypes
@@ -145,6 +145,7 @@ def test_cuda_dense_matches_numpy(n, k, bias, dtype):
     target = tvm.target.Target.from_device(dev)
     for rank, shape in ((2, (1, k)), (2, (7, k)), (3, (1, 127, k)), (3, (3, 43, k)), (2, (1000, k))):
         mod = linear_module(n, k, dtype, bias, rank)
+        assert kernels_of(dispatched(mod, target)), "our kernel was not dispatched"
         x = rng.standard_normal(shape).astype(np_dtype)
         out = run_linear(mod, target, dev, x, w, b).astype("float32")
         ref = x.astype("float64") @ w.astype("float64").T
