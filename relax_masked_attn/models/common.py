@@ -29,6 +29,12 @@ def mean_pool(hidden: nn.Tensor, attention_mask: nn.Tensor, valid_len: nn.Tensor
     return op.divide(total, op.unsqueeze(count, -1), name="mean_pool")
 
 
+def _gather(x: nn.Tensor, index: nn.Tensor) -> nn.Tensor:
+    """Rows ``x[index]``; an index out of range (a hand-made ``token_index``) is clamped instead
+    of reading out of bounds."""
+    return op.wrap_nested(relax.op.take(x._expr, index._expr, axis=0, mode="clip"), "gather")
+
+
 class PackedBatch:
     """The real tokens of a padded ``[b, s]`` batch, packed row by row into ``[t]``.
 
@@ -68,12 +74,11 @@ class PackedBatch:
 
     def to_padded(self, x: nn.Tensor) -> nn.Tensor:
         """``[t, *f]`` -> ``[b, s, *f]``."""
-        return op.reshape(op.take(x, self.slot_index, axis=0), (self.batch, self.seq, *x.shape[1:]))
+        return op.reshape(_gather(x, self.slot_index), (self.batch, self.seq, *x.shape[1:]))
 
     def to_packed(self, x: nn.Tensor) -> nn.Tensor:
         """``[b, s, *f]`` -> ``[t, *f]``."""
-        flat = op.reshape(x, (self.batch * self.seq, *x.shape[2:]))
-        return op.take(flat, self.token_index, axis=0)
+        return _gather(op.reshape(x, (self.batch * self.seq, *x.shape[2:])), self.token_index)
 
     def attention(self, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, mode: str) -> nn.Tensor:
         """``masked_sequence_prefill`` of packed ``[t, heads, head_dim]`` q/k/v, packed out."""
