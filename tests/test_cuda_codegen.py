@@ -29,10 +29,14 @@ def test_tensor_core_instructions_are_generated(mode, dtype, ab):
 
 def test_shared_tiles_keep_their_full_size():
     """The default TIR pipeline must not compact the shared tiles touched only through pointers."""
-    src = cuda_source(op_module(16, 8, 128, "float16", "padded"))
-    assert src.count("half q_smem_ptr[8192]") == 1
-    assert src.count("half k_smem_ptr[8192]") == 1
-    assert src.count("half v_smem_ptr[8192]") == 1
+    from relax_masked_attn.kernels.config import tensor_core_tiles
+
+    for head_dim in (64, 128):
+        warps, atoms, cols, _ = tensor_core_tiles(head_dim, "float16")
+        src = cuda_source(op_module(16, 8, head_dim, "float16", "padded"))
+        assert src.count(f"half q_smem_ptr[{warps * atoms * 16 * head_dim}]") == 1
+        assert src.count(f"half k_smem_ptr[{cols * head_dim}]") == 1
+        assert src.count(f"half v_smem_ptr[{cols * head_dim}]") == 1
 
 
 @pytest.mark.parametrize(

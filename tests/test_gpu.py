@@ -40,13 +40,14 @@ def test_heads(mode, heads_q, heads_kv):
     check(mode, heads_q, heads_kv, 128, "float16", [(2, 100, 100)], seed=heads_kv)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
-def test_awkward_lengths(mode, dtype):
+def test_awkward_lengths(mode, dtype, head_dim):
     """Lengths that are not multiples of the tiles: 1, 7, 127, 129, 1000."""
-    run = compiled_op("cuda", 8, 4, 64, dtype, mode)
+    run = compiled_op("cuda", 8, 4, head_dim, dtype, mode)
     rng = np.random.default_rng(11)
-    q, k, v = random_qkv(5, 1000, 1000, 8, 4, 64, dtype, rng)
+    q, k, v = random_qkv(5, 1000, 1000, 8, 4, head_dim, dtype, rng)
     valid_len = np.array([1, 7, 127, 129, 1000], dtype="int32")
     assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
 

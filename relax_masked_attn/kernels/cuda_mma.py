@@ -42,13 +42,19 @@ def supports(target: Target, head_dim: int, dtype: str) -> bool:
 
 
 def tensor_core_kernel(
-    heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float
+    heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
+    tiles=None,
 ) -> tirx.PrimFunc:
-    """PrimFunc ``(q, k, v, valid_len, out)`` on tensor cores; batch and lengths symbolic."""
+    """PrimFunc ``(q, k, v, valid_len, out)`` on tensor cores; batch and lengths symbolic.
+
+    ``tiles`` overrides :func:`~relax_masked_attn.kernels.config.tensor_core_tiles` (sweeps).
+    """
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
     d = head_dim
-    rows, cols, warps = tensor_core_tiles(head_dim, dtype)
+    warps, atoms, cols, q_in_regs = tiles or tensor_core_tiles(head_dim, dtype)
+    rows = warps * atoms * 16  # query rows of a block
+    warp_rows = atoms * 16  # query rows of a warp: `atoms` m16 tiles sharing each K/V fragment
     threads = warps * 32
     chunks = d // 8  # 16-byte chunks in one row of a tile
     swz = min(8, chunks)  # XOR-swizzle width, in chunks
@@ -61,19 +67,33 @@ def tensor_core_kernel(
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
     pack = f"cvt.rn.{ab}x2.f32"
     loads_per_thread = rows * chunks // threads
+    q_slots = dk if q_in_regs else 1  # Q fragments held: all k-steps, or the current one
 
     @T.macro
-    def load_kv_tile(smem, src, b, h_kv, kv_off, n, c0, kv_end, tx):
-        """cp.async key rows [c0, c0 + cols) of the real block into ``smem``; zero past kv_end."""
-        for it in T.unroll(cols * chunks // threads):
+    def load_tile(smem, src, b, h, off, n, c0, end, count, tx):
+        """cp.async rows [c0, c0 + count) of head ``h``'s real block (it starts at row ``off``
+        of ``src`` and has ``n`` rows) into ``smem``; rows from ``end`` on are zero-filled."""
+        for it in T.unroll(count * chunks // threads):
             e = it * threads + tx
             r = e // chunks
             c = e % chunks
             T.ptx.cp.async_.cg.shared.global_(
                 smem.ptr_to([r, (c ^ (r % swz)) * 8]),
-                src.ptr_to([b, kv_off + T.min(c0 + r, n - 1), h_kv, c * 8]),
+                src.ptr_to([b, off + T.min(c0 + r, n - 1), h, c * 8]),
                 16,
-                T.if_then_else(c0 + r < kv_end, T.uint32(16), T.uint32(0)),
+                T.if_then_else(c0 + r < end, T.uint32(16), T.uint32(0)),
+            )
+
+    @T.macro
+    def load_q_frags(q_frag, q_smem, kk, slot, warp, lane):
+        """``ldmatrix`` the A fragments of k-step ``kk`` of each of this warp's m16 tiles."""
+        for a in T.unroll(atoms):
+            T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
+                q_frag[a, slot, 0], q_frag[a, slot, 1], q_frag[a, slot, 2], q_frag[a, slot, 3],
+                q_smem.ptr_to(
+                    [warp * warp_rows + a * 16 + lane % 16,
+                     ((kk * 2 + lane // 16) ^ ((warp * warp_rows + a * 16 + lane % 16) % swz)) * 8]
+                ),
             )
 
     @T.prim_func
@@ -101,15 +121,15 @@ def tensor_core_kernel(
         q_smem = T.alloc_buffer((rows, d), dtype, scope="shared")
         k_smem = T.alloc_buffer((cols, d), dtype, scope="shared")
         v_smem = T.alloc_buffer((cols, d), dtype, scope="shared")
-        q_frag = T.alloc_buffer((dk, 4), "uint32", scope="local")
+        q_frag = T.alloc_buffer((atoms, q_slots, 4), "uint32", scope="local")
         b_frag = T.alloc_buffer((4,), "uint32", scope="local")
-        p_frag = T.alloc_buffer((4,), "uint32", scope="local")
-        s_acc = T.alloc_buffer((sn, 4), "float32", scope="local")
-        o_acc = T.alloc_buffer((on, 4), "float32", scope="local")
-        m_i = T.alloc_buffer((2,), "float32", scope="local")  # running max of rows g, g + 8
-        l_i = T.alloc_buffer((2,), "float32", scope="local")  # this lane's part of the row sums
-        m_new = T.alloc_buffer((2,), "float32", scope="local")
-        alpha = T.alloc_buffer((2,), "float32", scope="local")
+        p_frag = T.alloc_buffer((atoms, 4), "uint32", scope="local")
+        s_acc = T.alloc_buffer((atoms, sn, 4), "float32", scope="local")
+        o_acc = T.alloc_buffer((atoms, on, 4), "float32", scope="local")
+        m_i = T.alloc_buffer((atoms, 2), "float32", scope="local")  # running max, rows g, g + 8
+        l_i = T.alloc_buffer((atoms, 2), "float32", scope="local")  # this lane's part of the sums
+        m_new = T.alloc_buffer((atoms, 2), "float32", scope="local")
+        alpha = T.alloc_buffer((atoms, 2), "float32", scope="local")
         zero16 = T.alloc_buffer((8,), dtype, scope="local")
 
         b = bh // heads_q
@@ -127,6 +147,7 @@ def tensor_core_kernel(
         lane = tx % 32
         g = lane // 4
         t4 = lane % 4
+        w0 = r0 + warp * warp_rows  # first row of this warp
 
         # Padding rows [r0, r0 + rows) of the (seq_q - n) padding rows: exact zeros.
         for j in T.unroll(8):
@@ -140,36 +161,23 @@ def tensor_core_kernel(
 
         if r0 < n:
             kv_end = T.if_then_else(causal, T.min(n, r0 + rows), n)
-            # Q tile -> shared (rows past n zero-filled), then into A fragments.
-            for it in T.unroll(loads_per_thread):
-                e = it * threads + tx
-                r = e // chunks
-                c = e % chunks
-                T.ptx.cp.async_.cg.shared.global_(
-                    q_smem.ptr_to([r, (c ^ (r % swz)) * 8]),
-                    q.ptr_to([b, q_off + T.min(r0 + r, n - 1), h, c * 8]),
-                    16,
-                    T.if_then_else(r0 + r < n, T.uint32(16), T.uint32(0)),
-                )
+            # Q tile -> shared (rows past n zero-filled); K(0) flies meanwhile.
+            load_tile(q_smem, q, b, h, q_off, n, r0, n, rows, tx)
             T.ptx.cp.async_.commit_group()
-            load_kv_tile(k_smem, k, b, h_kv, kv_off, n, 0, kv_end, tx)  # K(0) flies meanwhile
+            load_tile(k_smem, k, b, h_kv, kv_off, n, 0, kv_end, cols, tx)
             T.ptx.cp.async_.commit_group()
             T.ptx.cp.async_.wait_group(1)
             T.cuda.cta_sync()
-            for kk in T.unroll(dk):
-                T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
-                    q_frag[kk, 0], q_frag[kk, 1], q_frag[kk, 2], q_frag[kk, 3],
-                    q_smem.ptr_to(
-                        [warp * 16 + lane % 16,
-                         ((kk * 2 + lane // 16) ^ ((warp * 16 + lane % 16) % swz)) * 8]
-                    ),
-                )
-            for i in T.unroll(2):
-                m_i[i] = NEG_INF
-                l_i[i] = T.float32(0)
-            for j in T.unroll(on):
-                for c in T.unroll(4):
-                    o_acc[j, c] = T.float32(0)
+            if q_in_regs:
+                for kk in T.unroll(dk):
+                    load_q_frags(q_frag, q_smem, kk, kk, warp, lane)
+            for a in T.unroll(atoms):
+                for i in T.unroll(2):
+                    m_i[a, i] = NEG_INF
+                    l_i[a, i] = T.float32(0)
+                for j in T.unroll(on):
+                    for c in T.unroll(4):
+                        o_acc[a, j, c] = T.float32(0)
 
             # Software pipeline: V(kt) loads while S(kt) computes, K(kt + 1) while O += P V(kt).
             num_kt = (kv_end + cols - 1) // cols
@@ -177,119 +185,130 @@ def tensor_core_kernel(
                 c0 = kt * cols
                 T.ptx.cp.async_.wait_group(0)
                 T.cuda.cta_sync()  # K(kt) landed; every warp is done with V(kt - 1)
-                load_kv_tile(v_smem, v, b, h_kv, kv_off, n, c0, kv_end, tx)
+                load_tile(v_smem, v, b, h_kv, kv_off, n, c0, kv_end, cols, tx)
                 T.ptx.cp.async_.commit_group()
 
-                # S = Q K^T on the tensor cores.
-                for j in T.unroll(sn):
-                    for c in T.unroll(4):
-                        s_acc[j, c] = T.float32(0)
-                for kk in T.unroll(dk):
-                    for jj in T.unroll(sn // 2):
-                        T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
-                            b_frag[0], b_frag[1], b_frag[2], b_frag[3],
-                            k_smem.ptr_to(
-                                [jj * 16 + lane % 8 + (lane // 16) * 8,
-                                 ((kk * 2 + (lane // 8) % 2)
-                                  ^ ((jj * 16 + lane % 8 + (lane // 16) * 8) % swz)) * 8]
-                            ),
-                        )
-                        T.ptx[mma](
-                            s_acc[2 * jj, 0], s_acc[2 * jj, 1], s_acc[2 * jj, 2], s_acc[2 * jj, 3],
-                            q_frag[kk, 0], q_frag[kk, 1], q_frag[kk, 2], q_frag[kk, 3],
-                            b_frag[0], b_frag[1],
-                            s_acc[2 * jj, 0], s_acc[2 * jj, 1], s_acc[2 * jj, 2], s_acc[2 * jj, 3],
-                        )
-                        T.ptx[mma](
-                            s_acc[2 * jj + 1, 0], s_acc[2 * jj + 1, 1],
-                            s_acc[2 * jj + 1, 2], s_acc[2 * jj + 1, 3],
-                            q_frag[kk, 0], q_frag[kk, 1], q_frag[kk, 2], q_frag[kk, 3],
-                            b_frag[2], b_frag[3],
-                            s_acc[2 * jj + 1, 0], s_acc[2 * jj + 1, 1],
-                            s_acc[2 * jj + 1, 2], s_acc[2 * jj + 1, 3],
-                        )
-
-                # Scale into the log2 domain; mask only tiles that cross the end of the real
-                # keys or (causal) this warp's diagonal. c2, c3 belong to row g + 8.
-                if c0 + cols > kv_end or (causal and c0 + cols - 1 > r0 + warp * 16):
-                    for j in T.unroll(sn):
-                        for c in T.unroll(4):
-                            s_acc[j, c] = T.if_then_else(
-                                (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
-                                and (
-                                    (not causal)
-                                    or (c0 + j * 8 + t4 * 2 + c % 2
-                                        <= r0 + warp * 16 + g + (c // 2) * 8)
+                # A causal tile wholly right of this warp's last row adds nothing to its rows:
+                # the warp skips its products (the barriers stay outside, for every warp).
+                if (not causal) or c0 < w0 + warp_rows:
+                    # S = Q K^T on the tensor cores; each K fragment feeds every m16 tile.
+                    for a in T.unroll(atoms):
+                        for j in T.unroll(sn):
+                            for c in T.unroll(4):
+                                s_acc[a, j, c] = T.float32(0)
+                    for kk in T.unroll(dk):
+                        if not q_in_regs:
+                            load_q_frags(q_frag, q_smem, kk, 0, warp, lane)
+                        for jj in T.unroll(sn // 2):
+                            T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
+                                b_frag[0], b_frag[1], b_frag[2], b_frag[3],
+                                k_smem.ptr_to(
+                                    [jj * 16 + lane % 8 + (lane // 16) * 8,
+                                     ((kk * 2 + (lane // 8) % 2)
+                                      ^ ((jj * 16 + lane % 8 + (lane // 16) * 8) % swz)) * 8]
                                 ),
-                                s_acc[j, c] * qk_scale,
-                                NEG_INF,
                             )
-                else:
-                    for j in T.unroll(sn):
-                        for c in T.unroll(4):
-                            s_acc[j, c] = s_acc[j, c] * qk_scale
-                # Online softmax: new row max over the tile, quad-reduced.
-                for i in T.unroll(2):
-                    m_new[i] = m_i[i]
-                    for j in T.unroll(sn):
-                        m_new[i] = T.max(m_new[i], T.max(s_acc[j, 2 * i], s_acc[j, 2 * i + 1]))
-                    m_new[i] = T.cuda.warp_max(m_new[i], 4)
-                    alpha[i] = T.exp2(m_i[i] - m_new[i])
-                    m_i[i] = m_new[i]
-                    l_i[i] = l_i[i] * alpha[i]
-                    for j in T.unroll(sn):
-                        s_acc[j, 2 * i] = T.exp2(s_acc[j, 2 * i] - m_new[i])
-                        s_acc[j, 2 * i + 1] = T.exp2(s_acc[j, 2 * i + 1] - m_new[i])
-                        l_i[i] = l_i[i] + s_acc[j, 2 * i] + s_acc[j, 2 * i + 1]
-                for j in T.unroll(on):
-                    for c in T.unroll(4):
-                        o_acc[j, c] = o_acc[j, c] * alpha[c // 2]
+                            for a in T.unroll(atoms):
+                                for half in T.unroll(2):
+                                    T.ptx[mma](
+                                        s_acc[a, 2 * jj + half, 0], s_acc[a, 2 * jj + half, 1],
+                                        s_acc[a, 2 * jj + half, 2], s_acc[a, 2 * jj + half, 3],
+                                        q_frag[a, kk % q_slots, 0], q_frag[a, kk % q_slots, 1],
+                                        q_frag[a, kk % q_slots, 2], q_frag[a, kk % q_slots, 3],
+                                        b_frag[2 * half], b_frag[2 * half + 1],
+                                        s_acc[a, 2 * jj + half, 0], s_acc[a, 2 * jj + half, 1],
+                                        s_acc[a, 2 * jj + half, 2], s_acc[a, 2 * jj + half, 3],
+                                    )
+
+                    # Scale into the log2 domain; mask only tiles that cross the end of the real
+                    # keys or (causal) this warp's diagonal. c2, c3 belong to row g + 8.
+                    if c0 + cols > kv_end or (causal and c0 + cols - 1 > w0):
+                        for a in T.unroll(atoms):
+                            for j in T.unroll(sn):
+                                for c in T.unroll(4):
+                                    s_acc[a, j, c] = T.if_then_else(
+                                        (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
+                                        and (
+                                            (not causal)
+                                            or (c0 + j * 8 + t4 * 2 + c % 2
+                                                <= w0 + a * 16 + g + (c // 2) * 8)
+                                        ),
+                                        s_acc[a, j, c] * qk_scale,
+                                        NEG_INF,
+                                    )
+                    else:
+                        for a in T.unroll(atoms):
+                            for j in T.unroll(sn):
+                                for c in T.unroll(4):
+                                    s_acc[a, j, c] = s_acc[a, j, c] * qk_scale
+                    # Online softmax: new row max over the tile, quad-reduced.
+                    for a in T.unroll(atoms):
+                        for i in T.unroll(2):
+                            m_new[a, i] = m_i[a, i]
+                            for j in T.unroll(sn):
+                                m_new[a, i] = T.max(
+                                    m_new[a, i], T.max(s_acc[a, j, 2 * i], s_acc[a, j, 2 * i + 1])
+                                )
+                            m_new[a, i] = T.cuda.warp_max(m_new[a, i], 4)
+                            alpha[a, i] = T.exp2(m_i[a, i] - m_new[a, i])
+                            m_i[a, i] = m_new[a, i]
+                            l_i[a, i] = l_i[a, i] * alpha[a, i]
+                            for j in T.unroll(sn):
+                                s_acc[a, j, 2 * i] = T.exp2(s_acc[a, j, 2 * i] - m_new[a, i])
+                                s_acc[a, j, 2 * i + 1] = T.exp2(
+                                    s_acc[a, j, 2 * i + 1] - m_new[a, i]
+                                )
+                                l_i[a, i] = l_i[a, i] + s_acc[a, j, 2 * i] + s_acc[a, j, 2 * i + 1]
+                        for j in T.unroll(on):
+                            for c in T.unroll(4):
+                                o_acc[a, j, c] = o_acc[a, j, c] * alpha[a, c // 2]
 
                 T.ptx.cp.async_.wait_group(0)
                 T.cuda.cta_sync()  # V(kt) landed; every warp is done with K(kt)
                 if kt + 1 < num_kt:
-                    load_kv_tile(k_smem, k, b, h_kv, kv_off, n, c0 + cols, kv_end, tx)
+                    load_tile(k_smem, k, b, h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
                     T.ptx.cp.async_.commit_group()
 
-                # O += P V: P's A fragments are S's accumulators packed to 16 bits.
-                for kk in T.unroll(pk):
-                    T.ptx[pack](p_frag[0], s_acc[2 * kk, 1], s_acc[2 * kk, 0])
-                    T.ptx[pack](p_frag[1], s_acc[2 * kk, 3], s_acc[2 * kk, 2])
-                    T.ptx[pack](p_frag[2], s_acc[2 * kk + 1, 1], s_acc[2 * kk + 1, 0])
-                    T.ptx[pack](p_frag[3], s_acc[2 * kk + 1, 3], s_acc[2 * kk + 1, 2])
-                    for jj in T.unroll(on // 2):
-                        T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
-                            b_frag[0], b_frag[1], b_frag[2], b_frag[3],
-                            v_smem.ptr_to(
-                                [kk * 16 + lane % 8 + ((lane // 8) % 2) * 8,
-                                 ((jj * 2 + lane // 16)
-                                  ^ ((kk * 16 + lane % 8 + ((lane // 8) % 2) * 8) % swz)) * 8]
-                            ),
-                        )
-                        T.ptx[mma](
-                            o_acc[2 * jj, 0], o_acc[2 * jj, 1], o_acc[2 * jj, 2], o_acc[2 * jj, 3],
-                            p_frag[0], p_frag[1], p_frag[2], p_frag[3],
-                            b_frag[0], b_frag[1],
-                            o_acc[2 * jj, 0], o_acc[2 * jj, 1], o_acc[2 * jj, 2], o_acc[2 * jj, 3],
-                        )
-                        T.ptx[mma](
-                            o_acc[2 * jj + 1, 0], o_acc[2 * jj + 1, 1],
-                            o_acc[2 * jj + 1, 2], o_acc[2 * jj + 1, 3],
-                            p_frag[0], p_frag[1], p_frag[2], p_frag[3],
-                            b_frag[2], b_frag[3],
-                            o_acc[2 * jj + 1, 0], o_acc[2 * jj + 1, 1],
-                            o_acc[2 * jj + 1, 2], o_acc[2 * jj + 1, 3],
-                        )
+                if (not causal) or c0 < w0 + warp_rows:
+                    # O += P V: P's A fragments are S's accumulators packed to 16 bits.
+                    for kk in T.unroll(pk):
+                        for a in T.unroll(atoms):
+                            for x in T.unroll(4):  # (c1, c0) and (c3, c2) of n-tiles 2kk, 2kk + 1
+                                T.ptx[pack](
+                                    p_frag[a, x],
+                                    s_acc[a, 2 * kk + x // 2, (x % 2) * 2 + 1],
+                                    s_acc[a, 2 * kk + x // 2, (x % 2) * 2],
+                                )
+                        for jj in T.unroll(on // 2):
+                            T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
+                                b_frag[0], b_frag[1], b_frag[2], b_frag[3],
+                                v_smem.ptr_to(
+                                    [kk * 16 + lane % 8 + ((lane // 8) % 2) * 8,
+                                     ((jj * 2 + lane // 16)
+                                      ^ ((kk * 16 + lane % 8 + ((lane // 8) % 2) * 8) % swz)) * 8]
+                                ),
+                            )
+                            for a in T.unroll(atoms):
+                                for half in T.unroll(2):
+                                    T.ptx[mma](
+                                        o_acc[a, 2 * jj + half, 0], o_acc[a, 2 * jj + half, 1],
+                                        o_acc[a, 2 * jj + half, 2], o_acc[a, 2 * jj + half, 3],
+                                        p_frag[a, 0], p_frag[a, 1], p_frag[a, 2], p_frag[a, 3],
+                                        b_frag[2 * half], b_frag[2 * half + 1],
+                                        o_acc[a, 2 * jj + half, 0], o_acc[a, 2 * jj + half, 1],
+                                        o_acc[a, 2 * jj + half, 2], o_acc[a, 2 * jj + half, 3],
+                                    )
 
             # Normalize and store the real rows of this warp.
-            for i in T.unroll(2):
-                l_i[i] = T.cuda.warp_sum(l_i[i], 4)
-                rr = r0 + warp * 16 + g + i * 8
-                if rr < n:
-                    for j in T.unroll(on):
-                        for c in T.unroll(2):
-                            out[b, q_off + rr, h, j * 8 + t4 * 2 + c] = T.Cast(
-                                dtype, o_acc[j, 2 * i + c] / l_i[i]
-                            )
+            for a in T.unroll(atoms):
+                for i in T.unroll(2):
+                    l_i[a, i] = T.cuda.warp_sum(l_i[a, i], 4)
+                    rr = w0 + a * 16 + g + i * 8
+                    if rr < n:
+                        for j in T.unroll(on):
+                            for c in T.unroll(2):
+                                out[b, q_off + rr, h, j * 8 + t4 * 2 + c] = T.Cast(
+                                    dtype, o_acc[a, j, 2 * i + c] / l_i[a, i]
+                                )
 
     return masked_prefill_tensor_core
