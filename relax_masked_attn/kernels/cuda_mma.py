@@ -2,16 +2,21 @@
 
 FlashAttention-2 structure in TVMScript with explicit threads and ``T.ptx``:
 
-* a block of 4 warps owns 64 real query rows of one (batch row, query head); each warp owns 16
-  rows, held as ``mma.sync.m16n8k16`` A fragments loaded once with ``ldmatrix``;
-* key/value tiles of 64 rows are copied global -> shared with ``cp.async`` (16 bytes a thread,
-  zero-filled outside the real block), in XOR-swizzled rows so ``ldmatrix`` is conflict-free;
+* a block of ``warps`` warps owns ``warps * atoms * 16`` real query rows of one (batch row,
+  query head); each warp owns ``atoms`` m16 tiles of them (``mma.sync.m16n8k16`` A fragments
+  loaded with ``ldmatrix``, kept in registers or re-read from shared memory every k-step), so
+  each K/V fragment it loads feeds ``atoms`` products (tiles per head_dim:
+  :func:`~relax_masked_attn.kernels.config.tensor_core_tiles`);
+* key/value tiles are copied global -> shared with ``cp.async`` (16 bytes a thread, zero-filled
+  outside the real block), in XOR-swizzled rows so ``ldmatrix`` is conflict-free;
 * S = Q K^T and O += P V run on the tensor cores with fp32 accumulation; the online softmax
   stays in registers (a row is spread over the 4 lanes of a quad);
-* tiles are laid out relative to the real block of each row: only the ``ceil(kv_end / 64)``
-  key tiles that hold real, visible keys are loaded (``kv_end`` = L, or the tile's last row + 1
-  when causal); query tiles past L do no attention. The padding rows of the output are zeroed
-  by the same grid (tile ``t`` zeroes padding rows ``[64 t, 64 t + 64)``).
+* tiles are laid out relative to the real block of each row: only the key tiles that hold real,
+  visible keys are loaded (up to ``kv_end`` = L, or the query tile's last row + 1 when causal),
+  and a causal warp skips the products of key tiles wholly right of its own rows; query tiles
+  past L do no attention. The padding rows of the output are zeroed by the same grid (tile
+  ``t`` zeroes padding rows ``[rows t, rows (t + 1))``); the tiles with the most key tiles are
+  launched first.
 
 Fragment layouts and the ``T.ptx`` spelling follow ``shared/GPU-KERNEL-NOTES.md``.
 """
