@@ -207,6 +207,24 @@ def test_profile_splits_the_time(tiny_bert):
         ours.profile(ids, mask, by="op")
 
 
+@pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
+def test_bfloat16_models_match_transformers(which, side, request):
+    """bf16 weights and activations (BERT's layer norms run in float32: TVM's layer_norm has no
+    bf16), on CPU, against transformers in float32: cosine >= 0.999 at every real position."""
+    path, hf = request.getfixturevalue(which)
+    ours = EmbeddingModel.from_pretrained(path, dtype="bfloat16", use_cache=False)
+    rng = np.random.default_rng(3)
+    lengths = [13, 1, 6]
+    ids = rng.integers(1, 120, (3, 13)).astype("int64")
+    mask = masks(lengths, 13, side)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    ref = ref.last_hidden_state.numpy()
+    hidden = ours.hidden_states(ids, mask)
+    real = mask == 1
+    assert cosine(hidden[real], ref[real]).min() >= 0.999
+
+
 # --- checkpoints that must be refused clearly ----------------------------------------------------
 
 
@@ -248,10 +266,11 @@ def test_missing_weights(tiny_bert, tmp_path):
 # --- CUDA: code generation on any machine, numerics on a GPU -------------------------------------
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("which", ["tiny_bert", "tiny_qwen3"])
-def test_models_compile_for_cuda_fp16(which, request):
-    """Through our pipeline, fp16 models compile for CUDA with our tensor-core attention in them
-    (the default pipeline would crash in dlight's tensorize)."""
+def test_models_compile_for_cuda(which, dtype, request):
+    """Through our pipeline, fp16 and bf16 models compile for CUDA with our tensor-core attention
+    and dense kernels in them (the default pipeline would crash in dlight's tensorize)."""
     import tvm
     from tvm import relax
 
@@ -259,11 +278,13 @@ def test_models_compile_for_cuda_fp16(which, request):
     from relax_masked_attn.models import read_spec
 
     path, _ = request.getfixturevalue(which)
-    mod, _ = export(read_spec(path), "float16")
+    mod, _ = export(read_spec(path), dtype)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     src = ex.mod.imports[0].imports[0].inspect_source()
-    assert "zz_masked_prefill" in src and "mma.sync.aligned.m16n8k16" in src
+    ab = "f16" if dtype == "float16" else "bf16"
+    assert "zz_masked_prefill" in src and f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}" in src
+    assert "zz_dense_" in src  # the 128-wide MLP projections of the tiny models
 
 
 @pytest.mark.gpu

@@ -40,12 +40,24 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that computes in float32 for bfloat16 models (TVM 0.27's layer_norm
+    takes float32 and float16 only); parameter names stay ``weight`` and ``bias``."""
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        if x.dtype != "bfloat16":
+            return super().forward(x)
+        weight, bias = (op.astype(p, "float32") for p in (self.weight, self.bias))
+        out = op.layer_norm(op.astype(x, "float32"), self.normalized_shape, weight, bias, self.eps)
+        return op.astype(out, x.dtype)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: nn.Tensor, positions: nn.Tensor) -> nn.Tensor:
         """Packed ``[t]`` token ids and positions -> ``[t, hidden]``."""
@@ -71,7 +83,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     def __init__(self, cfg: BertConfig, in_features: int):
         self.dense = nn.Linear(in_features, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
         return self.LayerNorm(self.dense(x) + residual)
