@@ -8,16 +8,14 @@ key tile and over ``head_dim``), accumulation is float32 whatever the input dtyp
 
 from __future__ import annotations
 
-import math
 
 from tvm import tirx
 from tvm.script import tirx as T
 
 from ..modes import is_causal, is_left_padded
+from .common import LOG2E, NEG_INF, attention_func
 from .config import cpu_tiles
 
-LOG2E = math.log2(math.e)
-NEG_INF = -1.0e30  # finite "minus infinity": exp2 of it minus a real max is exactly 0
 
 # 2**f on [-0.5, 0.5], Cephes exp2f's minimax polynomial (relative error about 1e-7).
 _EXP2_POLY = (
@@ -59,23 +57,8 @@ def cpu_kernel(
     # TVM 0.27's LLVM lowering of bfloat16 cannot store bf16 vectors; store those lane by lane.
     store_loop = T.serial if dtype == "bfloat16" else T.vectorized
 
-    @T.prim_func
-    def masked_prefill_cpu(
-        q_handle: T.handle,
-        k_handle: T.handle,
-        v_handle: T.handle,
-        valid_len_handle: T.handle,
-        out_handle: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True})
-        batch = T.int64()
-        seq_q = T.int64()
-        seq_kv = T.int64()
-        q = T.match_buffer(q_handle, (batch, seq_q, heads_q, d), dtype)
-        k = T.match_buffer(k_handle, (batch, seq_kv, heads_kv, d), dtype)
-        v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
-        valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
-        out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
+    @T.macro
+    def body(q, k, v, valid_len, out, batch, seq_q, seq_kv):
 
         for bh in T.parallel(batch * heads_q):
             q_tile = T.alloc_buffer((tq, d), "float32", scope="local")
@@ -164,4 +147,6 @@ def cpu_kernel(
                     for j in store_loop(d):
                         out[b, q_off + r0 + i, h, j] = T.Cast(dtype, acc[i, j] / row_sum[i])
 
-    return masked_prefill_cpu
+    return attention_func(
+        heads_q, heads_kv, head_dim, dtype, body, index_dtype="int64", scheduled=False
+    )

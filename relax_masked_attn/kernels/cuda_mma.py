@@ -29,7 +29,7 @@ from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
 from .config import tensor_core_tiles
-from .cpu import LOG2E, NEG_INF
+from .common import LOG2E, NEG_INF, attention_func
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -101,23 +101,8 @@ def tensor_core_kernel(
                 ),
             )
 
-    @T.prim_func
-    def masked_prefill_tensor_core(
-        q_handle: T.handle,
-        k_handle: T.handle,
-        v_handle: T.handle,
-        valid_len_handle: T.handle,
-        out_handle: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        batch = T.int32()
-        seq_q = T.int32()
-        seq_kv = T.int32()
-        q = T.match_buffer(q_handle, (batch, seq_q, heads_q, d), dtype)
-        k = T.match_buffer(k_handle, (batch, seq_kv, heads_kv, d), dtype)
-        v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
-        valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
-        out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
+    @T.macro
+    def body(q, k, v, valid_len, out, batch, seq_q, seq_kv):
 
         bh = T.launch_thread("blockIdx.x", batch * heads_q)
         qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
@@ -316,4 +301,4 @@ def tensor_core_kernel(
                                     dtype, o_acc[a, j, 2 * i + c] / l_i[a, i]
                                 )
 
-    return masked_prefill_tensor_core
+    return attention_func(heads_q, heads_kv, head_dim, dtype, body)

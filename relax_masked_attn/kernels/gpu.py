@@ -14,7 +14,7 @@ from tvm.script import tirx as T
 
 from ..modes import is_causal, is_left_padded
 from .config import portable_gpu_tiles
-from .cpu import LOG2E, NEG_INF
+from .common import LOG2E, NEG_INF, attention_func
 
 
 def portable_gpu_kernel(
@@ -27,23 +27,8 @@ def portable_gpu_kernel(
     qk_scale = float(sm_scale * LOG2E)
     d = head_dim
 
-    @T.prim_func
-    def masked_prefill_gpu(
-        q_handle: T.handle,
-        k_handle: T.handle,
-        v_handle: T.handle,
-        valid_len_handle: T.handle,
-        out_handle: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        batch = T.int32()
-        seq_q = T.int32()
-        seq_kv = T.int32()
-        q = T.match_buffer(q_handle, (batch, seq_q, heads_q, d), dtype)
-        k = T.match_buffer(k_handle, (batch, seq_kv, heads_kv, d), dtype)
-        v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
-        valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
-        out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
+    @T.macro
+    def body(q, k, v, valid_len, out, batch, seq_q, seq_kv):
 
         bh = T.launch_thread("blockIdx.x", batch * heads_q)
         qt = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
@@ -120,4 +105,4 @@ def portable_gpu_kernel(
                 for j in T.serial(d):
                     out[b, row, h, j] = T.Cast(dtype, T.float32(0))
 
-    return masked_prefill_gpu
+    return attention_func(heads_q, heads_kv, head_dim, dtype, body)

@@ -1,0 +1,49 @@
+"""What every attention kernel shares: the log2-domain constants and the PrimFunc signature."""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+LOG2E = math.log2(math.e)
+NEG_INF = -1.0e30  # finite "minus infinity": exp2 of it minus a real max is exactly 0
+
+
+def attention_func(
+    heads_q: int, heads_kv: int, head_dim: int, dtype: str, body, index_dtype: str = "int32",
+    scheduled: bool = True,
+) -> tirx.PrimFunc:
+    """The op's PrimFunc ``(q, k, v, valid_len, out)`` around a kernel body.
+
+    ``body`` is a ``T.macro`` called as ``body(q, k, v, valid_len, out, batch, seq_q, seq_kv)``
+    with q ``[batch, seq_q, heads_q, head_dim]``, k/v ``[batch, seq_kv, heads_kv, head_dim]``,
+    valid_len ``[batch]`` int32 and out shaped like q; batch and lengths are symbolic variables
+    of ``index_dtype``. ``scheduled`` marks the function ``tirx.is_scheduled`` (GPU kernels with
+    explicit threads; dlight leaves them alone).
+    """
+    attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
+    index_var = getattr(T, index_dtype)
+    d = head_dim
+
+    @T.prim_func
+    def masked_prefill(
+        q_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        valid_len_handle: T.handle,
+        out_handle: T.handle,
+    ):
+        T.func_attr(attrs)
+        batch = index_var()
+        seq_q = index_var()
+        seq_kv = index_var()
+        q = T.match_buffer(q_handle, (batch, seq_q, heads_q, d), dtype)
+        k = T.match_buffer(k_handle, (batch, seq_kv, heads_kv, d), dtype)
+        v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
+        valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
+        out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
+        body(q, k, v, valid_len, out, batch, seq_q, seq_kv)
+
+    return masked_prefill
