@@ -152,7 +152,9 @@ def compile_cmd(args: argparse.Namespace) -> int:
     log = lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)
     lib, _ = compile_model(spec, target, dtype, use_cache=False, log=log)
     lib.export_library(args.output)
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}: functions forward / hidden_states(input_ids, attention_mask, "
+          f"token_index, *weights), {spec.padding_side}-padded int32 ids; build the first three "
+          "with relax_masked_attn.embedding.model_inputs")
     return 0
 
 
