@@ -103,6 +103,9 @@ class _DenseDispatcher(PyExprMutator):
             return None
         if w_ty.dtype.dtype != x_ty.dtype.dtype or int(last) != int(k):
             return None
+        out_dtype = call.attrs.out_dtype
+        if out_dtype is not None and str(out_dtype) not in ("", "void", x_ty.dtype.dtype):
+            return None  # accumulates into another dtype: not what our kernels write
         return x, w, int(n), int(k), x_ty.dtype.dtype, list(x_ty.shape.values[:-1])
 
     def _emit(self, x2, w, bias, lead, n, k, dtype):

@@ -119,6 +119,20 @@ def test_cuda_unsupported_shapes_stay_with_tvm():
     assert kernels_of(dispatched(linear_module(100, 64, "float16"), SM90)) == []
 
 
+@pytest.mark.parametrize("target", [SM90, "llvm"])
+def test_a_matmul_into_another_dtype_stays_with_tvm(target):
+    """matmul(x, w.T, out_dtype=float32) on fp16 inputs: our kernels write the input dtype."""
+    dtype = "float16" if target is SM90 else "float32"
+    x = relax.Var("x", relax.TensorType((tirx.Var("m", "int64"), 128), dtype))
+    w = relax.Var("w", relax.TensorType((256, 128), dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        wt = bb.emit(relax.op.permute_dims(w))
+        other = "float32" if dtype == "float16" else "float16"
+        bb.emit_func_output(bb.emit(relax.op.matmul(x, wt, out_dtype=other)))
+    assert kernels_of(dispatched(bb.get(), target)) == []
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_cuda_kernel_is_well_formed(bias):
     func = cuda_dense.dense_kernel(256, 192, "float16", bias)
