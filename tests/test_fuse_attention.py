@@ -59,15 +59,28 @@ CASES = [("bert", "eager", "right"), ("bert", "sdpa", "right"),
          ("qwen3", "eager", "left"), ("qwen3", "sdpa", "left")]
 
 
+@pytest.mark.parametrize("pipeline", [None, "relax_masked_attn"])
 @pytest.mark.parametrize("kind,impl,side", CASES)
-def test_fused_model_matches_pytorch(kind, impl, side):
+def test_fused_model_matches_pytorch(kind, impl, side, pipeline):
+    """Plain tvm.compile, and our pipeline (which also sends the imported linears, matmul with
+    permute_dims and a bias add, to our dense kernel)."""
     mod, wrapper = imported(kind, impl)
     fused, counts = fuse_masked_attention(mod, padding_side=side)
     assert counts == {"main": 2}  # both layers
     text = ops_in(fused["main"])
     assert "R.nn.softmax" not in text and text.count(rma.OP_NAME) == 2
     assert "R.index_tensor" not in text  # the mask chain is gone
-    vm = relax.VirtualMachine(tvm.compile(fused, target="llvm"), tvm.cpu())
+    if pipeline:
+        from relax_masked_attn.transform import dispatch_dense
+
+        with tvm.target.Target("llvm"):
+            dense = [gv.name_hint for gv in dispatch_dense(fused).get_global_vars()
+                     if gv.name_hint.startswith("zz_dense")]
+        assert dense, "the imported linears should reach our dense kernel"
+        ex = tvm.compile(fused, target="llvm", relax_pipeline=relax.get_pipeline(pipeline))
+    else:
+        ex = tvm.compile(fused, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
     rng = np.random.default_rng(0)
     for batch, seq in [(3, 11), (1, 5), (4, 16)]:
         lengths = rng.integers(1, seq + 1, batch)
