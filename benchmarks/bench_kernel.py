@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernel.py --device cpu     # ours vs torch SDPA (bool mask) vs NumPy
     python benchmarks/bench_kernel.py --device cuda    # ours vs TVM upstream vs torch SDPA
+    python benchmarks/bench_kernel.py --device cuda --sweep   # tensor-core tile layouts
 
 Lengths: full (every row = seq), mixed (uniform in [seq/8, seq]), short (uniform in [1, seq/4]).
 Every time is the median of several repeats of a timed loop, after a warm-up.
@@ -173,13 +174,64 @@ def bench_cuda(args) -> None:
                   f"{t_base/t_ours:8.1f}x {t_torch/t_ours:7.2f}x {tflops:8.1f}", flush=True)
 
 
+TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers); see kernels/config.py
+    (4, 1, 64, True),
+    (4, 2, 32, False),
+    (4, 2, 32, True),
+    (8, 1, 64, True),
+]
+
+
+def sweep_cuda(args) -> None:
+    """Full-length CUDA configs under each tensor-core tile layout of TC_SWEEP (raw kernels,
+    checked against the NumPy reference on a few rows first)."""
+    from relax_masked_attn.kernels import cuda_mma
+
+    dev = tvm.cuda(0)
+    target = tvm.target.Target.from_device(dev)
+    sync = torch.cuda.synchronize
+    print("tile sweep, full lengths, useful TFLOP/s:", "  ".join(map(str, TC_SWEEP)))
+    for batch, seq, hq, hkv, d, dtype, mode in CUDA_CONFIGS:
+        tdt = getattr(torch, dtype)
+        q, k, v = (torch.randn(batch, seq, h, d, device="cuda", dtype=tdt) for h in (hq, hkv, hkv))
+        out = torch.empty_like(q)
+        valid_len = draw_lengths("full", batch, seq, np.random.default_rng(0))
+        vl = torch.from_numpy(valid_len).cuda()
+        ref = numpy_reference(*(x[:1, :256].float().cpu().numpy() for x in (q, k, v)),
+                              np.minimum(valid_len[:1], 256), mode)
+        cells = []
+        small = [tvm.runtime.from_dlpack(x[:1, :256].contiguous()) for x in (q, k, v)]
+        small_len = tvm.runtime.from_dlpack(torch.clamp(vl[:1], max=256).int())
+        small_out = torch.empty_like(q[:1, :256])
+        for tiles in TC_SWEEP:
+            try:
+                func = cuda_mma.tensor_core_kernel(hq, hkv, d, dtype, mode, d**-0.5, tiles=tiles)
+                kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+                kernel(*small, small_len, tvm.runtime.from_dlpack(small_out))
+            except Exception as err:  # noqa: BLE001  (a layout that does not fit: say so)
+                cells.append(f"failed ({str(err).splitlines()[-1][:40]})")
+                continue
+            err = np.abs(small_out.float().cpu().numpy() - ref).max()
+            targs = [tvm.runtime.from_dlpack(x) for x in (q, k, v, vl, out)]
+            t = median_time(lambda: kernel(*targs), sync)
+            tflops = useful_flops(valid_len, hq, d, mode) / t / 1e12
+            cells.append(f"{tflops:6.1f}{'' if err < 5e-2 else ' WRONG'}")
+        cfg = f"({batch}, {seq}, {hq}/{hkv}, {d}, {dtype}, {mode})"
+        print(f"{cfg:50}", "  ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--skip-upstream", action="store_true", help="CUDA: skip the slow baseline")
     parser.add_argument("--max-seq", type=int, default=0, help="CUDA: skip configs longer than this")
+    parser.add_argument("--sweep", action="store_true",
+                        help="CUDA: time the tensor-core tile layouts of TC_SWEEP instead")
     args = parser.parse_args()
-    bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
+    if args.device == "cuda":
+        sweep_cuda(args) if args.sweep else bench_cuda(args)
+    else:
+        bench_cpu(args)
 
 
 if __name__ == "__main__":
