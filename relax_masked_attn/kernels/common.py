@@ -1,4 +1,4 @@
-"""What every attention kernel shares: the log2-domain constants and the PrimFunc signature."""
+"""What the kernels share: log2-domain constants, the attention signature, the CUDA arch."""
 
 from __future__ import annotations
 
@@ -6,9 +6,19 @@ import math
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.target import Target
 
 LOG2E = math.log2(math.e)
 NEG_INF = -1.0e30  # finite "minus infinity": exp2 of it minus a real max is exactly 0
+
+
+def compute_capability(target: Target) -> int:
+    """``80`` for a CUDA target with ``arch`` ``sm_80`` (``90`` for ``sm_90a``); 0 when the target
+    names no ``sm_`` arch (then the tensor-core kernels stay out)."""
+    arch = str(target.attrs["arch"]) if "arch" in target.attrs else ""
+    if not arch.startswith("sm_"):
+        return 0
+    return int("".join(ch for ch in arch[3:] if ch.isdigit()))
 
 
 def attention_func(

@@ -26,15 +26,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from .common import compute_capability
 from .config import tensor_core_dense_tiles
-
-
-def compute_capability(target: Target) -> int:
-    """``80`` for ``sm_80`` etc.; 0 when the target names no ``arch``."""
-    arch = str(target.attrs["arch"]) if "arch" in target.attrs else ""
-    if not arch.startswith("sm_"):
-        return 0
-    return int("".join(ch for ch in arch[3:] if ch.isdigit()))
 
 
 def supports(target: Target, n: int, k: int, dtype: str) -> bool:
@@ -145,7 +138,8 @@ def dense_kernel(n: int, k: int, dtype: str, bias: bool = False, tiles=None) -> 
                     T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
                         b_frag[jj, 0], b_frag[jj, 1], b_frag[jj, 2], b_frag[jj, 3],
                         smem.ptr_to(
-                            [slot, b_base + line(wn * warp_n + jj * 16 + lane % 8 + (lane // 16) * 8),
+                            [slot,
+                             b_base + line(wn * warp_n + jj * 16 + lane % 8 + (lane // 16) * 8),
                              chunk(wn * warp_n + jj * 16 + lane % 8 + (lane // 16) * 8,
                                    kk * 2 + (lane // 8) % 2) * 8]
                         ),

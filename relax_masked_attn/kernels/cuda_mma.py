@@ -29,7 +29,7 @@ from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
 from .config import tensor_core_tiles
-from .common import LOG2E, NEG_INF, attention_func
+from .common import LOG2E, NEG_INF, attention_func, compute_capability
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -40,10 +40,7 @@ def supports(target: Target, head_dim: int, dtype: str) -> bool:
         return False
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return False
-    arch = str(target.attrs.get("arch", "")) if "arch" in target.attrs else ""
-    if not arch.startswith("sm_"):
-        return False  # unknown compute capability: stay portable
-    return int("".join(ch for ch in arch[3:] if ch.isdigit())) >= 80
+    return compute_capability(target) >= 80  # unknown (0): stay portable
 
 
 def tensor_core_kernel(
