@@ -113,7 +113,8 @@ class _DenseDispatcher(PyExprMutator):
         if func is None:
             return None
         name = f"zz_dense{'_bias' if bias is not None else ''}_n{n}_k{k}_{dtype}"
-        gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+        gv = self.builder_.add_func(func, name)
         self.kernel_names.add(name)
         rows = x2.ty.shape.values[0]
         args = [x2, w] if bias is None else [x2, w, bias]
@@ -217,8 +218,10 @@ PIPELINE_NAME = "relax_masked_attn"
 
 
 def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """The target's default build passes, with our legalization first and, before every dlight
-    scheduling pass, :func:`disable_dlight_tensorize`."""
+    """The target's default build passes, with our legalization and :func:`dispatch_dense` first;
+    on GPUs :func:`disable_dlight_tensorize` before every dlight scheduling pass; on CPUs
+    :func:`vectorizable_gelu` and, after ``FuseTIR``, the CPU schedules of
+    :mod:`relax_masked_attn.cpu_schedule`."""
     import importlib
 
     kind = target.kind.name
@@ -234,6 +237,10 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         if p.info.name == "ApplyDefaultSchedule":
             passes.append(disable_dlight_tensorize)
         passes.append(p)
+        if kind == "llvm" and p.info.name == "FuseTIR":
+            from .cpu_schedule import cpu_default_schedule
+
+            passes.append(cpu_default_schedule())
     return passes + [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
 
 

@@ -1,0 +1,55 @@
+"""CPU schedules for the ops TVM legalizes itself (elementwise chains, norms, gathers).
+
+apache-tvm 0.27's CPU pipeline schedules nothing: every legalized op runs as one thread of plain
+loops. Our pipeline runs, after ``FuseTIR`` on ``llvm`` targets, dlight's CPU ``Reduction`` rule
+(layer norm, RMS norm, softmax: parallel rows, vectorized injective parts) and
+:class:`CPUInjective` below. On all-MiniLM-L6-v2 (2-core Zen 5) they took the fused gelu chain
+from 41.9 to 9.9 ms, layer norms from 25.8 to 13.8 ms and the packing gathers from 17.7 to 9.3 ms
+a batch of 32 texts: 7845 -> 9359 tokens/s.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+
+VECTOR = 16  # float32 lanes of one AVX-512 register
+CHUNK = 4096  # elements a parallel task takes when the loop nest is flattened
+
+
+class CPUInjective(ScheduleRule):
+    """Functions of injective blocks only (elementwise chains, broadcasts, gathers): inline into
+    the last block, run its outer loops in parallel and vectorize the innermost when its static
+    extent is a multiple of 8; a nest without one is flattened and split into parallel chunks."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not all(info.is_injective() for info in infos):
+            return None
+        infos = try_inline(sch, infos)
+        if len(infos) != 1:
+            return None
+        loops = sch.get_loops(infos[0].block_rv)
+        if not loops:
+            return None
+        extent = sch.get(loops[-1]).extent
+        if len(loops) >= 2 and isinstance(extent, tirx.IntImm) and extent.value % 8 == 0:
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+            lanes = VECTOR if extent.value % VECTOR == 0 else 8
+            sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+        else:
+            flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            sch.parallel(sch.split(flat, [None, CHUNK])[0])
+        return sch
+
+
+def cpu_default_schedule() -> tvm.transform.Pass:
+    """dlight's ``ApplyDefaultSchedule`` with the CPU rules above; functions marked
+    ``tirx.is_scheduled`` (our kernels) are left alone."""
+    return dlight.ApplyDefaultSchedule(dlight.cpu.Reduction(), CPUInjective())
