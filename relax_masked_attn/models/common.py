@@ -53,7 +53,6 @@ class PackedBatch:
         self.batch, self.seq = attention_mask.shape
         self.token_index = token_index
         self.valid_len = rma_nn.valid_len_from_attention_mask(attention_mask)
-        self.mask = attention_mask
         length = op.unsqueeze(self.valid_len, -1)  # (b, 1)
         row_start = op.cumsum(self.valid_len, axis=0, exclusive=True)  # (b,)
         if side == "left":  # column - (s - L)
@@ -86,9 +85,9 @@ class PackedBatch:
         return self.to_packed(rma_nn.masked_sequence_prefill(q, k, v, self.valid_len, mode=mode))
 
 
-def rope(x: nn.Tensor, positions: nn.Tensor, theta: float, name: str = "rope") -> nn.Tensor:
-    """Rotary position embedding, rotate-half layout: ``[t, h, d]`` at ``positions`` ``[t]``."""
-    _, _, dim = x.shape
+def rope_tables(positions: nn.Tensor, theta: float, dim: int, dtype: str):
+    """``(cos, sin)``, each ``[t, 1, dim]`` in ``dtype``: rotary angles ``pos * theta^(-2i/dim)``
+    of every token, rotate-half layout. Computed once a forward, shared by every layer."""
     half = dim // 2
     inv_freq = op.exp(
         op.multiply(
@@ -99,8 +98,14 @@ def rope(x: nn.Tensor, positions: nn.Tensor, theta: float, name: str = "rope") -
     pos = op.astype(positions, "float32")  # (t,)
     freqs = op.multiply(op.unsqueeze(pos, -1), op.unsqueeze(inv_freq, 0))  # (t, d/2)
     angles = op.concat([freqs, freqs], dim=-1)  # (t, d)
-    cos = op.unsqueeze(op.astype(_unary(relax.op.cos, angles, "rope_cos"), x.dtype), 1)
-    sin = op.unsqueeze(op.astype(_unary(relax.op.sin, angles, "rope_sin"), x.dtype), 1)
+    cos = op.unsqueeze(op.astype(_unary(relax.op.cos, angles, "rope_cos"), dtype), 1)
+    sin = op.unsqueeze(op.astype(_unary(relax.op.sin, angles, "rope_sin"), dtype), 1)
+    return cos, sin
+
+
+def rope(x: nn.Tensor, tables, name: str = "rope") -> nn.Tensor:
+    """Rotary position embedding of ``[t, h, d]`` with :func:`rope_tables`' ``(cos, sin)``."""
+    cos, sin = tables
     x1, x2 = op.split(x, 2, axis=-1)
     rotated = op.concat([op.negative(x2), x1], dim=-1)
     return op.add(op.multiply(x, cos), op.multiply(rotated, sin), name=name)

@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from .common import PackedBatch, l2_normalize, rope
+from .common import PackedBatch, l2_normalize, rope, rope_tables
 
 
 @dataclasses.dataclass
@@ -55,15 +55,14 @@ class Qwen3Attention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, axes=-1, epsilon=cfg.rms_norm_eps, bias=False)
         self.k_norm = nn.RMSNorm(hd, axes=-1, epsilon=cfg.rms_norm_eps, bias=False)
 
-    def forward(self, x: nn.Tensor, batch: PackedBatch, positions: nn.Tensor) -> nn.Tensor:
+    def forward(self, x: nn.Tensor, batch: PackedBatch, rope_cos_sin) -> nn.Tensor:
         cfg = self.cfg
         t = x.shape[0]
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q = self.q_norm(op.reshape(self.q_proj(x), (t, hq, hd)))
         k = self.k_norm(op.reshape(self.k_proj(x), (t, hkv, hd)))
         v = op.reshape(self.v_proj(x), (t, hkv, hd))
-        q = rope(q, positions, cfg.rope_theta, "rope_q")
-        k = rope(k, positions, cfg.rope_theta, "rope_k")
+        q, k = rope(q, rope_cos_sin, "rope_q"), rope(k, rope_cos_sin, "rope_k")
         out = batch.attention(q, k, v, mode="causal_padded_left")
         return self.o_proj(op.reshape(out, (t, hq * hd)))
 
@@ -88,8 +87,8 @@ class Qwen3DecoderLayer(nn.Module):
             cfg.hidden_size, axes=-1, epsilon=eps, bias=False
         )
 
-    def forward(self, x: nn.Tensor, batch: PackedBatch, positions: nn.Tensor) -> nn.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, positions)
+    def forward(self, x: nn.Tensor, batch: PackedBatch, rope_cos_sin) -> nn.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, rope_cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,10 +113,11 @@ class Qwen3Embedder(nn.Module):
     def hidden_states(self, input_ids: nn.Tensor, attention_mask: nn.Tensor,
                       token_index: nn.Tensor) -> nn.Tensor:
         batch = PackedBatch(attention_mask, token_index, self.padding_side)
-        positions = batch.positions()
+        cfg = self.config
         x = self.embed_tokens(batch.to_packed(input_ids))
+        tables = rope_tables(batch.positions(), cfg.rope_theta, cfg.head_dim, x.dtype)
         for layer in self.layers:
-            x = layer(x, batch, positions)
+            x = layer(x, batch, tables)
         return batch.to_padded(self.norm(x))
 
     def forward(self, input_ids: nn.Tensor, attention_mask: nn.Tensor,
