@@ -11,7 +11,7 @@ import dataclasses
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from .common import PackedBatch, l2_normalize, mean_pool
+from .common import Embedding, PackedBatch, l2_normalize, mean_pool
 
 
 @dataclasses.dataclass
@@ -54,9 +54,9 @@ class LayerNorm(nn.LayerNorm):
 
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: nn.Tensor, positions: nn.Tensor) -> nn.Tensor:

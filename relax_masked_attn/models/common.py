@@ -35,6 +35,14 @@ def _gather(x: nn.Tensor, index: nn.Tensor) -> nn.Tensor:
     return op.wrap_nested(relax.op.take(x._expr, index._expr, axis=0, mode="clip"), "gather")
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` of 1-D ids whose lookup clamps out-of-range ids (``EmbeddingModel``
+    refuses them before; a hand-called compiled library cannot read out of bounds)."""
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        return _gather(self.weight, ids)
+
+
 class PackedBatch:
     """The real tokens of a padded ``[b, s]`` batch, packed row by row into ``[t]``.
 

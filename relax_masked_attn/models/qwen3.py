@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from .common import PackedBatch, l2_normalize, rope, rope_tables
+from .common import Embedding, PackedBatch, l2_normalize, rope, rope_tables
 
 
 @dataclasses.dataclass
@@ -106,7 +106,7 @@ class Qwen3Embedder(nn.Module):
 
     def __init__(self, cfg: Qwen3Config, normalize: bool = True):
         self.config, self.normalize = cfg, normalize
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, axes=-1, epsilon=cfg.rms_norm_eps, bias=False)
 
