@@ -14,18 +14,13 @@ import numpy as np
 
 
 def _target(name: str):
-    import tvm
+    """``embedding.resolve_target``, with its errors (no GPU, unknown target) as clean exits."""
+    from .embedding import resolve_target
 
-    from .legalize import host_cpu_target
-
-    if name == "llvm":
-        return host_cpu_target(), tvm.cpu()
-    if name == "cuda":
-        dev = tvm.cuda(0)
-        if not dev.exist:
-            raise SystemExit("relax-masked-attn: --target cuda, but no CUDA device is visible")
-        return tvm.target.Target.from_device(dev), dev
-    raise SystemExit(f"relax-masked-attn: unknown --target {name!r} (llvm or cuda)")
+    try:
+        return resolve_target(name)
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"relax-masked-attn: --target {name!r}: {err}") from None
 
 
 def check_op(args: argparse.Namespace) -> int:
@@ -37,7 +32,7 @@ def check_op(args: argparse.Namespace) -> int:
     from .op import standalone_module
 
     target, dev = _target(args.target)
-    dtype = "float32" if args.target == "llvm" else "float16"
+    dtype = "float32" if target.kind.name == "llvm" else "float16"
     batch, seq, heads_q, heads_kv, head_dim = 8, 256, 8, 2, 64
     print(f"target: {target}")
     print(f"block: batch {batch}, seq {seq}, heads {heads_q}/{heads_kv}, head_dim {head_dim}, "
@@ -95,10 +90,10 @@ def _load(args: argparse.Namespace):
     from .embedding import EmbeddingModel
     from .models import CheckpointError
 
+    target, _ = _target(args.target)
     try:
         return EmbeddingModel.from_pretrained(
-            args.model or default_model_path(), target=args.target, dtype=args.dtype,
-            progress=True,
+            args.model or default_model_path(), target=target, dtype=args.dtype, progress=True,
         )
     except (CheckpointError, RuntimeError) as err:
         raise SystemExit(f"relax-masked-attn: {err}") from None
@@ -140,14 +135,14 @@ def similarity(args: argparse.Namespace) -> int:
 
 
 def compile_cmd(args: argparse.Namespace) -> int:
-    from .embedding import compile_model, resolve_target
+    from .embedding import compile_model
     from .models import CheckpointError, read_spec
 
     try:
         spec = read_spec(args.model)
     except CheckpointError as err:
         raise SystemExit(f"relax-masked-attn: {err}") from None
-    target, _ = resolve_target(args.target)
+    target, _ = _target(args.target)
     dtype = args.dtype or ("float32" if target.kind.name == "llvm" else "float16")
     log = lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)
     lib, _ = compile_model(spec, target, dtype, use_cache=False, log=log)

@@ -82,3 +82,9 @@ def test_bad_model_folder_is_a_clear_error(tmp_path):
 def test_similarity_needs_two_texts():
     with pytest.raises(SystemExit, match="at least two texts"):
         main(["similarity", "alone"])
+
+
+@pytest.mark.parametrize("command", [["check-op"], ["embed", "x"]])
+def test_unknown_target_is_a_clear_error(command):
+    with pytest.raises(SystemExit, match="--target 'nonsense'"):
+        main([*command, "--target", "nonsense"])
