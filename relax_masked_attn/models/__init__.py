@@ -11,6 +11,7 @@ from tvm.relax.frontend import nn
 from .bert import BertConfig, BertEmbedder
 from .qwen3 import Qwen3Config, Qwen3Embedder
 
+_MODULES = {"bert": BertEmbedder, "qwen3": Qwen3Embedder}
 SUPPORTED = {"bert": "BERT family (BERT, MiniLM, bge, e5)", "qwen3": "Qwen3 family (Qwen3, Qwen3-Embedding)"}
 
 
@@ -31,7 +32,7 @@ class ModelSpec:
 
     @property
     def padding_side(self) -> str:
-        return "left" if self.model_type == "qwen3" else "right"
+        return _MODULES[self.model_type].padding_side
 
     def create(self) -> nn.Module:
         if self.model_type == "bert":
