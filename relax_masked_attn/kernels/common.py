@@ -1,4 +1,4 @@
-"""What the kernels share: log2-domain constants, the attention signature, the CUDA arch."""
+"""What the kernels share: log2-domain constants, the PrimFunc signatures, the CUDA arch."""
 
 from __future__ import annotations
 
@@ -57,3 +57,44 @@ def attention_func(
         body(q, k, v, valid_len, out, batch, seq_q, seq_kv)
 
     return masked_prefill
+
+
+def dense_func(
+    n: int, k: int, dtype: str, body, bias: bool = False, index_dtype: str = "int32",
+    scheduled: bool = True,
+) -> tirx.PrimFunc:
+    """The dense PrimFunc ``(x [m, k], w [n, k], [bias [n],] out [m, n])`` around a kernel body.
+
+    ``body`` is a ``T.macro`` called as ``body(x, w, bias, out, m)`` (``bias`` None without
+    one); ``m`` is a symbolic variable of ``index_dtype``. ``scheduled`` as in
+    :func:`attention_func`.
+    """
+    attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
+    index_var = getattr(T, index_dtype)
+
+    if bias:
+
+        @T.prim_func
+        def dense_bias(
+            x_handle: T.handle, w_handle: T.handle, bias_handle: T.handle, out_handle: T.handle
+        ):
+            T.func_attr(attrs)
+            m = index_var()
+            x = T.match_buffer(x_handle, (m, k), dtype)
+            w = T.match_buffer(w_handle, (n, k), dtype)
+            bias_buf = T.match_buffer(bias_handle, (n,), dtype)
+            out = T.match_buffer(out_handle, (m, n), dtype)
+            body(x, w, bias_buf, out, m)
+
+        return dense_bias
+
+    @T.prim_func
+    def dense(x_handle: T.handle, w_handle: T.handle, out_handle: T.handle):
+        T.func_attr(attrs)
+        m = index_var()
+        x = T.match_buffer(x_handle, (m, k), dtype)
+        w = T.match_buffer(w_handle, (n, k), dtype)
+        out = T.match_buffer(out_handle, (m, n), dtype)
+        body(x, w, None, out, m)
+
+    return dense

@@ -12,6 +12,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .common import dense_func
 from .config import cpu_dense_tiles
 
 
@@ -30,13 +31,8 @@ def dense_kernel(n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
             total = total + acc[i, j, lane]
         return total
 
-    @T.prim_func
-    def dense(x_handle: T.handle, w_handle: T.handle, out_handle: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int64()
-        x = T.match_buffer(x_handle, (m, k), dtype)
-        w = T.match_buffer(w_handle, (n, k), dtype)
-        out = T.match_buffer(out_handle, (m, n), dtype)
+    @T.macro
+    def body(x, w, _bias, out, m):
         for mo in T.parallel((m + rows - 1) // rows):
             acc = T.alloc_buffer((rows, cols, lanes), "float32", scope="local")
             for no in T.serial(n // cols):
@@ -57,4 +53,4 @@ def dense_kernel(n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
                         if mo * rows + i < m:
                             out[mo * rows + i, no * cols + j] = lane_sum(acc, i, j)
 
-    return dense
+    return dense_func(n, k, dtype, body, index_dtype="int64")

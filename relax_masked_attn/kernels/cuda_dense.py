@@ -26,7 +26,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import compute_capability
+from .common import compute_capability, dense_func
 from .config import tensor_core_dense_tiles
 
 
@@ -167,29 +167,4 @@ def dense_kernel(n: int, k: int, dtype: str, bias: bool = False, tiles=None) -> 
                             else:
                                 out[row, col] = T.Cast(dtype, acc[i, j, h * 2 + c])
 
-    if bias:
-
-        @T.prim_func
-        def dense_bias_tensor_core(
-            x_handle: T.handle, w_handle: T.handle, bias_handle: T.handle, out_handle: T.handle
-        ):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            m = T.int32()
-            x = T.match_buffer(x_handle, (m, k), dtype)
-            w = T.match_buffer(w_handle, (n, k), dtype)
-            bias_buf = T.match_buffer(bias_handle, (n,), dtype)
-            out = T.match_buffer(out_handle, (m, n), dtype)
-            body(x, w, bias_buf, out, m)
-
-        return dense_bias_tensor_core
-
-    @T.prim_func
-    def dense_tensor_core(x_handle: T.handle, w_handle: T.handle, out_handle: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int32()
-        x = T.match_buffer(x_handle, (m, k), dtype)
-        w = T.match_buffer(w_handle, (n, k), dtype)
-        out = T.match_buffer(out_handle, (m, n), dtype)
-        body(x, w, None, out, m)
-
-    return dense_tensor_core
+    return dense_func(n, k, dtype, body, bias)
