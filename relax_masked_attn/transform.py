@@ -67,7 +67,9 @@ def disable_dlight_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, bias: bool):
     """Our dense kernel for ``x[m, k] @ w[n, k].T (+ bias)`` on ``target``, or None."""
     if target.kind.name == "llvm":
-        return None if bias or not cpu_dense.supports(n, k, dtype) else cpu_dense.dense_kernel(n, k, dtype)
+        if bias or not cpu_dense.supports(n, k, dtype):
+            return None
+        return cpu_dense.dense_kernel(n, k, dtype)
     if cuda_dense.supports(target, n, k, dtype):
         return cuda_dense.dense_kernel(n, k, dtype, bias)
     return None
@@ -82,7 +84,7 @@ class _DenseDispatcher(PyExprMutator):
         self.kernel_names = set()
 
     def _linear(self, call: relax.Call):
-        """(x, w, n, k, dtype, lead) when ``call`` is ``matmul(x, permute_dims(w))`` with a
+        """(x, w, lead shape, n, k, dtype) when ``call`` is ``matmul(x, permute_dims(w))`` with a
         static ``[n, k]`` ``w`` of x's dtype; else None."""
         if not is_call_of(call, "relax.matmul"):
             return None
@@ -106,7 +108,7 @@ class _DenseDispatcher(PyExprMutator):
         out_dtype = call.attrs.out_dtype
         if out_dtype is not None and str(out_dtype) not in ("", "void", x_ty.dtype.dtype):
             return None  # accumulates into another dtype: not what our kernels write
-        return x, w, int(n), int(k), x_ty.dtype.dtype, list(x_ty.shape.values[:-1])
+        return x, w, list(x_ty.shape.values[:-1]), int(n), int(k), x_ty.dtype.dtype
 
     def _emit(self, x2, w, bias, lead, n, k, dtype):
         func = _dense_kernel(self.target, n, k, dtype, bias is not None)
@@ -150,7 +152,7 @@ class _DenseDispatcher(PyExprMutator):
         linear = self._linear(call)
         if linear is None:
             return call
-        x, w, n, k, dtype, lead = linear
+        x, w, lead, n, k, dtype = linear
         rows = lead[0]
         for dim in lead[1:]:
             rows = rows * dim
