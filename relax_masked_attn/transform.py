@@ -223,7 +223,8 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """The target's default build passes, with our legalization and :func:`dispatch_dense` first;
     on GPUs :func:`disable_dlight_tensorize` before every dlight scheduling pass; on CPUs
     :func:`vectorizable_gelu` and, after ``FuseTIR``, the CPU schedules of
-    :mod:`relax_masked_attn.cpu_schedule`."""
+    :mod:`relax_masked_attn.cpu_schedule`; on GPUs the vector schedule of
+    :mod:`relax_masked_attn.gpu_schedule` before TVM's default one."""
     import importlib
 
     kind = target.kind.name
@@ -237,7 +238,9 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         passes.append(vectorizable_gelu)
     for p in rp.legalize_passes(target):
         if p.info.name == "ApplyDefaultSchedule":
-            passes.append(disable_dlight_tensorize)
+            from .gpu_schedule import gpu_default_schedule
+
+            passes += [gpu_default_schedule(), disable_dlight_tensorize]
         passes.append(p)
         if kind == "llvm" and p.info.name == "FuseTIR":
             from .cpu_schedule import cpu_default_schedule
