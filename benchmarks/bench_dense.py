@@ -1,9 +1,11 @@
-"""Dense benchmark (CUDA): our tensor-core nn.Linear kernel next to torch (cuBLAS), in one run.
+"""Dense benchmark (CUDA): our tensor-core nn.Linear kernels next to torch (cuBLAS), in one run.
 
     python benchmarks/bench_dense.py [--rows 8192]
 
-Shapes are the linears of BERT-base and Qwen3-0.6B; both sides compute ``x @ w.T (+ b)`` in fp16
-on the same device arrays. Prints TFLOP/s of each and the ratio ours / torch.
+Shapes are the linears of BERT-base and Qwen3-0.6B; all sides compute ``x @ w.T (+ b)`` in fp16
+on the same device arrays. On an sm_90 GPU both of our kernels are timed: ``mma.sync`` (what a
+plain ``sm_90`` target gets) and ``wgmma`` (``sm_90a``, what ``EmbeddingModel`` compiles for).
+Prints TFLOP/s of each and the ratio ours / torch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import tvm
 from tvm import relax
 
 from bench_kernel import median_time
+
+from relax_masked_attn.kernels import cuda_dense
+from relax_masked_attn.legalize import device_cuda_target
 
 SHAPES = [  # (n, k, bias, what)
     (768, 768, True, "BERT-base attention projections"),
@@ -58,24 +63,31 @@ SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
 ]
 
 
-def sweep(args, dev, target, tdtype) -> None:
-    """Time the raw kernel under each tile configuration of SWEEP (no bias)."""
-    from relax_masked_attn.kernels import cuda_dense
+WGMMA_SWEEP = [(128, 4), (128, 3), (256, 3), (256, 4)]  # (tile_n, stages), sm_90a only
 
-    print("tile sweep (ms, raw kernel):", "  ".join(str(t) for t in SWEEP))
+
+def sweep(args, dev, target, tdtype) -> None:
+    """Time the raw kernels under each tile configuration of SWEEP and WGMMA_SWEEP (no bias)."""
+    configs = [(cuda_dense.dense_kernel, tiles, target) for tiles in SWEEP]
+    if cuda_dense.has_wgmma(device_cuda_target()):
+        configs += [(cuda_dense.wgmma_dense_kernel, tiles, device_cuda_target())
+                    for tiles in WGMMA_SWEEP]
+    print("tile sweep (ms, raw kernel):", "  ".join(str(c[1]) for c in configs))
     for n, k, _, what in SHAPES:
         x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
         w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5
         out = torch.empty(args.rows, n, device="cuda", dtype=tdtype)
         ref = torch.nn.functional.linear(x, w)
         times = []
-        for tiles in SWEEP:
-            if n % tiles[1]:
+        for make, tiles, tgt in configs:
+            tile_n = tiles[1] if make is cuda_dense.dense_kernel else tiles[0]
+            if n % tile_n:
                 times.append("-")
                 continue
-            func = cuda_dense.dense_kernel(n, k, args.dtype, tiles=tiles)
-            kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+            func = make(n, k, args.dtype, tiles=tiles)
+            kernel = tvm.compile(tvm.IRModule({"main": func}), target=tgt)["main"]
             targs = [tvm.runtime.from_dlpack(t) for t in (x, w, out)]
+            out.zero_()
             kernel(*targs)
             assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), tiles
             times.append(f"{median_time(lambda: kernel(*targs), torch.cuda.synchronize) * 1e3:.3f}")
@@ -90,28 +102,35 @@ def main() -> None:
     args = parser.parse_args()
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)
+    targets = {"mma.sync": target}
+    if cuda_dense.has_wgmma(device_cuda_target()):
+        targets["wgmma"] = device_cuda_target()
     tdtype = getattr(torch, args.dtype)
-    print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows")
-    print(f"{'n':>5} {'k':>5} {'bias':>5} {'ours ms':>8} {'torch ms':>9} {'ours TF/s':>10} "
-          f"{'torch TF/s':>11} {'ratio':>6}  what")
+    print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows; TFLOP/s, ratio = "
+          "torch time / ours")
+    print(f"{'n':>5} {'k':>5} {'bias':>5} {'torch ms':>9} {'torch':>6}",
+          *(f"{name + ' ms':>12} {name:>9} {'ratio':>6}" for name in targets), " what")
     for n, k, bias, what in SHAPES:
-        ex = tvm.compile(linear_module(n, k, args.dtype, bias), target=target,
-                         relax_pipeline=relax.get_pipeline("relax_masked_attn"))
-        run = relax.VirtualMachine(ex, dev)["main"]
         x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
         w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5
         b = torch.randn(n, device="cuda", dtype=tdtype) if bias else None
         tvm_args = [tvm.runtime.from_dlpack(t) for t in (x, w, b) if t is not None]
-        out = torch.from_dlpack(run(*tvm_args))
         ref = torch.nn.functional.linear(x, w, b)
-        err = (out.float() - ref.float()).abs().max().item()
         sync = torch.cuda.synchronize
-        t_ours = median_time(lambda: run(*tvm_args), sync)
         t_torch = median_time(lambda: torch.nn.functional.linear(x, w, b), sync)
         flops = 2.0 * args.rows * n * k
-        print(f"{n:5} {k:5} {str(bias):>5} {t_ours * 1e3:8.3f} {t_torch * 1e3:9.3f} "
-              f"{flops / t_ours / 1e12:10.1f} {flops / t_torch / 1e12:11.1f} "
-              f"{t_torch / t_ours:5.2f}x  {what} (max err {err:.2g})", flush=True)
+        cells, errors = [], []
+        for tgt in targets.values():
+            ex = tvm.compile(linear_module(n, k, args.dtype, bias), target=tgt,
+                             relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+            run = relax.VirtualMachine(ex, dev)["main"]
+            out = torch.from_dlpack(run(*tvm_args))
+            errors.append((out.float() - ref.float()).abs().max().item())
+            t_ours = median_time(lambda: run(*tvm_args), sync)
+            cells.append(f"{t_ours * 1e3:12.3f} {flops / t_ours / 1e12:9.1f} "
+                         f"{t_torch / t_ours:5.2f}x")
+        print(f"{n:5} {k:5} {str(bias):>5} {t_torch * 1e3:9.3f} {flops / t_torch / 1e12:6.1f}",
+              *cells, f" {what} (max err {', '.join(f'{e:.2g}' for e in errors)})", flush=True)
     if args.sweep:
         sweep(args, dev, target, tdtype)
 

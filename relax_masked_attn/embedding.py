@@ -16,7 +16,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 
 from . import __version__
-from .legalize import host_cpu_target
+from .legalize import device_cuda_target, host_cpu_target
 from .models import CheckpointError, ModelSpec, read_spec
 from .weights import match_parameters, read_safetensors
 
@@ -39,7 +39,7 @@ def resolve_target(target: str | tvm.target.Target) -> tuple[tvm.target.Target, 
     elif target == "cuda":
         if not tvm.cuda(0).exist:
             raise RuntimeError("target 'cuda' was asked for, but no CUDA device is visible")
-        tgt = tvm.target.Target.from_device(tvm.cuda(0))
+        tgt = device_cuda_target()
     else:
         tgt = tvm.target.Target(target)
     dev = tvm.cpu() if tgt.kind.name == "llvm" else tvm.device(tgt.kind.name, 0)

@@ -107,3 +107,15 @@ def host_cpu_target() -> Target:
     from tvm.target import codegen
 
     return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+
+
+def device_cuda_target(device_id: int = 0) -> Target:
+    """The CUDA target of a visible GPU, as ``Target.from_device``, except that compute
+    capability 9.0 (H100, H200) gets arch ``sm_90a``: the Hopper-only instructions (``wgmma``)
+    that our dense kernel uses need the ``a`` arch, which ``from_device`` does not name."""
+    import tvm
+
+    target = Target.from_device(tvm.cuda(device_id))
+    if "arch" not in target.attrs or str(target.attrs["arch"]) != "sm_90":
+        return target
+    return Target({**dict(target.export()), "arch": "sm_90a"})

@@ -70,9 +70,11 @@ def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, bias: b
         if bias or not cpu_dense.supports(n, k, dtype):
             return None
         return cpu_dense.dense_kernel(n, k, dtype)
-    if cuda_dense.supports(target, n, k, dtype):
-        return cuda_dense.dense_kernel(n, k, dtype, bias)
-    return None
+    if not cuda_dense.supports(target, n, k, dtype):
+        return None
+    if cuda_dense.has_wgmma(target):
+        return cuda_dense.wgmma_dense_kernel(n, k, dtype, bias)
+    return cuda_dense.dense_kernel(n, k, dtype, bias)
 
 
 @mutator

@@ -11,6 +11,7 @@ from relax_masked_attn.transform import dispatch_dense
 from .conftest import cuda_available
 
 SM90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+SM90A = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
 
 
 def linear_module(n, k, dtype="float32", bias=False, rank=3):
@@ -115,6 +116,24 @@ def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
     assert "cp.async.cg.shared.global" in src
 
 
+@pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
+def test_sm90a_gets_the_wgmma_kernel(dtype, ab):
+    """Hopper's a-arch: both operands read by wgmma from swizzled shared memory; plain sm_90
+    keeps mma.sync (the test above)."""
+    ex = tvm.compile(linear_module(256, 128, dtype, bias=True), target=SM90A,
+                     relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+    src = ex.mod.imports[0].imports[0].inspect_source()
+    assert f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{ab}.{ab}" in src
+    assert "fence.proxy.async.shared::cta" in src and "wgmma.wait_group.sync.aligned" in src
+    assert "mma.sync.aligned.m16n8k16" not in src
+
+
+def test_only_sm90a_has_wgmma():
+    assert cuda_dense.has_wgmma(SM90A)
+    assert not cuda_dense.has_wgmma(SM90)
+    assert not cuda_dense.has_wgmma(tvm.target.Target({"kind": "cuda", "arch": "sm_100a"}))
+
+
 def test_cuda_unsupported_shapes_stay_with_tvm():
     assert kernels_of(dispatched(linear_module(100, 64, "float16"), SM90)) == []
 
@@ -133,30 +152,38 @@ def test_a_matmul_into_another_dtype_stays_with_tvm(target):
     assert kernels_of(dispatched(bb.get(), target)) == []
 
 
+@pytest.mark.parametrize("make", [cuda_dense.dense_kernel, cuda_dense.wgmma_dense_kernel])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cuda_kernel_is_well_formed(bias):
-    func = cuda_dense.dense_kernel(256, 192, "float16", bias)
-    assert tvm.tirx.analysis.verify_well_formed(func)
+def test_cuda_kernel_is_well_formed(make, bias):
+    assert tvm.tirx.analysis.verify_well_formed(make(256, 192, "float16", bias))
 
 
 # --- CUDA on a real GPU ---------------------------------------------------------------------
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("n,k", [(128, 64), (768, 768), (384, 1536)])
-def test_cuda_dense_matches_numpy(n, k, bias, dtype):
-    """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; with and without bias."""
+def test_cuda_dense_matches_numpy(n, k, bias, dtype, kernel):
+    """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; with and without bias.
+    ``mma``: the device's plain target; ``wgmma``: its sm_90a target (Hopper only)."""
     import ml_dtypes
+
+    from relax_masked_attn.legalize import device_cuda_target
 
     assert cuda_available()
     dev = tvm.cuda(0)
+    target = tvm.target.Target.from_device(dev)
+    if kernel == "wgmma":
+        target = device_cuda_target()
+        if not cuda_dense.has_wgmma(target):
+            pytest.skip("not a Hopper GPU")
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
     b = rng.standard_normal(n).astype(np_dtype) if bias else None
-    target = tvm.target.Target.from_device(dev)
     for rank, shape in ((2, (1, k)), (2, (7, k)), (3, (1, 127, k)), (3, (3, 43, k)), (2, (1000, k))):
         mod = linear_module(n, k, dtype, bias, rank)
         assert kernels_of(dispatched(mod, target)), "our kernel was not dispatched"

@@ -69,3 +69,14 @@ def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:
     """
     del dtype
     return 128, 128, 64, 2, 2, 3
+
+
+def wgmma_dense_tiles(dtype: str) -> tuple[int, int]:
+    """(columns of a block, pipeline stages) of the ``wgmma`` dense kernel (``sm_90a``).
+
+    Blocks of 128 rows on two warpgroups (256 threads), 64-wide k-steps; 128 columns through a
+    4-stage ring: 4 * (128 + 128) * 64 * 2 bytes = 128 KiB of shared memory, one block an SM,
+    64 fp32 accumulators a thread.
+    """
+    del dtype
+    return 128, 4

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .common import compute_capability, dense_func
-from .config import tensor_core_dense_tiles
+from .config import tensor_core_dense_tiles, wgmma_dense_tiles
 
 
 def supports(target: Target, n: int, k: int, dtype: str) -> bool:
@@ -166,5 +166,126 @@ def dense_kernel(n: int, k: int, dtype: str, bias: bool = False, tiles=None) -> 
                                 )
                             else:
                                 out[row, col] = T.Cast(dtype, acc[i, j, h * 2 + c])
+
+    return dense_func(n, k, dtype, body, bias)
+
+
+def has_wgmma(target: Target) -> bool:
+    """Whether ``target`` can run Hopper's ``wgmma`` (arch ``sm_90a``: the ``a`` features)."""
+    arch = str(target.attrs["arch"]) if "arch" in target.attrs else ""
+    return target.kind.name == "cuda" and arch == "sm_90a"
+
+
+def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
+                       tiles=None) -> tirx.PrimFunc:
+    """The same PrimFunc as :func:`dense_kernel` for ``sm_90a``, on ``wgmma.mma_async``.
+
+    A block of two warpgroups owns ``128 x tile_n`` outputs; warpgroup ``g`` computes rows
+    ``64 g .. 64 g + 63`` with one ``m64n{tile_n}k16`` instruction a 16-wide k-step, both operands
+    read by the tensor cores straight from shared memory through matrix descriptors (no
+    ``ldmatrix``, no register fragments for A and B). The shared tiles use the layout the
+    descriptors call 128-byte swizzle: 64-wide k-rows of 128 bytes, 16-byte chunk ``c`` of row
+    ``r`` at chunk ``c ^ (r % 8)``, each 8-row group 1024 bytes and 1024-byte aligned (the pool is
+    realigned at run time). k-steps of 64 stream through a ``stages``-deep ``cp.async`` ring, one
+    ``wgmma`` group in flight while the next is issued.
+    """
+    tile_n, stages = tiles or wgmma_dense_tiles(dtype)
+    tile_m, tile_k, threads = 128, 64, 256
+    if n % tile_n or k % tile_k:
+        raise ValueError(f"wgmma_dense_kernel: n={n}, k={k} do not fit tiles ({tile_n}, 64)")
+    rows = tile_m + tile_n  # 128-byte shared rows a stage: x's, then w's
+    stage_elems = rows * 64
+    pool_elems = stages * stage_elems + 512  # + 1 KiB to realign the pool to 1024 bytes
+    num_kt = k // tile_k
+    ab = "f16" if dtype == "float16" else "bf16"
+    wgmma = f"wgmma.mma_async.sync.aligned.m64n{tile_n}k16.f32.{ab}.{ab}"
+    acc_len = tile_n // 2  # fp32 accumulators a thread
+    loads = rows * 8 // threads  # 16-byte cp.async a thread a stage
+
+    def descriptor(addr):
+        """Matrix descriptor of a K-major, 128-byte-swizzled tile at shared byte ``addr``:
+        start >> 4, leading offset 1 (unused), stride 1024 bytes between 8-row groups."""
+        return (
+            T.Cast("uint64", (addr & T.uint32(0x3FFFF)) >> T.uint32(4))
+            | (T.uint64(1) << T.uint64(16))
+            | (T.uint64(1024 >> 4) << T.uint64(32))
+            | (T.uint64(1) << T.uint64(62))
+        )
+
+    @T.macro
+    def load_stage(smem, pad, x, w, m0, n0, m, kt, tx):
+        for it in T.unroll(loads):
+            e = it * threads + tx
+            r = e // 8
+            c = e % 8
+            dst = smem.ptr_to([pad + (kt % stages) * stage_elems + r * 64 + ((c ^ (r % 8)) * 8)])
+            if r < tile_m:
+                T.ptx.cp.async_.cg.shared.global_(
+                    dst,
+                    x.ptr_to([T.min(m0 + r, m - 1), kt * tile_k + c * 8]),
+                    16,
+                    T.if_then_else(m0 + r < m, T.uint32(16), T.uint32(0)),
+                )
+            else:
+                T.ptx.cp.async_.cg.shared.global_(
+                    dst, w.ptr_to([n0 + r - tile_m, kt * tile_k + c * 8]), 16
+                )
+
+    @T.macro
+    def body(x, w, bias_buf, out, m):
+        bn = T.launch_thread("blockIdx.x", n // tile_n)
+        bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
+        tx = T.launch_thread("threadIdx.x", threads)
+        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        acc = T.alloc_buffer((acc_len,), "float32", scope="local")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        m0 = bm * tile_m
+        n0 = bn * tile_n
+        wg = tx // 128
+        # base[0]: shared address of the pool; base[1]: elements skipped to align it to 1 KiB.
+        base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
+        base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
+        pad = T.Cast("int32", base[1])
+        for i in T.unroll(acc_len):
+            acc[i] = T.float32(0)
+        for s in T.unroll(stages - 2):
+            if s < num_kt:
+                load_stage(smem, pad, x, w, m0, n0, m, s, tx)
+            T.ptx.cp.async_.commit_group()
+        for kt in T.serial(num_kt):
+            T.ptx.cp.async_.wait_group(stages - 3)
+            T.ptx.fence.proxy.async_.shared__cta()  # our copies, visible to the tensor cores
+            # k-step kt landed everywhere; every warpgroup finished the wgmma group of kt - 2,
+            # whose slot the next copy reuses.
+            T.cuda.cta_sync()
+            if kt + stages - 2 < num_kt:
+                load_stage(smem, pad, x, w, m0, n0, m, kt + stages - 2, tx)
+            T.ptx.cp.async_.commit_group()
+            stage = base[0] + T.Cast("uint32", (pad + (kt % stages) * stage_elems) * 2)
+            T.ptx.wgmma.fence.sync.aligned()
+            for kk in T.unroll(tile_k // 16):
+                T.ptx[wgmma](
+                    *[acc[i] for i in range(acc_len)],
+                    descriptor(stage + T.uint32(wg * 64 * 128 + kk * 32)),
+                    descriptor(stage + T.uint32(tile_m * 128 + kk * 32)),
+                    T.bool(True), 1, 1, 0, 0,
+                )
+            T.ptx.wgmma.commit_group.sync.aligned()
+            T.ptx.wgmma.wait_group.sync.aligned(1)
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        # Accumulator i of a thread: n8 tile i // 4, row g (+ 8 for i % 4 >= 2), column 2 t (+ 1).
+        lane = tx % 32
+        for h in T.unroll(2):
+            row = m0 + wg * 64 + (tx % 128) // 32 * 16 + lane // 4 + h * 8
+            if row < m:
+                for j in T.unroll(tile_n // 8):
+                    for c in T.unroll(2):
+                        col = n0 + j * 8 + lane % 4 * 2 + c
+                        if bias:
+                            out[row, col] = T.Cast(
+                                dtype, acc[j * 4 + h * 2 + c] + T.Cast("float32", bias_buf[col])
+                            )
+                        else:
+                            out[row, col] = T.Cast(dtype, acc[j * 4 + h * 2 + c])
 
     return dense_func(n, k, dtype, body, bias)
