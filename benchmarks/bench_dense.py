@@ -63,7 +63,7 @@ SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
 ]
 
 
-WGMMA_SWEEP = [(128, 4), (128, 3), (256, 3), (256, 4)]  # (tile_n, stages), sm_90a only
+WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]  # (tile_n, stages), sm_90a only
 
 
 def sweep(args, dev, target, tdtype) -> None:

@@ -179,6 +179,9 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers); see 
     (4, 2, 32, False),
     (4, 2, 32, True),
     (8, 1, 64, True),
+    (8, 2, 32, False),
+    (4, 2, 64, False),
+    (8, 1, 32, True),
 ]
 
 
