@@ -201,6 +201,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{tile_n}k16.f32.{ab}.{ab}"
     acc_len = tile_n // 2  # fp32 accumulators a thread
     loads = rows * 8 // threads  # 16-byte cp.async a thread a stage
+    x_loads = tile_m * 8 // threads  # of which copy x's rows (each copy: 32 rows, 8 chunks)
 
     def descriptor(addr):
         """Matrix descriptor of a K-major, 128-byte-swizzled tile at shared byte ``addr``:
@@ -213,22 +214,18 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
         )
 
     @T.macro
-    def load_stage(smem, pad, x, w, m0, n0, m, kt, tx):
+    def load_stage(smem, x_flat, w_flat, offsets, fill, kt):
+        """cp.async k-step ``kt`` of x's and w's tile rows into its ring slot; ``offsets`` and
+        ``fill`` hold each copy's k-step-0 addresses and x's zero-fill size (computed once)."""
         for it in T.unroll(loads):
-            e = it * threads + tx
-            r = e // 8
-            c = e % 8
-            dst = smem.ptr_to([pad + (kt % stages) * stage_elems + r * 64 + ((c ^ (r % 8)) * 8)])
-            if r < tile_m:
+            dst = smem.ptr_to([offsets[it, 0] + (kt % stages) * stage_elems])
+            if it < x_loads:
                 T.ptx.cp.async_.cg.shared.global_(
-                    dst,
-                    x.ptr_to([T.min(m0 + r, m - 1), kt * tile_k + c * 8]),
-                    16,
-                    T.if_then_else(m0 + r < m, T.uint32(16), T.uint32(0)),
+                    dst, x_flat.ptr_to([offsets[it, 1] + kt * tile_k]), 16, fill[it]
                 )
             else:
                 T.ptx.cp.async_.cg.shared.global_(
-                    dst, w.ptr_to([n0 + r - tile_m, kt * tile_k + c * 8]), 16
+                    dst, w_flat.ptr_to([offsets[it, 1] + kt * tile_k]), 16
                 )
 
     @T.macro
@@ -246,11 +243,26 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
         base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
         base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
         pad = T.Cast("int32", base[1])
+        x_flat = T.decl_buffer((m * k,), dtype, data=x.data)
+        w_flat = T.decl_buffer((n * k,), dtype, data=w.data)
+        # Copy it of a thread: row r = 32 it + tx // 8 of the stage (x's rows, then w's), chunk
+        # c = tx % 8. offsets[it]: (shared element, global element at k-step 0).
+        offsets = T.alloc_buffer((loads, 2), "int32", scope="local")
+        fill = T.alloc_buffer((x_loads,), "uint32", scope="local")
+        for it in T.unroll(loads):
+            r = it * (threads // 8) + tx // 8
+            c = tx % 8
+            offsets[it, 0] = pad + r * 64 + ((c ^ (r % 8)) * 8)
+            if it < x_loads:
+                offsets[it, 1] = T.min(m0 + r, m - 1) * k + c * 8
+                fill[it] = T.if_then_else(m0 + r < m, T.uint32(16), T.uint32(0))
+            else:
+                offsets[it, 1] = (n0 + r - tile_m) * k + c * 8
         for i in T.unroll(acc_len):
             acc[i] = T.float32(0)
         for s in T.unroll(stages - 2):
             if s < num_kt:
-                load_stage(smem, pad, x, w, m0, n0, m, s, tx)
+                load_stage(smem, x_flat, w_flat, offsets, fill, s)
             T.ptx.cp.async_.commit_group()
         for kt in T.serial(num_kt):
             T.ptx.cp.async_.wait_group(stages - 3)
@@ -259,7 +271,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
             # whose slot the next copy reuses.
             T.cuda.cta_sync()
             if kt + stages - 2 < num_kt:
-                load_stage(smem, pad, x, w, m0, n0, m, kt + stages - 2, tx)
+                load_stage(smem, x_flat, w_flat, offsets, fill, kt + stages - 2)
             T.ptx.cp.async_.commit_group()
             stage = base[0] + T.Cast("uint32", (pad + (kt % stages) * stage_elems) * 2)
             T.ptx.wgmma.fence.sync.aligned()
