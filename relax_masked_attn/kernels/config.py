@@ -74,12 +74,15 @@ def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:
     return 128, 128, 64, 2, 2, 3
 
 
-def wgmma_dense_tiles(dtype: str) -> tuple[int, int]:
+def wgmma_dense_tiles(n: int, dtype: str) -> tuple[int, int]:
     """(columns of a block, pipeline stages) of the ``wgmma`` dense kernel (``sm_90a``).
 
-    Blocks of 128 rows on two warpgroups (256 threads), 64-wide k-steps; 128 columns through a
-    4-stage ring: 4 * (128 + 128) * 64 * 2 bytes = 128 KiB of shared memory, one block an SM,
-    64 fp32 accumulators a thread.
+    Blocks of 128 rows on two warpgroups (256 threads), 64-wide k-steps through a 4-stage ring;
+    256 columns (128 fp32 accumulators a thread, 192 KiB of shared memory) where ``n`` is a
+    multiple of 256, else 128 (64 accumulators, 128 KiB). Swept on an H200 (``bench_dense.py
+    --sweep``, 8192 rows, one run): 256 columns were 4-8% faster for n = 1024, 2048 and 3072;
+    for n = 768 (3 column blocks of 256 fill 1.5 waves of the SMs) 128 columns were 16% faster;
+    3 to 6 stages within 2% of each other.
     """
     del dtype
-    return 128, 4
+    return (256 if n % 256 == 0 else 128), 4

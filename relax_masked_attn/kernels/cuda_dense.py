@@ -189,7 +189,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
     realigned at run time). k-steps of 64 stream through a ``stages``-deep ``cp.async`` ring, one
     ``wgmma`` group in flight while the next is issued.
     """
-    tile_n, stages = tiles or wgmma_dense_tiles(dtype)
+    tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)
     tile_m, tile_k, threads = 128, 64, 256
     if n % tile_n or k % tile_k:
         raise ValueError(f"wgmma_dense_kernel: n={n}, k={k} do not fit tiles ({tile_n}, 64)")
