@@ -285,19 +285,22 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
             T.ptx.wgmma.commit_group.sync.aligned()
             T.ptx.wgmma.wait_group.sync.aligned(1)
         T.ptx.wgmma.wait_group.sync.aligned(0)
-        # Accumulator i of a thread: n8 tile i // 4, row g (+ 8 for i % 4 >= 2), column 2 t (+ 1).
+        # Accumulator i of a thread: n8 tile i // 4, row g (+ 8 for i % 4 >= 2), column 2 t (+ 1);
+        # the two columns go out as one 4-byte store.
         lane = tx % 32
+        pair = T.alloc_buffer((2,), dtype, scope="local")
         for h in T.unroll(2):
             row = m0 + wg * 64 + (tx % 128) // 32 * 16 + lane // 4 + h * 8
             if row < m:
                 for j in T.unroll(tile_n // 8):
+                    col = n0 + j * 8 + lane % 4 * 2
                     for c in T.unroll(2):
-                        col = n0 + j * 8 + lane % 4 * 2 + c
                         if bias:
-                            out[row, col] = T.Cast(
-                                dtype, acc[j * 4 + h * 2 + c] + T.Cast("float32", bias_buf[col])
+                            pair[c] = T.Cast(
+                                dtype, acc[j * 4 + h * 2 + c] + T.Cast("float32", bias_buf[col + c])
                             )
                         else:
-                            out[row, col] = T.Cast(dtype, acc[j * 4 + h * 2 + c])
+                            pair[c] = T.Cast(dtype, acc[j * 4 + h * 2 + c])
+                    out[row, T.Ramp(col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
 
     return dense_func(n, k, dtype, body, bias)
