@@ -202,6 +202,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
     acc_len = tile_n // 2  # fp32 accumulators a thread
     loads = rows * 8 // threads  # 16-byte cp.async a thread a stage
     x_loads = tile_m * 8 // threads  # of which copy x's rows (each copy: 32 rows, 8 chunks)
+    out_stride = tile_n + 8  # elements a row of the output staging tile (the pool's start)
 
     def descriptor(addr):
         """Matrix descriptor of a K-major, 128-byte-swizzled tile at shared byte ``addr``:
@@ -285,22 +286,37 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
             T.ptx.wgmma.commit_group.sync.aligned()
             T.ptx.wgmma.wait_group.sync.aligned(1)
         T.ptx.wgmma.wait_group.sync.aligned(0)
-        # Accumulator i of a thread: n8 tile i // 4, row g (+ 8 for i % 4 >= 2), column 2 t (+ 1);
-        # the two columns go out as one 4-byte store.
+        # Epilogue through shared memory, so that global stores are whole 16-byte vectors.
+        # Accumulator i of a thread: n8 tile i // 4, row g (+ 8 for i % 4 >= 2), column 2 t
+        # (+ 1); the pair goes to the staging tile (rows padded by 16 bytes: the 8 rows a warp
+        # writes at once fall in distinct banks), in the output dtype, bias added.
+        T.cuda.cta_sync()  # every warpgroup is done reading the ring
         lane = tx % 32
         pair = T.alloc_buffer((2,), dtype, scope="local")
         for h in T.unroll(2):
-            row = m0 + wg * 64 + (tx % 128) // 32 * 16 + lane // 4 + h * 8
-            if row < m:
-                for j in T.unroll(tile_n // 8):
-                    col = n0 + j * 8 + lane % 4 * 2
-                    for c in T.unroll(2):
-                        if bias:
-                            pair[c] = T.Cast(
-                                dtype, acc[j * 4 + h * 2 + c] + T.Cast("float32", bias_buf[col + c])
-                            )
-                        else:
-                            pair[c] = T.Cast(dtype, acc[j * 4 + h * 2 + c])
-                    out[row, T.Ramp(col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+            r = wg * 64 + (tx % 128) // 32 * 16 + lane // 4 + h * 8
+            for j in T.unroll(tile_n // 8):
+                col = j * 8 + lane % 4 * 2
+                for c in T.unroll(2):
+                    if bias:
+                        pair[c] = T.Cast(
+                            dtype, acc[j * 4 + h * 2 + c] + T.Cast("float32", bias_buf[n0 + col + c])
+                        )
+                    else:
+                        pair[c] = T.Cast(dtype, acc[j * 4 + h * 2 + c])
+                smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+        T.cuda.cta_sync()
+        # Out: each thread moves 8 columns of a row, as four 4-byte shared loads and one 16-byte
+        # global store (word views of the pool and of out).
+        smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data, scope="shared.dyn")
+        out_words = T.decl_buffer((m * (n // 2),), "uint32", data=out.data)
+        words = T.alloc_buffer((4,), "uint32", scope="local")
+        for it in T.unroll(tile_m * tile_n // 8 // threads):
+            r = it * (threads * 8 // tile_n) + tx // (tile_n // 8)
+            col = tx % (tile_n // 8) * 8
+            if m0 + r < m:
+                for q in T.unroll(4):
+                    words[q] = smem_words[(r * out_stride + col) // 2 + q]
+                out_words[T.Ramp(((m0 + r) * n + n0 + col) // 2, 1, 4)] = words[T.Ramp(0, 1, 4)]
 
     return dense_func(n, k, dtype, body, bias)
