@@ -116,7 +116,7 @@ def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
     assert "cp.async.cg.shared.global" in src
 
 
-@pytest.mark.parametrize("n,wide", [(384, 128), (512, 256)])  # 256 columns where n allows
+@pytest.mark.parametrize("n,wide", [(384, 128), (768, 128), (1024, 256)])  # 256 from n = 1024
 @pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
 def test_sm90a_gets_the_wgmma_kernel(dtype, ab, n, wide):
     """Hopper's a-arch: both operands read by wgmma from swizzled shared memory; plain sm_90
@@ -166,7 +166,7 @@ def test_cuda_kernel_is_well_formed(make, bias):
 @pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("n,k", [(128, 64), (768, 768), (384, 1536), (512, 192)])
+@pytest.mark.parametrize("n,k", [(128, 64), (768, 768), (384, 1536), (1024, 192)])
 def test_cuda_dense_matches_numpy(n, k, bias, dtype, kernel):
     """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; with and without bias.
     ``mma``: the device's plain target; ``wgmma``: its sm_90a target (Hopper only)."""
