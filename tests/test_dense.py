@@ -116,7 +116,7 @@ def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
     assert "cp.async.cg.shared.global" in src
 
 
-@pytest.mark.parametrize("n,wide", [(384, 128), (768, 128), (1024, 256)])  # 256 from n = 1024
+@pytest.mark.parametrize("n,wide", [(384, 128), (768, 256), (1024, 256)])  # 256 where n allows
 @pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
 def test_sm90a_gets_the_wgmma_kernel(dtype, ab, n, wide):
     """Hopper's a-arch: both operands read by wgmma from swizzled shared memory; plain sm_90

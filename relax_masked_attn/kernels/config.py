@@ -79,11 +79,11 @@ def wgmma_dense_tiles(n: int, dtype: str) -> tuple[int, int]:
 
     Blocks of 128 rows on two warpgroups (256 threads), 64-wide k-steps through a 4-stage ring;
     256 columns (128 fp32 accumulators a thread, 192 KiB of shared memory) where ``n`` is a
-    multiple of 256 of at least 1024, else 128 (64 accumulators, 128 KiB). Swept on an H200
-    (``bench_dense.py --sweep``, 8192 rows, one run, with the shared-memory epilogue): 256
-    columns were 7-13% faster for n = 1024, 2048 and 3072; for n = 768 (three 256-column blocks
-    a row of tiles: 192 blocks, 1.45 waves of 132 SMs) 128 columns were 4-5% faster; 3 to 6
-    stages within 5% of each other.
+    multiple of 256, else 128 (64 accumulators, 128 KiB). Measured on an H200, one run each:
+    the raw-kernel sweep (``bench_dense.py --sweep``, 8192 rows, shared-memory epilogue) had
+    256 columns 7-13% faster for n = 1024, 2048 and 3072 and 4-5% slower for n = 768; but the
+    whole BERT-base model (``bench_models.py``, 8876 rows) took 6.64 ms with 256 columns for its
+    n = 768 linears and 7.03 ms with 128, so n = 768 keeps 256. 3 to 6 stages were within 5%.
     """
     del dtype
-    return (256 if n % 256 == 0 and n >= 1024 else 128), 4
+    return (256 if n % 256 == 0 else 128), 4
