@@ -19,6 +19,17 @@ VECTOR = 16  # float32 lanes of one AVX-512 register
 CHUNK = 4096  # elements a parallel task takes when the loop nest is flattened
 
 
+def injective_block(func: tirx.PrimFunc):
+    """``(schedule, block info)`` when every block of ``func`` is injective and they inline into
+    one (the shape both our injective rules, CPU and GPU, schedule); else None."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None or not all(info.is_injective() for info in infos):
+        return None
+    infos = try_inline(sch, infos)
+    return (sch, infos[0]) if len(infos) == 1 else None
+
+
 class CPUInjective(ScheduleRule):
     """Functions of injective blocks only (elementwise chains, broadcasts, gathers): inline into
     the last block, run its outer loops in parallel and vectorize the innermost when its static
@@ -27,14 +38,11 @@ class CPUInjective(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not all(info.is_injective() for info in infos):
+        found = injective_block(func)
+        if found is None:
             return None
-        infos = try_inline(sch, infos)
-        if len(infos) != 1:
-            return None
-        loops = sch.get_loops(infos[0].block_rv)
+        sch, info = found
+        loops = sch.get_loops(info.block_rv)
         if not loops:
             return None
         extent = sch.get(loops[-1]).extent

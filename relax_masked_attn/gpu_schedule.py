@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import tvm
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir import dlight
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+from tvm.s_tir.dlight.base import ScheduleRule
+
+from .cpu_schedule import injective_block
 
 THREADS = 256  # threads a block
 VECTOR_BYTES = 16
@@ -82,25 +83,22 @@ class GPUInjective(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not all(info.is_injective() for info in infos):
+        found = injective_block(func)
+        if found is None or not found[1].iters:
             return None
-        infos = try_inline(sch, infos)
-        if len(infos) != 1 or not infos[0].iters:
-            return None
-        block = sch.get(infos[0].block_rv)
+        sch, info = found
+        block = sch.get(info.block_rv)
         if not isinstance(block.body, tirx.BufferStore):
             return None
         bits = tvm.DataType(block.body.buffer.dtype).bits
         lanes = VECTOR_BYTES * 8 // bits if bits in (8, 16, 32) else 0
-        inner = infos[0].iters[-1]
+        inner = info.iters[-1]
         extent = inner.dom.value if isinstance(inner.dom, tirx.IntImm) else inner.dom
         if not lanes or not isinstance(extent, int) or extent % lanes:
             return None
         if not _vectorizable(block, inner.var, lanes):
             return None
-        loops = [it.loop_rv for it in infos[0].iters]
+        loops = [it.loop_rv for it in info.iters]
         outer, vec = sch.split(loops[-1], [None, lanes])
         flat = sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer
         bx, tx = sch.split(flat, [None, THREADS])
