@@ -129,6 +129,19 @@ def test_sm90a_gets_the_wgmma_kernel(dtype, ab, n, wide):
     assert "mma.sync.aligned.m16n8k16" not in src
 
 
+@pytest.mark.parametrize("arch,expected", [("sm_90", "sm_90a"), ("sm_80", "sm_80"),
+                                            ("sm_100", "sm_100")])
+def test_device_cuda_target_names_sm90a_on_hopper(monkeypatch, arch, expected):
+    """Target.from_device names sm_90 on an H100/H200; the a-arch (wgmma) must be asked for."""
+    from relax_masked_attn.legalize import device_cuda_target
+
+    device_target = tvm.target.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024})
+    monkeypatch.setattr(tvm.target.Target, "from_device", staticmethod(lambda dev: device_target))
+    target = device_cuda_target()
+    assert str(target.attrs["arch"]) == expected
+    assert int(target.attrs["max_num_threads"]) == 1024  # the rest of the device's target kept
+
+
 def test_only_sm90a_has_wgmma():
     assert cuda_dense.has_wgmma(SM90A)
     assert not cuda_dense.has_wgmma(SM90)
