@@ -1,8 +1,17 @@
-"""A tensor-core CUDA dense kernel, ``out[m, n] = x @ w.T (+ bias)`` (nn.Linear's layout), sm80+.
+"""Tensor-core CUDA dense kernels, ``out[m, n] = x @ w.T (+ bias)`` (nn.Linear's layout).
 
 apache-tvm 0.27's wheel has no cuBLAS, and dlight's tensor-core matmul rule crashes in it
-(``sch.tensorize``), so without this kernel every fp16 ``nn.Linear`` runs on CUDA cores. Same
-machinery as the attention kernel (:mod:`.cuda_mma`), in TVMScript with explicit threads:
+(``sch.tensorize``), so without these kernels every fp16 ``nn.Linear`` runs on CUDA cores. Two
+generators, both in TVMScript with explicit threads and the same PrimFunc signature
+(:func:`~relax_masked_attn.kernels.common.dense_func`):
+
+* :func:`wgmma_dense_kernel` for ``sm_90a`` (H100/H200 with the Hopper-only ``a`` features):
+  ``wgmma.mma_async`` on descriptors of swizzled shared tiles, output staged through shared
+  memory for 16-byte stores; 0.71-0.90x of cuBLAS on the H200 (docs/performance.md);
+* :func:`dense_kernel` for every other sm80+ target (A100, L40, and ``sm_90`` without the
+  ``a``), described below; 0.36-0.51x of cuBLAS on the same shapes.
+
+:func:`dense_kernel` uses the same machinery as the attention kernel (:mod:`.cuda_mma`):
 
 * a block owns a ``128 x 128`` tile of ``out``; its 4 warps form a 2 x 2 grid, each owning
   ``64 x 64`` outputs as 4 x 8 ``mma.sync.m16n8k16`` fp32 accumulators (the tiles are set in
