@@ -225,7 +225,7 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """The target's default build passes, with our legalization and :func:`dispatch_dense` first;
     on GPUs :func:`disable_dlight_tensorize` before every dlight scheduling pass; on CPUs
     :func:`vectorizable_gelu` and, after ``FuseTIR``, the CPU schedules of
-    :mod:`relax_masked_attn.cpu_schedule`; on GPUs the vector schedule of
+    :mod:`relax_masked_attn.cpu_schedule`; on CUDA the vector schedule of
     :mod:`relax_masked_attn.gpu_schedule` before TVM's default one."""
     import importlib
 

@@ -54,6 +54,17 @@ def test_misaligned_or_short_rows_keep_scalar_accesses(shift, width):
     assert sliced and all("*(uint4*)" not in body for body in sliced)
 
 
+@pytest.mark.parametrize("kind", ["vulkan", "rocm", "llvm"])
+def test_other_targets_are_left_to_dlight(kind):
+    from relax_masked_attn.gpu_schedule import GPUInjective
+
+    with tvm.target.Target(kind) as target:
+        mod = relax.transform.LegalizeOps()(module(768, "float16", shift=0))
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert funcs and all(GPUInjective().apply(f, target, False) is None for f in funcs)
+    assert GPUInjective().apply(funcs[0], CUDA, False) is not None  # the same function on CUDA
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("shift, width", [(0, 768), (8, 768), (1, 768), (0, 20)])
