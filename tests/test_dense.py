@@ -142,6 +142,13 @@ def test_device_cuda_target_names_sm90a_on_hopper(monkeypatch, arch, expected):
     assert int(target.attrs["max_num_threads"]) == 1024  # the rest of the device's target kept
 
 
+@pytest.mark.parametrize("n,k,tiles", [(768, 768, (128, 2)), (640, 768, (256, 4)),
+                                       (768, 96, (128, 4)), (768, 768, (64, 4))])
+def test_wgmma_kernel_refuses_tiles_it_cannot_run(n, k, tiles):
+    with pytest.raises(ValueError, match="wgmma_dense_kernel"):
+        cuda_dense.wgmma_dense_kernel(n, k, "float16", tiles=tiles)
+
+
 def test_only_sm90a_has_wgmma():
     assert cuda_dense.has_wgmma(SM90A)
     assert not cuda_dense.has_wgmma(SM90)

@@ -197,11 +197,15 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
     ``r`` at chunk ``c ^ (r % 8)``, each 8-row group 1024 bytes and 1024-byte aligned (the pool is
     realigned at run time). k-steps of 64 stream through a ``stages``-deep ``cp.async`` ring, one
     ``wgmma`` group in flight while the next is issued.
+
+    Element offsets are int32, as in :func:`dense_kernel`: ``m * k`` and ``m * n`` must stay
+    below 2**31 (699 050 rows at k = 3072; ``EmbeddingModel`` batches 8192 tokens).
     """
     tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)
     tile_m, tile_k, threads = 128, 64, 256
-    if n % tile_n or k % tile_k:
-        raise ValueError(f"wgmma_dense_kernel: n={n}, k={k} do not fit tiles ({tile_n}, 64)")
+    if n % tile_n or k % tile_k or tile_n not in (128, 256) or stages < 3:
+        raise ValueError(f"wgmma_dense_kernel: n={n}, k={k} do not fit tiles ({tile_n}, 64) "
+                         f"with {stages} stages (128 or 256 columns, at least 3 stages)")
     rows = tile_m + tile_n  # 128-byte shared rows a stage: x's, then w's
     stage_elems = rows * 64
     pool_elems = stages * stage_elems + 512  # + 1 KiB to realign the pool to 1024 bytes
@@ -212,6 +216,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
     loads = rows * 8 // threads  # 16-byte cp.async a thread a stage
     x_loads = tile_m * 8 // threads  # of which copy x's rows (each copy: 32 rows, 8 chunks)
     out_stride = tile_n + 8  # elements a row of the output staging tile (the pool's start)
+    assert tile_m * out_stride <= pool_elems
 
     def descriptor(addr):
         """Matrix descriptor of a K-major, 128-byte-swizzled tile at shared byte ``addr``:
