@@ -122,17 +122,21 @@ def tiny_qwen3(tmp_path_factory):
     return path, model
 
 
-def test_tiny_bert_matches_transformers(tiny_bert):
-    path, hf = tiny_bert
-    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
-    rng = np.random.default_rng(0)
-    lengths = [17, 1, 9, 17]
-    ids = rng.integers(1, 120, (4, 17)).astype("int64")
-    mask = masks(lengths, 17, "right")
+def run_both(checkpoint, lengths, seq, side, seed, **options):
+    """Our compiled model (``from_pretrained`` with ``options``) and the transformers one on the
+    same random batch: (ours, ids, mask, transformers' last hidden state, ours)."""
+    path, hf = checkpoint
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False, **options)
+    ids = np.random.default_rng(seed).integers(1, 120, (len(lengths), seq)).astype("int64")
+    mask = masks(lengths, seq, side)
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-    ref = ref.last_hidden_state.numpy()
-    hidden = ours.hidden_states(ids, mask)
+    return ours, ids, mask, ref.last_hidden_state.numpy(), ours.hidden_states(ids, mask)
+
+
+def test_tiny_bert_matches_transformers(tiny_bert):
+    lengths = [17, 1, 9, 17]
+    ours, ids, mask, ref, hidden = run_both(tiny_bert, lengths, 17, "right", seed=0)
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(hidden[b, :n], ref[b, :n], atol=1e-4)
     # No sentence-transformers files: mean pooling, no normalization.
@@ -141,16 +145,8 @@ def test_tiny_bert_matches_transformers(tiny_bert):
 
 
 def test_tiny_qwen3_matches_transformers(tiny_qwen3):
-    path, hf = tiny_qwen3
-    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
-    rng = np.random.default_rng(1)
     lengths = [20, 3, 1, 12]
-    ids = rng.integers(1, 120, (4, 20)).astype("int64")
-    mask = masks(lengths, 20, "left")
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-    ref = ref.last_hidden_state.numpy()
-    hidden = ours.hidden_states(ids, mask)
+    ours, ids, mask, ref, hidden = run_both(tiny_qwen3, lengths, 20, "left", seed=1)
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(hidden[b, 20 - n:], ref[b, 20 - n:], atol=1e-4)
     last = ref[:, -1]
@@ -211,16 +207,8 @@ def test_profile_splits_the_time(tiny_bert):
 def test_bfloat16_models_match_transformers(which, side, request):
     """bf16 weights and activations (BERT's layer norms run in float32: TVM's layer_norm has no
     bf16), on CPU, against transformers in float32: cosine >= 0.999 at every real position."""
-    path, hf = request.getfixturevalue(which)
-    ours = EmbeddingModel.from_pretrained(path, dtype="bfloat16", use_cache=False)
-    rng = np.random.default_rng(3)
-    lengths = [13, 1, 6]
-    ids = rng.integers(1, 120, (3, 13)).astype("int64")
-    mask = masks(lengths, 13, side)
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-    ref = ref.last_hidden_state.numpy()
-    hidden = ours.hidden_states(ids, mask)
+    _, _, mask, ref, hidden = run_both(request.getfixturevalue(which), [13, 1, 6], 13, side,
+                                       seed=3, dtype="bfloat16")
     real = mask == 1
     assert cosine(hidden[real], ref[real]).min() >= 0.999
 
@@ -302,16 +290,9 @@ def test_minilm_fp16_on_cuda_matches_sentence_transformers(minilm_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
 def test_tiny_models_fp16_on_cuda_match_transformers(which, side, request):
-    path, hf = request.getfixturevalue(which)
-    ours = EmbeddingModel.from_pretrained(path, target="cuda", use_cache=False)
-    rng = np.random.default_rng(2)
     lengths = [30, 1, 17, 64]
-    ids = rng.integers(1, 120, (4, 64)).astype("int64")
-    mask = masks(lengths, 64, side)
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-    ref = ref.last_hidden_state.numpy()
-    hidden = ours.hidden_states(ids, mask)
+    _, _, _, ref, hidden = run_both(request.getfixturevalue(which), lengths, 64, side, seed=2,
+                                    target="cuda")
     for b, n in enumerate(lengths):
         rows = slice(64 - n, 64) if side == "left" else slice(0, n)
         assert (cosine(hidden[b, rows], ref[b, rows]) >= 0.999).all()
