@@ -16,6 +16,7 @@ from tvm import relax, tirx
 from tvm.relax.transform.legalize_ops.common import register_legalize
 from tvm.target import Target
 
+from .kernels.common import cuda_arch
 from .kernels.cpu import cpu_kernel
 from .kernels.gpu import portable_gpu_kernel
 from .op import OP_NAME, call_mode, call_sm_scale
@@ -116,6 +117,6 @@ def device_cuda_target(device_id: int = 0) -> Target:
     import tvm
 
     target = Target.from_device(tvm.cuda(device_id))
-    if "arch" not in target.attrs or str(target.attrs["arch"]) != "sm_90":
+    if cuda_arch(target) != "sm_90":
         return target
     return Target({**dict(target.export()), "arch": "sm_90a"})

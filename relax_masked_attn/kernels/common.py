@@ -12,10 +12,15 @@ LOG2E = math.log2(math.e)
 NEG_INF = -1.0e30  # finite "minus infinity": exp2 of it minus a real max is exactly 0
 
 
+def cuda_arch(target: Target) -> str:
+    """The target's ``arch`` attribute (``"sm_90a"``), ``""`` when it names none."""
+    return str(target.attrs["arch"]) if "arch" in target.attrs else ""
+
+
 def compute_capability(target: Target) -> int:
     """``80`` for a CUDA target with ``arch`` ``sm_80`` (``90`` for ``sm_90a``); 0 when the target
     names no ``sm_`` arch (then the tensor-core kernels stay out)."""
-    arch = str(target.attrs["arch"]) if "arch" in target.attrs else ""
+    arch = cuda_arch(target)
     if not arch.startswith("sm_"):
         return 0
     return int("".join(ch for ch in arch[3:] if ch.isdigit()))

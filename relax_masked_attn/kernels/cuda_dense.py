@@ -35,7 +35,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import compute_capability, dense_func
+from .common import compute_capability, cuda_arch, dense_func
 from .config import tensor_core_dense_tiles, wgmma_dense_tiles
 
 
@@ -181,8 +181,7 @@ def dense_kernel(n: int, k: int, dtype: str, bias: bool = False, tiles=None) -> 
 
 def has_wgmma(target: Target) -> bool:
     """Whether ``target`` can run Hopper's ``wgmma`` (arch ``sm_90a``: the ``a`` features)."""
-    arch = str(target.attrs["arch"]) if "arch" in target.attrs else ""
-    return target.kind.name == "cuda" and arch == "sm_90a"
+    return target.kind.name == "cuda" and cuda_arch(target) == "sm_90a"
 
 
 def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
