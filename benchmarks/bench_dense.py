@@ -69,9 +69,9 @@ WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]  # (t
 def sweep(args, dev, target, tdtype) -> None:
     """Time the raw kernels under each tile configuration of SWEEP and WGMMA_SWEEP (no bias)."""
     configs = [(cuda_dense.dense_kernel, tiles, target) for tiles in SWEEP]
-    if cuda_dense.has_wgmma(device_cuda_target()):
-        configs += [(cuda_dense.wgmma_dense_kernel, tiles, device_cuda_target())
-                    for tiles in WGMMA_SWEEP]
+    hopper = device_cuda_target()
+    if cuda_dense.has_wgmma(hopper):
+        configs += [(cuda_dense.wgmma_dense_kernel, tiles, hopper) for tiles in WGMMA_SWEEP]
     print("tile sweep (ms, raw kernel):", "  ".join(str(c[1]) for c in configs))
     for n, k, _, what in SHAPES:
         x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
@@ -103,8 +103,9 @@ def main() -> None:
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)
     targets = {"mma.sync": target}
-    if cuda_dense.has_wgmma(device_cuda_target()):
-        targets["wgmma"] = device_cuda_target()
+    hopper = device_cuda_target()
+    if cuda_dense.has_wgmma(hopper):
+        targets["wgmma"] = hopper
     tdtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows; TFLOP/s, ratio = "
           "torch time / ours")
