@@ -7,6 +7,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._ir import is_call_of
+from .cpu_schedule import cpu_default_schedule
+from .gpu_schedule import gpu_default_schedule
 from .kernels import cpu_dense, cuda_dense
 from .legalize import legalize
 from .op import OP_NAME
@@ -240,13 +242,9 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         passes.append(vectorizable_gelu)
     for p in rp.legalize_passes(target):
         if p.info.name == "ApplyDefaultSchedule":
-            from .gpu_schedule import gpu_default_schedule
-
             passes += [gpu_default_schedule(), disable_dlight_tensorize]
         passes.append(p)
         if kind == "llvm" and p.info.name == "FuseTIR":
-            from .cpu_schedule import cpu_default_schedule
-
             passes.append(cpu_default_schedule())
     return passes + [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
 
