@@ -6,6 +6,7 @@ import tvm
 from tvm import relax, tirx
 
 from relax_masked_attn.kernels import cuda_dense
+from relax_masked_attn.kernels.common import Epilogue
 from relax_masked_attn.transform import dispatch_dense
 
 from .conftest import cuda_available
@@ -14,21 +15,32 @@ SM90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
 SM90A = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
 
 
-def linear_module(n, k, dtype="float32", bias=False, rank=3):
-    """``main(x, w[, b]) = x @ w.T (+ b)`` with symbolic leading dims, as nn.Linear exports it."""
+def linear_module(n, k, dtype="float32", bias=False, rank=3, activation=None, residual=False,
+                  keep_product=False):
+    """``main(x, w[, b][, r]) = act(x @ w.T (+ b)) (+ r)`` with symbolic leading dims, as
+    nn.Linear (and BERT's gelu and residual adds) export it. ``keep_product``: ``main`` returns
+    the plain product too, so it has a second use."""
     lead = [tirx.Var("b", "int64"), tirx.Var("s", "int64")][:rank - 1]
     x = relax.Var("x", relax.TensorType((*lead, k), dtype))
     w = relax.Var("w", relax.TensorType((n, k), dtype))
     params = [x, w]
     if bias:
         params.append(relax.Var("bias", relax.TensorType((n,), dtype)))
+    if residual:
+        params.append(relax.Var("residual", relax.TensorType((*lead, n), dtype)))
     bb = relax.BlockBuilder()
     with bb.function("main", params):
         with bb.dataflow():
             wt = bb.emit(relax.op.permute_dims(w))
-            out = bb.emit(relax.op.matmul(x, wt))
+            product = out = bb.emit(relax.op.matmul(x, wt))
             if bias:
                 out = bb.emit(relax.op.add(out, params[2]))
+            if activation:
+                out = bb.emit(getattr(relax.op.nn, activation)(out))
+            if residual:
+                out = bb.emit(relax.op.add(params[-1], out))  # the residual first, as in BERT
+            if keep_product:
+                out = relax.Tuple([out, product])
             gv = bb.emit_output(out)
         bb.emit_func_output(gv)
     return bb.get()
@@ -43,11 +55,31 @@ def dispatched(mod, target):
         return dispatch_dense(mod)
 
 
-def run_linear(mod, target, dev, x, w, bias=None):
+def run_linear(mod, target, dev, *arrays):
     ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     vm = relax.VirtualMachine(ex, dev)
-    args = [tvm.runtime.tensor(a, device=dev) for a in (x, w, bias) if a is not None]
+    args = [tvm.runtime.tensor(a, device=dev) for a in arrays if a is not None]
     return vm["main"](*args).numpy()
+
+
+def reference(x, w, bias=None, activation=None, residual=None):
+    """``act(x @ w.T + bias) + residual`` in float64 (torch's gelu definitions)."""
+    import torch
+
+    out = x.astype("float64") @ w.astype("float64").T
+    if bias is not None:
+        out = out + bias.astype("float64")
+    if activation:
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        out = torch.nn.functional.gelu(torch.from_numpy(out), approximate=approximate).numpy()
+    if residual is not None:
+        out = out + residual.astype("float64")
+    return out
+
+
+# Epilogues (bias, activation, residual) the CUDA tests cover.
+EPILOGUES = [(False, None, False), (True, None, False), (True, "gelu", False),
+             (True, None, True), (True, "gelu_tanh", True), (False, "gelu", True)]
 
 
 # --- CPU (float32) ---------------------------------------------------------------------------
@@ -174,9 +206,43 @@ def test_a_matmul_into_another_dtype_stays_with_tvm(target):
 
 
 @pytest.mark.parametrize("make", [cuda_dense.dense_kernel, cuda_dense.wgmma_dense_kernel])
-@pytest.mark.parametrize("bias", [False, True])
-def test_cuda_kernel_is_well_formed(make, bias):
-    assert tvm.tirx.analysis.verify_well_formed(make(256, 192, "float16", bias))
+@pytest.mark.parametrize("bias,activation,residual", EPILOGUES)
+def test_cuda_kernel_is_well_formed(make, bias, activation, residual):
+    func = make(256, 192, "float16", Epilogue(bias, activation, residual))
+    assert tvm.tirx.analysis.verify_well_formed(func)
+    names = [str(p.name) for p in func.params]
+    assert names == ["x", "w", *(["bias"] if bias else []), *(["residual"] if residual else []),
+                     "out"]
+
+
+@pytest.mark.parametrize("target", [SM90, SM90A])
+@pytest.mark.parametrize("bias,activation,residual", EPILOGUES[1:])
+@pytest.mark.parametrize("rank", [2, 3])
+def test_cuda_epilogue_joins_the_kernel(target, bias, activation, residual, rank):
+    """bias, gelu and the residual add: one kernel call, none of the ops left in main."""
+    mod = dispatched(linear_module(256, 128, "float16", bias, rank, activation, residual), target)
+    name = "zz_dense" + "".join(f"_{p}" for p, on in (("bias", bias), (activation, activation),
+                                                     ("residual", residual)) if on)
+    assert kernels_of(mod) == [f"{name}_n256_k128_float16"]
+    script = mod["main"].script()
+    assert "R.add" not in script and "R.nn.gelu" not in script and "R.matmul" not in script
+
+
+@pytest.mark.parametrize("target", [SM90A, "llvm"])
+def test_a_product_used_twice_keeps_its_epilogue_apart(target):
+    """The product is returned too: fusing the bias would compute the product twice."""
+    dtype = "float32" if target == "llvm" else "float16"
+    mod = dispatched(linear_module(256, 128, dtype, bias=True, activation="gelu",
+                                   keep_product=True), target)
+    assert kernels_of(mod) == [f"zz_dense_n256_k128_{dtype}"]
+    script = mod["main"].script()
+    assert "R.add" in script and "R.nn.gelu" in script
+
+
+def test_cpu_keeps_gelu_and_residual_apart():
+    mod = dispatched(linear_module(48, 64, bias=True, activation="gelu", residual=True), "llvm")
+    assert kernels_of(mod) == ["zz_dense_n48_k64_float32"]
+    assert mod["main"].script().count("R.add") == 2
 
 
 # --- CUDA on a real GPU ---------------------------------------------------------------------
@@ -185,10 +251,10 @@ def test_cuda_kernel_is_well_formed(make, bias):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bias,activation,residual", EPILOGUES)
 @pytest.mark.parametrize("n,k", [(128, 64), (768, 768), (384, 1536), (1024, 192)])
-def test_cuda_dense_matches_numpy(n, k, bias, dtype, kernel):
-    """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; with and without bias.
+def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kernel):
+    """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; every epilogue.
     ``mma``: the device's plain target; ``wgmma``: its sm_90a target (Hopper only)."""
     import ml_dtypes
 
@@ -206,12 +272,11 @@ def test_cuda_dense_matches_numpy(n, k, bias, dtype, kernel):
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
     b = rng.standard_normal(n).astype(np_dtype) if bias else None
     for rank, shape in ((2, (1, k)), (2, (7, k)), (3, (1, 127, k)), (3, (3, 43, k)), (2, (1000, k))):
-        mod = linear_module(n, k, dtype, bias, rank)
+        mod = linear_module(n, k, dtype, bias, rank, activation, residual)
         assert kernels_of(dispatched(mod, target)), "our kernel was not dispatched"
         x = rng.standard_normal(shape).astype(np_dtype)
-        out = run_linear(mod, target, dev, x, w, b).astype("float32")
-        ref = x.astype("float64") @ w.astype("float64").T
-        if bias:
-            ref = ref + b.astype("float64")
+        r = rng.standard_normal((*shape[:-1], n)).astype(np_dtype) if residual else None
+        out = run_linear(mod, target, dev, x, w, b, r).astype("float32")
+        ref = reference(x, w, b, activation, r)
         tol = 2e-2 if dtype == "float16" else 6e-2
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)

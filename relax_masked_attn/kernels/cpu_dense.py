@@ -32,7 +32,7 @@ def dense_kernel(n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
         return total
 
     @T.macro
-    def body(x, w, _bias, out, m):
+    def body(x, w, _bias, _residual, out, m):
         for mo in T.parallel((m + rows - 1) // rows):
             acc = T.alloc_buffer((rows, cols, lanes), "float32", scope="local")
             for no in T.serial(n // cols):

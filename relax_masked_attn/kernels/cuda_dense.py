@@ -35,7 +35,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import compute_capability, cuda_arch, dense_func
+from .common import Epilogue, compute_capability, cuda_arch, dense_func
 from .config import tensor_core_dense_tiles, wgmma_dense_tiles
 
 
@@ -51,8 +51,10 @@ def supports(target: Target, n: int, k: int, dtype: str) -> bool:
     )
 
 
-def dense_kernel(n: int, k: int, dtype: str, bias: bool = False, tiles=None) -> tirx.PrimFunc:
-    """PrimFunc ``(x [m, k], w [n, k], [bias [n],] out [m, n])``; ``m`` symbolic.
+def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue = Epilogue(),
+                 tiles=None) -> tirx.PrimFunc:
+    """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``; ``m``
+    symbolic; ``epilogue`` says what joins the product before it is stored.
 
     ``tiles`` overrides :func:`~relax_masked_attn.kernels.config.tensor_core_dense_tiles`
     (for sweeps; ``n`` and ``k`` must be multiples of its tile sizes).
@@ -98,7 +100,7 @@ def dense_kernel(n: int, k: int, dtype: str, bias: bool = False, tiles=None) -> 
             )
 
     @T.macro
-    def body(x, w, bias_buf, out, m):
+    def body(x, w, bias_buf, residual, out, m):
         bn = T.launch_thread("blockIdx.x", n // tile_n)
         bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
         tx = T.launch_thread("threadIdx.x", threads)
@@ -169,14 +171,13 @@ def dense_kernel(n: int, k: int, dtype: str, bias: bool = False, tiles=None) -> 
                     for j in T.unroll(fn):
                         for c in T.unroll(2):
                             col = n0 + wn * warp_n + j * 8 + t4 * 2 + c
-                            if bias:
-                                out[row, col] = T.Cast(
-                                    dtype, acc[i, j, h * 2 + c] + T.Cast("float32", bias_buf[col])
-                                )
-                            else:
-                                out[row, col] = T.Cast(dtype, acc[i, j, h * 2 + c])
+                            out[row, col] = epilogue.store(
+                                dtype, acc[i, j, h * 2 + c],
+                                bias_buf[col] if epilogue.bias else None,
+                                residual[row, col] if epilogue.residual else None,
+                            )
 
-    return dense_func(n, k, dtype, body, bias)
+    return dense_func(n, k, dtype, body, epilogue)
 
 
 def has_wgmma(target: Target) -> bool:
@@ -184,7 +185,7 @@ def has_wgmma(target: Target) -> bool:
     return target.kind.name == "cuda" and cuda_arch(target) == "sm_90a"
 
 
-def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
+def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue = Epilogue(),
                        tiles=None) -> tirx.PrimFunc:
     """The same PrimFunc as :func:`dense_kernel` for ``sm_90a``, on ``wgmma.mma_async``.
 
@@ -217,6 +218,12 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
     out_stride = tile_n + 8  # elements a row of the output staging tile (the pool's start)
     assert tile_m * out_stride <= pool_elems
 
+    def out_word(bm, bn, it, tx):
+        """Index of the first 32-bit word of the 8 output columns thread ``tx`` moves in step
+        ``it`` of the epilogue (the row ``m0 + r`` and column ``n0 + col`` below)."""
+        row = bm * tile_m + it * (threads * 8 // tile_n) + tx // (tile_n // 8)
+        return (row * n + bn * tile_n + tx % (tile_n // 8) * 8) // 2
+
     def descriptor(addr):
         """Matrix descriptor of a K-major, 128-byte-swizzled tile at shared byte ``addr``:
         start >> 4, leading offset 1 (unused), stride 1024 bytes between 8-row groups."""
@@ -243,7 +250,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
                 )
 
     @T.macro
-    def body(x, w, bias_buf, out, m):
+    def body(x, w, bias_buf, residual, out, m):
         bn = T.launch_thread("blockIdx.x", n // tile_n)
         bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
         tx = T.launch_thread("threadIdx.x", threads)
@@ -311,25 +318,34 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, bias: bool = False,
             for j in T.unroll(tile_n // 8):
                 col = j * 8 + lane % 4 * 2
                 for c in T.unroll(2):
-                    if bias:
-                        pair[c] = T.Cast(
-                            dtype, acc[j * 4 + h * 2 + c] + T.Cast("float32", bias_buf[n0 + col + c])
-                        )
-                    else:
-                        pair[c] = T.Cast(dtype, acc[j * 4 + h * 2 + c])
+                    pair[c] = T.Cast(dtype, epilogue.value(
+                        acc[j * 4 + h * 2 + c], bias_buf[n0 + col + c] if epilogue.bias else None
+                    ))
                 smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
         T.cuda.cta_sync()
         # Out: each thread moves 8 columns of a row, as four 4-byte shared loads and one 16-byte
-        # global store (word views of the pool and of out).
+        # global store (word views of the pool, of out and of the residual, whose 16 bytes are
+        # added here, the halves of the words viewed as `dtype`).
         smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data, scope="shared.dyn")
         out_words = T.decl_buffer((m * (n // 2),), "uint32", data=out.data)
         words = T.alloc_buffer((4,), "uint32", scope="local")
+        halves = T.decl_buffer((8,), dtype, data=words.data, scope="local")
+        if epilogue.residual:
+            res_words = T.decl_buffer((m * (n // 2),), "uint32", data=residual.data)
+            res = T.alloc_buffer((4,), "uint32", scope="local")
+            res_halves = T.decl_buffer((8,), dtype, data=res.data, scope="local")
         for it in T.unroll(tile_m * tile_n // 8 // threads):
             r = it * (threads * 8 // tile_n) + tx // (tile_n // 8)
             col = tx % (tile_n // 8) * 8
             if m0 + r < m:
                 for q in T.unroll(4):
                     words[q] = smem_words[(r * out_stride + col) // 2 + q]
-                out_words[T.Ramp(((m0 + r) * n + n0 + col) // 2, 1, 4)] = words[T.Ramp(0, 1, 4)]
+                if epilogue.residual:
+                    # (the word index written out in thread and loop variables, whose multiple
+                    # of 4 the code generator must see to emit one 16-byte load, not four)
+                    res[T.Ramp(0, 1, 4)] = res_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)]
+                    for e in T.unroll(8):
+                        halves[e] = epilogue.add_residual(dtype, halves[e], res_halves[e])
+                out_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)] = words[T.Ramp(0, 1, 4)]
 
-    return dense_func(n, k, dtype, body, bias)
+    return dense_func(n, k, dtype, body, epilogue)
