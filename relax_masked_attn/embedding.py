@@ -194,7 +194,7 @@ class EmbeddingModel:
             return dict(sorted(seconds.items(), key=lambda item: -item[1]))
         buckets = {"attention": 0.0, "matmul": 0.0, "rest": 0.0}
         for name, sec in seconds.items():
-            kind = ("attention" if "masked_prefill" in name
+            kind = ("attention" if "_prefill_" in name
                     else "matmul" if "matmul" in name or "dense" in name else "rest")
             buckets[kind] += sec
         return buckets

@@ -12,6 +12,7 @@ The target is the one of q's virtual device if it has one, else ``Target.current
 
 from __future__ import annotations
 
+import tvm
 from tvm import relax, tirx
 from tvm.relax.transform.legalize_ops.common import register_legalize
 from tvm.target import Target
@@ -19,7 +20,7 @@ from tvm.target import Target
 from .kernels.common import cuda_arch
 from .kernels.cpu import cpu_kernel
 from .kernels.gpu import portable_gpu_kernel
-from .op import OP_NAME, call_mode, call_sm_scale
+from .op import OP_NAME, PACKED_OP_NAME, call_causal, call_mode, call_sm_scale
 
 
 def target_of(call: relax.Call) -> Target:
@@ -41,45 +42,61 @@ def is_gpu(target: Target) -> bool:
     return "gpu" in target.keys
 
 
-def _static_dims(call: relax.Call) -> tuple[int, int, int, str]:
+def _static_dims(call: relax.Call, op_name: str = "masked_sequence_prefill") -> tuple[int, int, int, str]:
     q_ty, k_ty = call.args[0].ty, call.args[1].ty
+    head_axis = q_ty.ndim - 2  # [batch, seq, heads, dim] or packed [t, heads, dim]
     dims = []
-    for ty, axis, what in ((q_ty, 2, "heads_q"), (k_ty, 2, "heads_kv"), (q_ty, 3, "head_dim")):
+    for ty, axis, what in ((q_ty, head_axis, "heads_q"), (k_ty, head_axis, "heads_kv"),
+                           (q_ty, head_axis + 1, "head_dim")):
         dim = None if ty.shape is None else ty.shape.values[axis]
         if not isinstance(dim, tirx.IntImm):
             raise ValueError(
-                f"masked_sequence_prefill: {what} must be a static integer to generate a kernel, "
-                f"but got {dim}"
+                f"{op_name}: {what} must be a static integer to generate a kernel, but got {dim}"
             )
         dims.append(int(dim.value))
     return dims[0], dims[1], dims[2], q_ty.dtype.dtype
 
 
-def kernel_for(call: relax.Call, target: Target) -> tirx.PrimFunc:
-    """The PrimFunc ``(q, k, v, valid_len, out)`` that computes ``call`` on ``target``."""
-    heads_q, heads_kv, head_dim, dtype = _static_dims(call)
-    mode = call_mode(call)
-    sm_scale = call_sm_scale(call, head_dim)
-    args = (heads_q, heads_kv, head_dim, dtype, mode, sm_scale)
+def _kernel(target: Target, args: tuple, packed: bool, op_name: str) -> tirx.PrimFunc:
     if target.kind.name == "llvm":
-        return cpu_kernel(*args)
+        return cpu_kernel(*args, packed=packed)
     if is_gpu(target):
         from .kernels import cuda_mma  # imported here: CPU-only users never need it
 
-        if cuda_mma.supports(target, head_dim, dtype):
-            return cuda_mma.tensor_core_kernel(*args)
-        return portable_gpu_kernel(*args)
+        if cuda_mma.supports(target, args[2], args[3]):
+            return cuda_mma.tensor_core_kernel(*args, packed=packed)
+        return portable_gpu_kernel(*args, packed=packed)
     raise ValueError(
-        f"masked_sequence_prefill: no kernel for target kind {target.kind.name!r}; "
+        f"{op_name}: no kernel for target kind {target.kind.name!r}; "
         "supported: llvm (CPU) and GPU targets (cuda, rocm, metal, vulkan)"
     )
 
 
+def kernel_for(call: relax.Call, target: Target) -> tirx.PrimFunc:
+    """The PrimFunc that computes ``call`` (of either op) on ``target``: ``(q, k, v, valid_len,
+    out)``, or for the packed op ``(q, k, v, seq_start, max_len, out)``."""
+    if _is_packed(call):
+        heads_q, heads_kv, head_dim, dtype = _static_dims(call, "packed_sequence_prefill")
+        mode = "causal_padded" if call_causal(call) else "padded"
+        args = (heads_q, heads_kv, head_dim, dtype, mode, call_sm_scale(call, head_dim))
+        return _kernel(target, args, True, "packed_sequence_prefill")
+    heads_q, heads_kv, head_dim, dtype = _static_dims(call)
+    mode = call_mode(call)
+    args = (heads_q, heads_kv, head_dim, dtype, mode, call_sm_scale(call, head_dim))
+    return _kernel(target, args, False, "masked_sequence_prefill")
+
+
+def _is_packed(call: relax.Call) -> bool:
+    return call.op.name == PACKED_OP_NAME
+
+
 KERNEL_PREFIX = "zz_masked_prefill"
+PACKED_KERNEL_PREFIX = "zz_packed_prefill"
 
 
 def kernel_name(call: relax.Call) -> str:
-    """The PrimFunc's name: ``zz_masked_prefill_<mode>_h<heads_q>_<heads_kv>_d<head_dim>_<dtype>``.
+    """The PrimFunc's name: ``zz_masked_prefill_<mode>_h<heads_q>_<heads_kv>_d<head_dim>_<dtype>``
+    (the packed op: ``zz_packed_prefill_<causal|full>_...``).
 
     The ``zz_`` sorts our kernels after every other function of the module, on purpose: in
     apache-tvm 0.27 the LLVM code generator gives every function of a module a ``_compute_``
@@ -87,20 +104,34 @@ def kernel_name(call: relax.Call) -> str:
     parallel loop, and without it the CPU kernel runs about 2x slower (measured on this
     project's 2-core Zen 5 machine: 0.29 s vs 0.14 s for batch 8, seq 512, 12 heads, dim 64).
     """
+    if _is_packed(call):
+        heads_q, heads_kv, head_dim, dtype = _static_dims(call, "packed_sequence_prefill")
+        mode = "causal" if call_causal(call) else "full"
+        return f"{PACKED_KERNEL_PREFIX}_{mode}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}"
     heads_q, heads_kv, head_dim, dtype = _static_dims(call)
     return f"{KERNEL_PREFIX}_{call_mode(call)}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}"
 
 
 def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """Replace one call of the op by ``call_tir`` of the target's kernel."""
+    """Replace one call of either op by ``call_tir`` of the target's kernel."""
     func = kernel_for(call, target_of(call))
     name = kernel_name(call)  # also the symbol, so kernels of different calls never collide
     func = func.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", name)
     gv = bb.add_func(func, name)
-    return relax.call_tir(gv, list(call.args), out_ty=call.ty)
+    if not _is_packed(call):
+        return relax.call_tir(gv, list(call.args), out_ty=call.ty)
+    max_len = call.args[4]
+    if not isinstance(getattr(max_len, "ty", None), tvm.ir.PrimType):
+        raise ValueError(
+            "packed_sequence_prefill: max_len must be an integer expression (a constant or a "
+            f"symbolic shape variable) to generate a kernel, but got {max_len}"
+        )
+    value = max_len if str(max_len.ty.dtype) == "int64" else tirx.Cast("int64", max_len)
+    return relax.call_tir(gv, [*call.args[:4], value], out_ty=call.ty)
 
 
 register_legalize(OP_NAME, legalize)
+register_legalize(PACKED_OP_NAME, legalize)
 
 
 def host_cpu_target() -> Target:

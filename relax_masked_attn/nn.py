@@ -26,6 +26,28 @@ def masked_sequence_prefill(
     return nn_op.wrap_nested(call, name)
 
 
+def packed_sequence_prefill(
+    q: nn.Tensor,
+    k: nn.Tensor,
+    v: nn.Tensor,
+    seq_start: nn.Tensor,
+    max_len,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    name: str = "packed_sequence_prefill",
+) -> nn.Tensor:
+    """:func:`relax_masked_attn.packed_sequence_prefill` on ``nn.Tensor``.
+
+    q ``[t, heads_q, head_dim]``, k/v ``[t, heads_kv, head_dim]``, seq_start ``[batch + 1]``
+    int32, ``max_len`` an int or a symbolic dim (such as a padded batch's ``seq``); returns
+    ``[t, heads_q, head_dim]``.
+    """
+    call = _op.packed_sequence_prefill(
+        q._expr, k._expr, v._expr, seq_start._expr, max_len, causal, sm_scale
+    )
+    return nn_op.wrap_nested(call, name)
+
+
 def valid_len_from_attention_mask(mask: nn.Tensor, name: str = "valid_len") -> nn.Tensor:
     """The ``[batch]`` int32 count of ones of a ``[batch, seq]`` 0/1 attention mask.
 

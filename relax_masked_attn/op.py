@@ -160,9 +160,137 @@ def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
     return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
 
 
+PACKED_OP_NAME = "relax_masked_attn.packed_sequence_prefill"
+
+
+def packed_sequence_prefill(
+    q: relax.Expr,
+    k: relax.Expr,
+    v: relax.Expr,
+    seq_start: relax.Expr,
+    max_len,
+    causal: bool = False,
+    sm_scale: float | None = None,
+) -> relax.Expr:
+    """Attention over sequences packed one after another without padding ("varlen").
+
+    Parameters
+    ----------
+    q : relax.Expr
+        The queries of every sequence, ``[t, heads_q, head_dim]``.
+    k, v : relax.Expr
+        The keys and values, ``[t, heads_kv, head_dim]`` (``heads_q % heads_kv == 0``).
+    seq_start : relax.Expr
+        ``[batch + 1]`` int32, non-decreasing: sequence ``b`` is rows
+        ``[seq_start[b], seq_start[b + 1])`` (values are clamped into ``[0, t]``). Rows before
+        ``seq_start[0]`` or from ``seq_start[batch]`` on belong to no sequence and come out 0.
+    max_len : int or PrimExpr
+        The longest sequence to size the GPU grid for (the padded length ``seq`` of the batch
+        is a good one). Longer sequences are still right, only slower.
+    causal : bool
+        Whether a token sees only the tokens at or before it in its sequence.
+    sm_scale : float, optional
+        The softmax scale, positive; ``1 / sqrt(head_dim)`` if not given.
+
+    Returns
+    -------
+    relax.Expr
+        ``[t, heads_q, head_dim]`` in q's dtype: each sequence attends only within itself.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"packed_sequence_prefill: causal must be a bool, but got {causal!r}")
+    is_prim_int = isinstance(max_len, tvm.ir.Expr) and _is_int_prim(getattr(max_len, "ty", None))
+    if isinstance(max_len, bool) or not (isinstance(max_len, int) or is_prim_int):
+        raise TypeError(
+            "packed_sequence_prefill: max_len must be an int or an integer PrimExpr, "
+            f"but got {max_len!r}"
+        )
+    if isinstance(max_len, int) and max_len < 0:
+        raise ValueError(f"packed_sequence_prefill: max_len must be >= 0, but got {max_len}")
+    attrs = {"causal": causal}
+    if sm_scale is not None:
+        attrs["sm_scale"] = _check_sm_scale(sm_scale)
+    call_attrs = tvm.ir.make_node("ir.DictAttrs", **attrs)
+    if isinstance(max_len, int):
+        max_len = tvm.tirx.IntImm("int64", max_len)
+    elif str(max_len.ty.dtype) != "int64":
+        max_len = tvm.tirx.Cast("int64", max_len)
+    return relax.Call(tvm.ir.Op.get(PACKED_OP_NAME), [q, k, v, seq_start, max_len], call_attrs)
+
+
+def _is_int_prim(ty) -> bool:
+    return isinstance(ty, tvm.ir.PrimType) and str(ty.dtype).startswith(("int", "uint"))
+
+
+def call_causal(call: relax.Call) -> bool:
+    """Whether a call of the packed op is causal."""
+    return bool(call.attrs["causal"])
+
+
+def _packed_error(msg: str) -> ValueError:
+    return ValueError(f"packed_sequence_prefill: {msg}")
+
+
+def infer_packed_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
+    """Check a call of the packed op and return its result's type (raises only on what it can
+    prove wrong)."""
+    if len(call.args) != 5:
+        raise _packed_error(
+            f"expects 5 arguments (q, k, v, seq_start, max_len), but got {len(call.args)}"
+        )
+    if "sm_scale" in call.attrs.keys():
+        _check_sm_scale(float(call.attrs["sm_scale"]))
+    max_len_ty = call.args[4].ty
+    if not _is_int_prim(max_len_ty):
+        raise _packed_error(f"max_len must be an integer PrimValue, but got {max_len_ty}")
+    tys = []
+    for arg, name in zip(call.args[:4], ("q", "k", "v", "seq_start")):
+        ty = arg.ty
+        if not isinstance(ty, relax.TensorType):
+            raise _packed_error(f"{name} must be a tensor, but got {ty}")
+        tys.append(ty)
+    q, k, v, seq_start = tys
+    for ty, name, layout in ((q, "q", "[t, heads_q, head_dim]"), (k, "k", "[t, heads_kv, head_dim]"),
+                             (v, "v", "[t, heads_kv, head_dim]")):
+        if ty.ndim != 3:
+            raise _packed_error(f"{name} should have 3 dimensions {layout}, but got {ty.ndim}")
+        if ty.dtype.dtype not in FLOAT_DTYPES:
+            raise _packed_error(
+                f"{name} must have a dtype among {', '.join(FLOAT_DTYPES)}, but got {ty.dtype.dtype}"
+            )
+    if not (q.dtype.dtype == k.dtype.dtype == v.dtype.dtype):
+        raise _packed_error(
+            f"q, k and v must share one dtype, but got {q.dtype.dtype}, {k.dtype.dtype} and "
+            f"{v.dtype.dtype}"
+        )
+    if seq_start.ndim != 1 or seq_start.dtype.dtype != "int32":
+        raise _packed_error(
+            f"seq_start must be a 1-D int32 tensor [batch + 1], but got {seq_start.ndim}-D "
+            f"{seq_start.dtype.dtype}"
+        )
+    if q.shape is None or k.shape is None or v.shape is None:
+        return relax.TensorType(dtype=q.dtype, ndim=3, vdevice=q.vdevice)
+    qs, ks, vs = q.shape.values, k.shape.values, v.shape.values
+    for dim, what in ((0, "t"), (1, "heads_kv"), (2, "head_dim")):
+        if _provably_different(ks[dim], vs[dim]):
+            raise _packed_error(f"k and v must have the same {what}, but got {_fmt(ks[dim])} and {_fmt(vs[dim])}")
+    for dim, what in ((0, "t"), (2, "head_dim")):
+        if _provably_different(qs[dim], ks[dim]):
+            raise _packed_error(f"q and k must have the same {what}, but got {_fmt(qs[dim])} and {_fmt(ks[dim])}")
+    heads_q, heads_kv = qs[1], ks[1]
+    if isinstance(heads_q, tvm.tirx.IntImm) and isinstance(heads_kv, tvm.tirx.IntImm):
+        if heads_kv.value <= 0 or heads_q.value % heads_kv.value != 0:
+            raise _packed_error(
+                "heads_q must be a multiple of heads_kv, "
+                f"but got heads_q={heads_q.value} and heads_kv={heads_kv.value}"
+            )
+    return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
+
+
 def _register() -> None:
-    tvm.ir.register_op_attr(OP_NAME, "FInferType", infer_type)
-    tvm.ir.register_op_attr(OP_NAME, "FPurity", True)
+    for name, infer in ((OP_NAME, infer_type), (PACKED_OP_NAME, infer_packed_type)):
+        tvm.ir.register_op_attr(name, "FInferType", infer)
+        tvm.ir.register_op_attr(name, "FPurity", True)
 
 
 _register()
@@ -189,5 +317,28 @@ def standalone_module(
     bb = relax.BlockBuilder()
     with bb.function("main", [q, k, v, valid_len]):
         out = bb.emit(masked_sequence_prefill(q, k, v, valid_len, mode, sm_scale))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def standalone_packed_module(
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    dtype: str,
+    causal: bool = False,
+    max_len: int = 1024,
+    sm_scale: float | None = None,
+) -> tvm.IRModule:
+    """A Relax module whose ``main(q, k, v, seq_start)`` is one call of the packed op, the token
+    count ``t`` and batch symbolic, the grid sized for sequences of up to ``max_len`` tokens."""
+    t, batch1 = tvm.tirx.Var("t", "int64"), tvm.tirx.Var("batch_plus_1", "int64")
+    q = relax.Var("q", relax.TensorType((t, heads_q, head_dim), dtype))
+    k = relax.Var("k", relax.TensorType((t, heads_kv, head_dim), dtype))
+    v = relax.Var("v", relax.TensorType((t, heads_kv, head_dim), dtype))
+    seq_start = relax.Var("seq_start", relax.TensorType((batch1,), "int32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [q, k, v, seq_start]):
+        out = bb.emit(packed_sequence_prefill(q, k, v, seq_start, max_len, causal, sm_scale))
         bb.emit_func_output(out)
     return bb.get()

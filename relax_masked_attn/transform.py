@@ -16,7 +16,7 @@ from .gpu_schedule import gpu_default_schedule
 from .kernels import cpu_dense, cuda_dense
 from .kernels.common import Epilogue
 from .legalize import legalize
-from .op import OP_NAME
+from .op import OP_NAME, PACKED_OP_NAME
 
 
 def _mutate_functions(mutator: PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
@@ -31,18 +31,19 @@ def _mutate_functions(mutator: PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule
 class _PrefillLegalizer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self.op = tvm.ir.Op.get(OP_NAME)
+        self.ops = (tvm.ir.Op.get(OP_NAME), tvm.ir.Op.get(PACKED_OP_NAME))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if isinstance(call.op, tvm.ir.Op) and call.op.same_as(self.op):
+        if isinstance(call.op, tvm.ir.Op) and any(call.op.same_as(op) for op in self.ops):
             return legalize(self.builder_, call)
         return call
 
 
 @tvm.transform.module_pass(opt_level=0, name="LegalizeMaskedPrefill")
 class LegalizeMaskedPrefill:
-    """Replace every ``masked_sequence_prefill`` call by ``call_tir`` of the target's kernel.
+    """Replace every ``masked_sequence_prefill`` and ``packed_sequence_prefill`` call by
+    ``call_tir`` of the target's kernel.
 
     Leaves every other op alone, so it can stand anywhere in a ``tvm.transform.Sequential``
     before ``LegalizeOps``. The target is the tensors' vdevice, else ``Target.current()``::

@@ -94,3 +94,40 @@ def assert_matches_reference(out, q, k, v, valid_len, mode, sm_scale=None):
     for b, n in enumerate(np.clip(valid_len, 0, min(seq_q, k.shape[1]))):
         pad = slice(0, seq_q - n) if left else slice(n, seq_q)
         assert (out32[b, pad] == 0).all(), f"padding rows of batch row {b} are not exactly 0"
+
+
+@functools.cache
+def compiled_packed(target: str, heads_q, heads_kv, head_dim, dtype, causal, max_len):
+    """A VM function running the packed op for ``target``, compiled once per key."""
+    mod = rma.op.standalone_packed_module(heads_q, heads_kv, head_dim, dtype, causal, max_len)
+    tgt = tvm.target.Target.from_device(tvm.cuda(0)) if target == "cuda" else target
+    ex = tvm.compile(mod, target=tgt)
+    dev = tvm.cuda(0) if target == "cuda" else tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+
+    def run(q, k, v, seq_start) -> np.ndarray:
+        args = [tvm.runtime.tensor(x, device=dev) for x in (q, k, v, seq_start)]
+        return vm["main"](*args).numpy()
+
+    return run
+
+
+def packed_inputs(lens, heads_q, heads_kv, head_dim, dtype, rng, head=0, tail=0):
+    """q, k, v ``[t, heads, head_dim]`` and seq_start for sequences of ``lens`` tokens packed
+    after ``head`` rows of no sequence, with ``tail`` such rows after them."""
+    seq_start = (head + np.concatenate([[0], np.cumsum(lens)])).astype("int32")
+    t = int(seq_start[-1]) + tail
+    q, k, v = random_qkv(1, t, t, heads_q, heads_kv, head_dim, dtype, rng)
+    return q[0], k[0], v[0], seq_start
+
+
+def assert_packed_matches_reference(out, q, k, v, seq_start, causal):
+    """out == the packed reference within the dtype's tolerance, all finite; rows of no sequence
+    exactly zero."""
+    ref = rma.reference.packed_sequence_prefill(q, k, v, seq_start, causal)
+    out32 = out.astype("float32")
+    assert np.isfinite(out32).all()
+    np.testing.assert_allclose(out32, ref.astype("float32"), atol=tolerance(str(q.dtype)), rtol=0)
+    t = q.shape[0]
+    first, last = np.clip(seq_start[0], 0, t), np.clip(seq_start[-1], 0, t)
+    assert (out32[:first] == 0).all() and (out32[last:] == 0).all(), "rows of no sequence"

@@ -197,7 +197,7 @@ def test_profile_splits_the_time(tiny_bert):
     kinds = ours.profile(ids, mask)
     assert set(kinds) == {"attention", "matmul", "rest"} and kinds["attention"] > 0
     functions = ours.profile(ids, mask, by="function")
-    assert any(name.startswith("zz_masked_prefill") for name in functions)
+    assert any(name.startswith("zz_packed_prefill") for name in functions)
     assert list(functions.values()) == sorted(functions.values(), reverse=True)
     with pytest.raises(ValueError, match="by must be"):
         ours.profile(ids, mask, by="op")
@@ -271,7 +271,7 @@ def test_models_compile_for_cuda(which, dtype, request):
     ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     src = ex.mod.imports[0].imports[0].inspect_source()
     ab = "f16" if dtype == "float16" else "bf16"
-    assert "zz_masked_prefill" in src and f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}" in src
+    assert "zz_packed_prefill" in src and f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}" in src
     assert "zz_dense_" in src  # the 128-wide MLP projections of the tiny models
 
 

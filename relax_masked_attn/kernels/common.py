@@ -27,21 +27,125 @@ def compute_capability(target: Target) -> int:
     return int("".join(ch for ch in arch[3:] if ch.isdigit()))
 
 
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Where the real block of batch row ``b`` lies in a kernel's 4-D ``[*, seq, heads, dim]``
+    buffers, for the padded op (one batch row each, ``valid_len``) and the packed one (every
+    sequence in one ``[1, t, heads, dim]`` view, ``seq_start``). Methods return PrimExprs of the
+    kernel's index dtype.
+
+    * padded: ``n = clamp(valid_len[b], 0, min(seq_q, seq_kv))``, the block at the start of the
+      row, or at its end when ``left``; the rows outside it are padding, which kernels zero.
+    * packed: ``start = clamp(seq_start[b], 0, t)``, ``n = clamp(seq_start[b + 1], start, t) -
+      start``; queries and keys are rows ``[start, start + n)`` of the same ``t`` rows. Rows
+      before ``seq_start[0]`` or from ``seq_start[batch]`` on belong to no sequence: kernels zero
+      them (:meth:`uncovered`). ``seq_q`` and ``seq_kv`` are then ``max_len``, the longest
+      sequence a grid is sized for; kernels loop over any tiles past it.
+    """
+
+    packed: bool
+    left: bool
+    lengths: object  # valid_len [batch] or seq_start [batch + 1] (int32 buffers)
+    seq_q: object
+    seq_kv: object
+    total: object = None  # packed: t
+    index_dtype: str = "int32"
+
+    def _idx(self, value):
+        return tirx.Cast(self.index_dtype, value)
+
+    def batch_index(self, b):
+        """The first index of ``b``'s rows in the 4-D buffers."""
+        return tirx.const(0, self.index_dtype) if self.packed else b
+
+    def start(self, b):
+        return tirx.max(tirx.min(self._idx(self.lengths[b]), self.total), self._zero())
+
+    def length(self, b):
+        if self.packed:
+            end = tirx.max(tirx.min(self._idx(self.lengths[b + 1]), self.total), self.start(b))
+            return end - self.start(b)
+        return tirx.max(tirx.min(self._idx(self.lengths[b]), tirx.min(self.seq_q, self.seq_kv)),
+                        self._zero())
+
+    def q_offset(self, b, n):
+        """The row of the first real query."""
+        if self.packed:
+            return self.start(b)
+        return tirx.if_then_else(self.left, self.seq_q - n, self._zero())
+
+    def kv_offset(self, b, n):
+        if self.packed:
+            return self.start(b)
+        return tirx.if_then_else(self.left, self.seq_kv - n, self._zero())
+
+    def uncovered(self, b):
+        """Packed: ``(begin, end)`` of the rows of no sequence that batch row ``b`` zeroes (those
+        before the first sequence for ``b = 0``, after the last for the last ``b``)."""
+        batch = self.lengths.shape[0] - 1
+        head_end = tirx.if_then_else(b == 0, self.start(b), self._zero())
+        tail_begin = tirx.if_then_else(b == batch - 1, self.start(b) + self.length(b), self.total)
+        return head_end, tail_begin
+
+    def _zero(self):
+        return tirx.const(0, self.index_dtype)
+
+
 def attention_func(
     heads_q: int, heads_kv: int, head_dim: int, dtype: str, body, index_dtype: str = "int32",
-    scheduled: bool = True,
+    scheduled: bool = True, packed: bool = False, left: bool = False,
 ) -> tirx.PrimFunc:
-    """The op's PrimFunc ``(q, k, v, valid_len, out)`` around a kernel body.
+    """The op's PrimFunc around a kernel body.
 
-    ``body`` is a ``T.macro`` called as ``body(q, k, v, valid_len, out, batch, seq_q, seq_kv)``
-    with q ``[batch, seq_q, heads_q, head_dim]``, k/v ``[batch, seq_kv, heads_kv, head_dim]``,
-    valid_len ``[batch]`` int32 and out shaped like q; batch and lengths are symbolic variables
-    of ``index_dtype``. ``scheduled`` marks the function ``tirx.is_scheduled`` (GPU kernels with
-    explicit threads; dlight leaves them alone).
+    Padded (the ``masked_sequence_prefill`` op): ``(q, k, v, valid_len, out)``, q
+    ``[batch, seq_q, heads_q, head_dim]``, k/v ``[batch, seq_kv, heads_kv, head_dim]``,
+    valid_len ``[batch]`` int32, out shaped like q; ``left``: the real tokens sit at the end.
+    Packed (``packed_sequence_prefill``): ``(q, k, v, seq_start, max_len, out)``, q
+    ``[t, heads_q, head_dim]``, k/v ``[t, heads_kv, head_dim]``, seq_start ``[batch + 1]`` int32,
+    out like q, ``max_len`` an int64 scalar (the longest sequence the grid is sized for).
+
+    ``body`` is a ``T.macro`` called as ``body(q, k, v, rows, out, batch, seq_q, seq_kv)`` with
+    4-D buffers (the packed ones viewed as ``[1, t, heads, head_dim]``) and a :class:`Rows`;
+    batch and lengths are symbolic variables of ``index_dtype``. ``scheduled`` marks the function
+    ``tirx.is_scheduled`` (GPU kernels with explicit threads; dlight leaves them alone).
     """
     attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
     index_var = getattr(T, index_dtype)
     d = head_dim
+
+    def longest(max_len):
+        return tirx.Cast(index_dtype, tirx.max(max_len, tirx.const(1, "int64")))
+
+    if packed:
+
+        @T.prim_func
+        def packed_prefill(
+            q_handle: T.handle,
+            k_handle: T.handle,
+            v_handle: T.handle,
+            seq_start_handle: T.handle,
+            max_len: T.int64,
+            out_handle: T.handle,
+        ):
+            T.func_attr(attrs)
+            batch1 = index_var()
+            t = index_var()
+            q = T.match_buffer(q_handle, (t, heads_q, d), dtype)
+            k = T.match_buffer(k_handle, (t, heads_kv, d), dtype)
+            v = T.match_buffer(v_handle, (t, heads_kv, d), dtype)
+            seq_start = T.match_buffer(seq_start_handle, (batch1,), "int32")
+            out = T.match_buffer(out_handle, (t, heads_q, d), dtype)
+            q4 = T.decl_buffer((1, t, heads_q, d), dtype, data=q.data)
+            k4 = T.decl_buffer((1, t, heads_kv, d), dtype, data=k.data)
+            v4 = T.decl_buffer((1, t, heads_kv, d), dtype, data=v.data)
+            out4 = T.decl_buffer((1, t, heads_q, d), dtype, data=out.data)
+            # (the grid's longest sequence written as an expression, not bound to a variable:
+            # the host computes launch extents from it)
+            body(q4, k4, v4,
+                 Rows(True, False, seq_start, longest(max_len), longest(max_len), t, index_dtype),
+                 out4, batch1 - 1, longest(max_len), longest(max_len))
+
+        return packed_prefill
 
     @T.prim_func
     def masked_prefill(
@@ -60,7 +164,8 @@ def attention_func(
         v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
         valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
         out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
-        body(q, k, v, valid_len, out, batch, seq_q, seq_kv)
+        body(q, k, v, Rows(False, left, valid_len, seq_q, seq_kv, None, index_dtype), out,
+             batch, seq_q, seq_kv)
 
     return masked_prefill
 

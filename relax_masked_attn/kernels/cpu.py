@@ -46,9 +46,12 @@ def fast_exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 def cpu_kernel(
-    heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float
+    heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
+    packed: bool = False,
 ) -> tirx.PrimFunc:
-    """PrimFunc ``(q, k, v, valid_len, out)`` for the CPU; batch and lengths are symbolic."""
+    """PrimFunc ``(q, k, v, valid_len, out)`` for the CPU, batch and lengths symbolic; with
+    ``packed``, the packed op's ``(q, k, v, seq_start, max_len, out)`` (``mode`` then says only
+    whether attention is causal; see :func:`~relax_masked_attn.kernels.common.attention_func`)."""
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
     tq, tk = cpu_tiles(head_dim, dtype)
@@ -58,7 +61,7 @@ def cpu_kernel(
     store_loop = T.serial if dtype == "bfloat16" else T.vectorized
 
     @T.macro
-    def body(q, k, v, valid_len, out, batch, seq_q, seq_kv):
+    def body(q, k, v, rows, out, batch, seq_q, seq_kv):
 
         for bh in T.parallel(batch * heads_q):
             q_tile = T.alloc_buffer((tq, d), "float32", scope="local")
@@ -73,14 +76,24 @@ def cpu_kernel(
             b = bh // heads_q
             h = bh % heads_q
             h_kv = h // group
-            n = T.max(T.min(T.Cast("int64", valid_len[b]), T.min(seq_q, seq_kv)), T.int64(0))
-            q_off = T.if_then_else(left, seq_q - n, T.int64(0))
-            kv_off = T.if_then_else(left, seq_kv - n, T.int64(0))
+            n = rows.length(b)
+            q_off = rows.q_offset(b, n)
+            kv_off = rows.kv_offset(b, n)
+            bi = rows.batch_index(b)
 
-            # Padding queries: exact zeros.
-            for r in T.serial(seq_q - n):
-                for j in store_loop(d):
-                    out[b, T.if_then_else(left, r, n + r), h, j] = T.Cast(dtype, T.float32(0))
+            # Padding queries (packed: rows of no sequence): exact zeros.
+            if packed:
+                head_end, tail_begin = rows.uncovered(b)
+                for r in T.serial(head_end):
+                    for j in store_loop(d):
+                        out[bi, r, h, j] = T.Cast(dtype, T.float32(0))
+                for r in T.serial(rows.total - tail_begin):
+                    for j in store_loop(d):
+                        out[bi, tail_begin + r, h, j] = T.Cast(dtype, T.float32(0))
+            else:
+                for r in T.serial(seq_q - n):
+                    for j in store_loop(d):
+                        out[b, T.if_then_else(left, r, n + r), h, j] = T.Cast(dtype, T.float32(0))
 
             for qt in T.serial((n + tq - 1) // tq):
                 r0 = qt * tq
@@ -88,7 +101,7 @@ def cpu_kernel(
                     for j in T.vectorized(d):
                         q_tile[i, j] = T.if_then_else(
                             r0 + i < n,
-                            T.Cast("float32", q[b, q_off + T.min(r0 + i, n - 1), h, j]) * qk_scale,
+                            T.Cast("float32", q[bi, q_off + T.min(r0 + i, n - 1), h, j]) * qk_scale,
                             T.float32(0),
                         )
                 for i in T.serial(tq):
@@ -105,13 +118,13 @@ def cpu_kernel(
                         for j in T.vectorized(d):
                             v_tile[c, j] = T.if_then_else(
                                 c0 + c < kv_end,
-                                T.Cast("float32", v[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                                T.Cast("float32", v[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
                                 T.float32(0),
                             )
                         for j in T.serial(d):
                             k_tile_t[j, c] = T.if_then_else(
                                 c0 + c < kv_end,
-                                T.Cast("float32", k[b, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                                T.Cast("float32", k[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
                                 T.float32(0),
                             )
                     for i in T.unroll(tq):
@@ -145,8 +158,9 @@ def cpu_kernel(
 
                 for i in T.serial(T.min(tq, n - r0)):
                     for j in store_loop(d):
-                        out[b, q_off + r0 + i, h, j] = T.Cast(dtype, acc[i, j] / row_sum[i])
+                        out[bi, q_off + r0 + i, h, j] = T.Cast(dtype, acc[i, j] / row_sum[i])
 
     return attention_func(
-        heads_q, heads_kv, head_dim, dtype, body, index_dtype="int64", scheduled=False
+        heads_q, heads_kv, head_dim, dtype, body, index_dtype="int64", scheduled=False,
+        packed=packed, left=left,
     )

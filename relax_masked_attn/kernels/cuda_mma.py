@@ -45,9 +45,11 @@ def supports(target: Target, head_dim: int, dtype: str) -> bool:
 
 def tensor_core_kernel(
     heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
-    tiles=None,
+    tiles=None, packed: bool = False,
 ) -> tirx.PrimFunc:
-    """PrimFunc ``(q, k, v, valid_len, out)`` on tensor cores; batch and lengths symbolic.
+    """PrimFunc ``(q, k, v, valid_len, out)`` on tensor cores, batch and lengths symbolic; with
+    ``packed``, the packed op's ``(q, k, v, seq_start, max_len, out)``: query tiles are then laid
+    out from each sequence's first row, and a block loops over the tiles past ``max_len``.
 
     ``tiles`` overrides :func:`~relax_masked_attn.kernels.config.tensor_core_tiles` (sweeps).
     """
@@ -68,7 +70,6 @@ def tensor_core_kernel(
     ab = "f16" if dtype == "float16" else "bf16"
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
     pack = f"cvt.rn.{ab}x2.f32"
-    loads_per_thread = rows * chunks // threads
     q_slots = dk if q_in_regs else 1  # Q fragments held: all k-steps, or the current one
 
     @T.macro
@@ -87,6 +88,15 @@ def tensor_core_kernel(
             )
 
     @T.macro
+    def zero_rows(out, bi, h, begin, end, zero16, tx):
+        """Exact zeros into rows [begin, end) of head ``h``, 16 bytes a thread at a time."""
+        for it in T.serial(((end - begin) * chunks + threads - 1) // threads):
+            e = it * threads + tx
+            if begin + e // chunks < end:
+                for j in T.vectorized(8):
+                    out[bi, begin + e // chunks, h, (e % chunks) * 8 + j] = zero16[j]
+
+    @T.macro
     def load_q_frags(q_frag, q_smem, kk, slot, warp, lane):
         """``ldmatrix`` the A fragments of k-step ``kk`` of each of this warp's m16 tiles."""
         for a in T.unroll(atoms):
@@ -99,7 +109,7 @@ def tensor_core_kernel(
             )
 
     @T.macro
-    def body(q, k, v, valid_len, out, batch, seq_q, seq_kv):
+    def body(q, k, v, geom, out, batch, seq_q, seq_kv):
 
         bh = T.launch_thread("blockIdx.x", batch * heads_q)
         qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
@@ -122,180 +132,189 @@ def tensor_core_kernel(
         b = bh // heads_q
         h = bh % heads_q
         h_kv = h // group
-        n = T.max(T.min(valid_len[b], T.min(seq_q, seq_kv)), 0)
-        q_off = T.if_then_else(left, seq_q - n, 0)
-        kv_off = T.if_then_else(left, seq_kv - n, 0)
-        pad_off = T.if_then_else(left, 0, n)  # first padding row
+        n = geom.length(b)
+        q_off = geom.q_offset(b, n)
+        kv_off = geom.kv_offset(b, n)
+        bi = geom.batch_index(b)
+        grid_tiles = (seq_q + rows - 1) // rows
         # Blocks start in launch order: the last query tiles (the most key tiles when causal)
         # go first, so the short ones fill the tail of the grid instead of the long ones.
-        qt = (seq_q + rows - 1) // rows - 1 - qt_launch
-        r0 = qt * rows  # first row of this tile, relative to the real block
+        qt_first = grid_tiles - 1 - qt_launch
         warp = tx // 32
         lane = tx % 32
         g = lane // 4
         t4 = lane % 4
-        w0 = r0 + warp * warp_rows  # first row of this warp
 
-        # Padding rows [r0, r0 + rows) of the (seq_q - n) padding rows: exact zeros.
         for j in T.unroll(8):
             zero16[j] = T.Cast(dtype, T.float32(0))
-        for it in T.serial(loads_per_thread):
-            e = it * threads + tx
-            pr = r0 + e // chunks
-            if pr < seq_q - n:
-                for j in T.vectorized(8):
-                    out[b, pad_off + pr, h, (e % chunks) * 8 + j] = zero16[j]
+        if packed:
+            # Rows of no sequence (before the first, after the last): exact zeros.
+            if qt_launch == 0:
+                head_end, tail_begin = geom.uncovered(b)
+                zero_rows(out, bi, h, 0, head_end, zero16, tx)
+                zero_rows(out, bi, h, tail_begin, geom.total, zero16, tx)
+            reps = ((n + rows - 1) // rows + grid_tiles - 1 - qt_first) // grid_tiles
+        else:
+            # Padding rows [r0, r0 + rows) of the (seq_q - n) padding rows: exact zeros.
+            pad_off = T.if_then_else(left, 0, n)  # first padding row
+            zero_rows(out, b, h, pad_off + qt_first * rows,
+                      pad_off + T.min(qt_first * rows + rows, seq_q - n), zero16, tx)
+            reps = 1
 
-        if r0 < n:
-            kv_end = T.if_then_else(causal, T.min(n, r0 + rows), n)
-            # Q tile -> shared (rows past n zero-filled); K(0) flies meanwhile.
-            load_tile(q_smem, q, b, h, q_off, n, r0, n, rows, tx)
-            T.ptx.cp.async_.commit_group()
-            load_tile(k_smem, k, b, h_kv, kv_off, n, 0, kv_end, cols, tx)
-            T.ptx.cp.async_.commit_group()
-            T.ptx.cp.async_.wait_group(1)
-            T.cuda.cta_sync()
-            if q_in_regs:
-                for kk in T.unroll(dk):
-                    load_q_frags(q_frag, q_smem, kk, kk, warp, lane)
-            for a in T.unroll(atoms):
-                for i in T.unroll(2):
-                    m_i[a, i] = NEG_INF
-                    l_i[a, i] = T.float32(0)
-                for j in T.unroll(on):
-                    for c in T.unroll(4):
-                        o_acc[a, j, c] = T.float32(0)
-
-            # Software pipeline: V(kt) loads while S(kt) computes, K(kt + 1) while O += P V(kt).
-            num_kt = (kv_end + cols - 1) // cols
-            for kt in T.serial(num_kt):
-                c0 = kt * cols
-                T.ptx.cp.async_.wait_group(0)
-                T.cuda.cta_sync()  # K(kt) landed; every warp is done with V(kt - 1)
-                load_tile(v_smem, v, b, h_kv, kv_off, n, c0, kv_end, cols, tx)
+        for rep in T.serial(reps):
+            qt = qt_first + rep * grid_tiles
+            r0 = qt * rows  # first row of this tile, relative to the real block
+            w0 = r0 + warp * warp_rows  # first row of this warp
+            if r0 < n:
+                kv_end = T.if_then_else(causal, T.min(n, r0 + rows), n)
+                # Q tile -> shared (rows past n zero-filled); K(0) flies meanwhile.
+                load_tile(q_smem, q, bi, h, q_off, n, r0, n, rows, tx)
                 T.ptx.cp.async_.commit_group()
-
-                # A causal tile wholly right of this warp's last row adds nothing to its rows:
-                # the warp skips its products (the barriers stay outside, for every warp).
-                if (not causal) or c0 < w0 + warp_rows:
-                    # S = Q K^T on the tensor cores; each K fragment feeds every m16 tile.
-                    for a in T.unroll(atoms):
-                        for j in T.unroll(sn):
-                            for c in T.unroll(4):
-                                s_acc[a, j, c] = T.float32(0)
+                load_tile(k_smem, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
+                T.ptx.cp.async_.commit_group()
+                T.ptx.cp.async_.wait_group(1)
+                T.cuda.cta_sync()
+                if q_in_regs:
                     for kk in T.unroll(dk):
-                        if not q_in_regs:
-                            load_q_frags(q_frag, q_smem, kk, 0, warp, lane)
-                        for jj in T.unroll(sn // 2):
-                            T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
-                                b_frag[0], b_frag[1], b_frag[2], b_frag[3],
-                                k_smem.ptr_to(
-                                    [jj * 16 + lane % 8 + (lane // 16) * 8,
-                                     ((kk * 2 + (lane // 8) % 2)
-                                      ^ ((jj * 16 + lane % 8 + (lane // 16) * 8) % swz)) * 8]
-                                ),
-                            )
-                            for a in T.unroll(atoms):
-                                for half in T.unroll(2):
-                                    T.ptx[mma](
-                                        s_acc[a, 2 * jj + half, 0], s_acc[a, 2 * jj + half, 1],
-                                        s_acc[a, 2 * jj + half, 2], s_acc[a, 2 * jj + half, 3],
-                                        q_frag[a, kk % q_slots, 0], q_frag[a, kk % q_slots, 1],
-                                        q_frag[a, kk % q_slots, 2], q_frag[a, kk % q_slots, 3],
-                                        b_frag[2 * half], b_frag[2 * half + 1],
-                                        s_acc[a, 2 * jj + half, 0], s_acc[a, 2 * jj + half, 1],
-                                        s_acc[a, 2 * jj + half, 2], s_acc[a, 2 * jj + half, 3],
-                                    )
+                        load_q_frags(q_frag, q_smem, kk, kk, warp, lane)
+                for a in T.unroll(atoms):
+                    for i in T.unroll(2):
+                        m_i[a, i] = NEG_INF
+                        l_i[a, i] = T.float32(0)
+                    for j in T.unroll(on):
+                        for c in T.unroll(4):
+                            o_acc[a, j, c] = T.float32(0)
 
-                    # Scale into the log2 domain; mask only tiles that cross the end of the real
-                    # keys or (causal) this warp's diagonal. c2, c3 belong to row g + 8.
-                    if c0 + cols > kv_end or (causal and c0 + cols - 1 > w0):
-                        for a in T.unroll(atoms):
-                            for j in T.unroll(sn):
-                                for c in T.unroll(4):
-                                    s_acc[a, j, c] = T.if_then_else(
-                                        (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
-                                        and (
-                                            (not causal)
-                                            or (c0 + j * 8 + t4 * 2 + c % 2
-                                                <= w0 + a * 16 + g + (c // 2) * 8)
-                                        ),
-                                        s_acc[a, j, c] * qk_scale,
-                                        NEG_INF,
-                                    )
-                    else:
-                        for a in T.unroll(atoms):
-                            for j in T.unroll(sn):
-                                for c in T.unroll(4):
-                                    s_acc[a, j, c] = s_acc[a, j, c] * qk_scale
-                    # Online softmax: new row max over the tile, quad-reduced.
-                    for a in T.unroll(atoms):
-                        for i in T.unroll(2):
-                            m_new[a, i] = m_i[a, i]
-                            for j in T.unroll(sn):
-                                m_new[a, i] = T.max(
-                                    m_new[a, i], T.max(s_acc[a, j, 2 * i], s_acc[a, j, 2 * i + 1])
-                                )
-                            m_new[a, i] = T.cuda.warp_max(m_new[a, i], 4)
-                            alpha[a, i] = T.exp2(m_i[a, i] - m_new[a, i])
-                            m_i[a, i] = m_new[a, i]
-                            l_i[a, i] = l_i[a, i] * alpha[a, i]
-                            for j in T.unroll(sn):
-                                s_acc[a, j, 2 * i] = T.exp2(s_acc[a, j, 2 * i] - m_new[a, i])
-                                s_acc[a, j, 2 * i + 1] = T.exp2(
-                                    s_acc[a, j, 2 * i + 1] - m_new[a, i]
-                                )
-                                l_i[a, i] = l_i[a, i] + s_acc[a, j, 2 * i] + s_acc[a, j, 2 * i + 1]
-                        for j in T.unroll(on):
-                            for c in T.unroll(4):
-                                o_acc[a, j, c] = o_acc[a, j, c] * alpha[a, c // 2]
-
-                T.ptx.cp.async_.wait_group(0)
-                T.cuda.cta_sync()  # V(kt) landed; every warp is done with K(kt)
-                if kt + 1 < num_kt:
-                    load_tile(k_smem, k, b, h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
+                # Software pipeline: V(kt) loads while S(kt) computes, K(kt + 1) while O += P V(kt).
+                num_kt = (kv_end + cols - 1) // cols
+                for kt in T.serial(num_kt):
+                    c0 = kt * cols
+                    T.ptx.cp.async_.wait_group(0)
+                    T.cuda.cta_sync()  # K(kt) landed; every warp is done with V(kt - 1)
+                    load_tile(v_smem, v, bi, h_kv, kv_off, n, c0, kv_end, cols, tx)
                     T.ptx.cp.async_.commit_group()
 
-                if (not causal) or c0 < w0 + warp_rows:
-                    # O += P V: P's A fragments are S's accumulators packed to 16 bits.
-                    for kk in T.unroll(pk):
+                    # A causal tile wholly right of this warp's last row adds nothing to its rows:
+                    # the warp skips its products (the barriers stay outside, for every warp).
+                    if (not causal) or c0 < w0 + warp_rows:
+                        # S = Q K^T on the tensor cores; each K fragment feeds every m16 tile.
                         for a in T.unroll(atoms):
-                            for x in T.unroll(4):  # (c1, c0) and (c3, c2) of n-tiles 2kk, 2kk + 1
-                                T.ptx[pack](
-                                    p_frag[a, x],
-                                    s_acc[a, 2 * kk + x // 2, (x % 2) * 2 + 1],
-                                    s_acc[a, 2 * kk + x // 2, (x % 2) * 2],
+                            for j in T.unroll(sn):
+                                for c in T.unroll(4):
+                                    s_acc[a, j, c] = T.float32(0)
+                        for kk in T.unroll(dk):
+                            if not q_in_regs:
+                                load_q_frags(q_frag, q_smem, kk, 0, warp, lane)
+                            for jj in T.unroll(sn // 2):
+                                T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
+                                    b_frag[0], b_frag[1], b_frag[2], b_frag[3],
+                                    k_smem.ptr_to(
+                                        [jj * 16 + lane % 8 + (lane // 16) * 8,
+                                         ((kk * 2 + (lane // 8) % 2)
+                                          ^ ((jj * 16 + lane % 8 + (lane // 16) * 8) % swz)) * 8]
+                                    ),
                                 )
-                        for jj in T.unroll(on // 2):
-                            T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
-                                b_frag[0], b_frag[1], b_frag[2], b_frag[3],
-                                v_smem.ptr_to(
-                                    [kk * 16 + lane % 8 + ((lane // 8) % 2) * 8,
-                                     ((jj * 2 + lane // 16)
-                                      ^ ((kk * 16 + lane % 8 + ((lane // 8) % 2) * 8) % swz)) * 8]
-                                ),
-                            )
+                                for a in T.unroll(atoms):
+                                    for half in T.unroll(2):
+                                        T.ptx[mma](
+                                            s_acc[a, 2 * jj + half, 0], s_acc[a, 2 * jj + half, 1],
+                                            s_acc[a, 2 * jj + half, 2], s_acc[a, 2 * jj + half, 3],
+                                            q_frag[a, kk % q_slots, 0], q_frag[a, kk % q_slots, 1],
+                                            q_frag[a, kk % q_slots, 2], q_frag[a, kk % q_slots, 3],
+                                            b_frag[2 * half], b_frag[2 * half + 1],
+                                            s_acc[a, 2 * jj + half, 0], s_acc[a, 2 * jj + half, 1],
+                                            s_acc[a, 2 * jj + half, 2], s_acc[a, 2 * jj + half, 3],
+                                        )
+
+                        # Scale into the log2 domain; mask only tiles that cross the end of the real
+                        # keys or (causal) this warp's diagonal. c2, c3 belong to row g + 8.
+                        if c0 + cols > kv_end or (causal and c0 + cols - 1 > w0):
                             for a in T.unroll(atoms):
-                                for half in T.unroll(2):
-                                    T.ptx[mma](
-                                        o_acc[a, 2 * jj + half, 0], o_acc[a, 2 * jj + half, 1],
-                                        o_acc[a, 2 * jj + half, 2], o_acc[a, 2 * jj + half, 3],
-                                        p_frag[a, 0], p_frag[a, 1], p_frag[a, 2], p_frag[a, 3],
-                                        b_frag[2 * half], b_frag[2 * half + 1],
-                                        o_acc[a, 2 * jj + half, 0], o_acc[a, 2 * jj + half, 1],
-                                        o_acc[a, 2 * jj + half, 2], o_acc[a, 2 * jj + half, 3],
+                                for j in T.unroll(sn):
+                                    for c in T.unroll(4):
+                                        s_acc[a, j, c] = T.if_then_else(
+                                            (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
+                                            and (
+                                                (not causal)
+                                                or (c0 + j * 8 + t4 * 2 + c % 2
+                                                    <= w0 + a * 16 + g + (c // 2) * 8)
+                                            ),
+                                            s_acc[a, j, c] * qk_scale,
+                                            NEG_INF,
+                                        )
+                        else:
+                            for a in T.unroll(atoms):
+                                for j in T.unroll(sn):
+                                    for c in T.unroll(4):
+                                        s_acc[a, j, c] = s_acc[a, j, c] * qk_scale
+                        # Online softmax: new row max over the tile, quad-reduced.
+                        for a in T.unroll(atoms):
+                            for i in T.unroll(2):
+                                m_new[a, i] = m_i[a, i]
+                                for j in T.unroll(sn):
+                                    m_new[a, i] = T.max(
+                                        m_new[a, i], T.max(s_acc[a, j, 2 * i], s_acc[a, j, 2 * i + 1])
+                                    )
+                                m_new[a, i] = T.cuda.warp_max(m_new[a, i], 4)
+                                alpha[a, i] = T.exp2(m_i[a, i] - m_new[a, i])
+                                m_i[a, i] = m_new[a, i]
+                                l_i[a, i] = l_i[a, i] * alpha[a, i]
+                                for j in T.unroll(sn):
+                                    s_acc[a, j, 2 * i] = T.exp2(s_acc[a, j, 2 * i] - m_new[a, i])
+                                    s_acc[a, j, 2 * i + 1] = T.exp2(
+                                        s_acc[a, j, 2 * i + 1] - m_new[a, i]
+                                    )
+                                    l_i[a, i] = l_i[a, i] + s_acc[a, j, 2 * i] + s_acc[a, j, 2 * i + 1]
+                            for j in T.unroll(on):
+                                for c in T.unroll(4):
+                                    o_acc[a, j, c] = o_acc[a, j, c] * alpha[a, c // 2]
+
+                    T.ptx.cp.async_.wait_group(0)
+                    T.cuda.cta_sync()  # V(kt) landed; every warp is done with K(kt)
+                    if kt + 1 < num_kt:
+                        load_tile(k_smem, k, bi, h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
+                        T.ptx.cp.async_.commit_group()
+
+                    if (not causal) or c0 < w0 + warp_rows:
+                        # O += P V: P's A fragments are S's accumulators packed to 16 bits.
+                        for kk in T.unroll(pk):
+                            for a in T.unroll(atoms):
+                                for x in T.unroll(4):  # (c1, c0) and (c3, c2) of n-tiles 2kk, 2kk + 1
+                                    T.ptx[pack](
+                                        p_frag[a, x],
+                                        s_acc[a, 2 * kk + x // 2, (x % 2) * 2 + 1],
+                                        s_acc[a, 2 * kk + x // 2, (x % 2) * 2],
+                                    )
+                            for jj in T.unroll(on // 2):
+                                T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
+                                    b_frag[0], b_frag[1], b_frag[2], b_frag[3],
+                                    v_smem.ptr_to(
+                                        [kk * 16 + lane % 8 + ((lane // 8) % 2) * 8,
+                                         ((jj * 2 + lane // 16)
+                                          ^ ((kk * 16 + lane % 8 + ((lane // 8) % 2) * 8) % swz)) * 8]
+                                    ),
+                                )
+                                for a in T.unroll(atoms):
+                                    for half in T.unroll(2):
+                                        T.ptx[mma](
+                                            o_acc[a, 2 * jj + half, 0], o_acc[a, 2 * jj + half, 1],
+                                            o_acc[a, 2 * jj + half, 2], o_acc[a, 2 * jj + half, 3],
+                                            p_frag[a, 0], p_frag[a, 1], p_frag[a, 2], p_frag[a, 3],
+                                            b_frag[2 * half], b_frag[2 * half + 1],
+                                            o_acc[a, 2 * jj + half, 0], o_acc[a, 2 * jj + half, 1],
+                                            o_acc[a, 2 * jj + half, 2], o_acc[a, 2 * jj + half, 3],
+                                        )
+
+                # Normalize and store the real rows of this warp.
+                for a in T.unroll(atoms):
+                    for i in T.unroll(2):
+                        l_i[a, i] = T.cuda.warp_sum(l_i[a, i], 4)
+                        rr = w0 + a * 16 + g + i * 8
+                        if rr < n:
+                            for j in T.unroll(on):
+                                for c in T.unroll(2):
+                                    out[bi, q_off + rr, h, j * 8 + t4 * 2 + c] = T.Cast(
+                                        dtype, o_acc[a, j, 2 * i + c] / l_i[a, i]
                                     )
 
-            # Normalize and store the real rows of this warp.
-            for a in T.unroll(atoms):
-                for i in T.unroll(2):
-                    l_i[a, i] = T.cuda.warp_sum(l_i[a, i], 4)
-                    rr = w0 + a * 16 + g + i * 8
-                    if rr < n:
-                        for j in T.unroll(on):
-                            for c in T.unroll(2):
-                                out[b, q_off + rr, h, j * 8 + t4 * 2 + c] = T.Cast(
-                                    dtype, o_acc[a, j, 2 * i + c] / l_i[a, i]
-                                )
-
-    return attention_func(heads_q, heads_kv, head_dim, dtype, body)
+    return attention_func(heads_q, heads_kv, head_dim, dtype, body, packed=packed, left=left)

@@ -77,7 +77,7 @@ class BertSelfAttention(nn.Module):
         t, h = x.shape
         q, k, v = (op.reshape(f(x), (t, self.heads, self.head_dim))
                    for f in (self.query, self.key, self.value))  # (t, nh, hd)
-        return op.reshape(batch.attention(q, k, v, mode="padded"), (t, h))
+        return op.reshape(batch.attention(q, k, v, causal=False), (t, h))
 
 
 class BertSelfOutput(nn.Module):

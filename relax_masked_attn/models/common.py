@@ -63,6 +63,8 @@ class PackedBatch:
         self.valid_len = rma_nn.valid_len_from_attention_mask(attention_mask)
         length = op.unsqueeze(self.valid_len, -1)  # (b, 1)
         row_start = op.cumsum(self.valid_len, axis=0, exclusive=True)  # (b,)
+        # (b + 1,): row b's tokens are packed rows [seq_start[b], seq_start[b + 1])
+        self.seq_start = op.concat([row_start, op.sum(self.valid_len, axis=0, keepdims=True)], dim=0)
         if side == "left":  # column - (s - L)
             col = op.add(op.unsqueeze(op.arange(-self.seq, 0, dtype="int32"), 0), length)
         else:
@@ -87,10 +89,10 @@ class PackedBatch:
         """``[b, s, *f]`` -> ``[t, *f]``."""
         return _gather(op.reshape(x, (self.batch * self.seq, *x.shape[2:])), self.token_index)
 
-    def attention(self, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, mode: str) -> nn.Tensor:
-        """``masked_sequence_prefill`` of packed ``[t, heads, head_dim]`` q/k/v, packed out."""
-        q, k, v = (self.to_padded(x) for x in (q, k, v))
-        return self.to_packed(rma_nn.masked_sequence_prefill(q, k, v, self.valid_len, mode=mode))
+    def attention(self, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, causal: bool) -> nn.Tensor:
+        """``packed_sequence_prefill`` of packed ``[t, heads, head_dim]`` q/k/v: each row's
+        tokens attend among themselves, no padding in between."""
+        return rma_nn.packed_sequence_prefill(q, k, v, self.seq_start, self.seq, causal=causal)
 
 
 def rope_tables(positions: nn.Tensor, theta: float, dim: int, dtype: str):

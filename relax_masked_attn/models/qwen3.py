@@ -63,7 +63,7 @@ class Qwen3Attention(nn.Module):
         k = self.k_norm(op.reshape(self.k_proj(x), (t, hkv, hd)))
         v = op.reshape(self.v_proj(x), (t, hkv, hd))
         q, k = rope(q, rope_cos_sin, "rope_q"), rope(k, rope_cos_sin, "rope_k")
-        out = batch.attention(q, k, v, mode="causal_padded_left")
+        out = batch.attention(q, k, v, causal=True)
         return self.o_proj(op.reshape(out, (t, hq * hd)))
 
 
