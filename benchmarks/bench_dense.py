@@ -94,12 +94,61 @@ def sweep(args, dev, target, tdtype) -> None:
         print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
 
 
+EPILOGUE_SHAPES = [  # (n, k, Epilogue fields, what): BERT-base's fused products
+    (3072, 768, (True, "gelu", False), "intermediate + gelu"),
+    (768, 3072, (True, None, True), "output + residual"),
+    (768, 768, (True, None, True), "attention output + residual"),
+]
+
+
+def epilogue_sweep(args, tdtype) -> None:
+    """The wgmma kernel with BERT's fused epilogues under each WGMMA_SWEEP configuration (raw
+    kernels, checked against torch first): which ring/tile lets the epilogue overlap."""
+    from relax_masked_attn.kernels.common import Epilogue
+
+    hopper = device_cuda_target()
+    if not cuda_dense.has_wgmma(hopper):
+        print("epilogue sweep: not a Hopper GPU")
+        return
+    print("epilogue sweep (ms, raw wgmma kernel):", "  ".join(map(str, WGMMA_SWEEP)))
+    for n, k, fields, what in EPILOGUE_SHAPES:
+        epilogue = Epilogue(*fields)
+        x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
+        w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5
+        b = torch.randn(n, device="cuda", dtype=tdtype)
+        r = torch.randn(args.rows, n, device="cuda", dtype=tdtype)
+        ref = torch.nn.functional.linear(x, w, b)
+        if epilogue.activation:
+            ref = torch.nn.functional.gelu(ref.float()).to(tdtype)
+        if epilogue.residual:
+            ref = ref + r
+        out = torch.empty(args.rows, n, device="cuda", dtype=tdtype)
+        times = []
+        for tiles in WGMMA_SWEEP:
+            if n % tiles[0]:
+                times.append("-")
+                continue
+            func = cuda_dense.wgmma_dense_kernel(n, k, args.dtype, epilogue, tiles=tiles)
+            kernel = tvm.compile(tvm.IRModule({"main": func}), target=hopper)["main"]
+            inputs = [x, w, b] + ([r] if epilogue.residual else []) + [out]
+            targs = [tvm.runtime.from_dlpack(t) for t in inputs]
+            kernel(*targs)
+            assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), tiles
+            times.append(f"{median_time(lambda: kernel(*targs), torch.cuda.synchronize) * 1e3:.3f}")
+        print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8192, help="rows of x (tokens)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
+    parser.add_argument("--epilogue-sweep", action="store_true",
+                        help="only time BERT's fused epilogues under each wgmma configuration")
     args = parser.parse_args()
+    if args.epilogue_sweep:
+        epilogue_sweep(args, getattr(torch, args.dtype))
+        return
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)
     targets = {"mma.sync": target}

@@ -130,11 +130,18 @@ def bench_cpu(args) -> None:
 
 
 def bench_cuda(args) -> None:
+    """Ours for the device's target (``device_cuda_target``: on Hopper ``sm_90a``, the ``wgmma``
+    kernel) and, on Hopper, for plain ``sm_90`` too (the ``mma.sync`` kernel, column "mma ms")."""
+    from relax_masked_attn.legalize import device_cuda_target
+
     dev = tvm.cuda(0)
-    target = tvm.target.Target.from_device(dev)
-    print(f"CUDA: {torch.cuda.get_device_name()}, target arch {target.attrs.get('arch')}")
-    print(f"{'config':50} {'lengths':7} {'ours ms':>8} {'upstrm ms':>9} {'torch ms':>8} "
-          f"{'vs upstrm':>9} {'vs torch':>8} {'TFLOP/s':>8}")
+    target = device_cuda_target()
+    plain = tvm.target.Target.from_device(dev)
+    both = str(target.attrs.get("arch")) != str(plain.attrs.get("arch"))
+    print(f"CUDA: {torch.cuda.get_device_name()}, target arch {target.attrs.get('arch')}"
+          + (f" (mma ms: arch {plain.attrs.get('arch')})" if both else ""))
+    print(f"{'config':50} {'lengths':7} {'ours ms':>8} {'mma ms':>8} {'upstrm ms':>9} "
+          f"{'torch ms':>8} {'vs upstrm':>9} {'vs torch':>8} {'TFLOP/s':>8}")
     rng = np.random.default_rng(0)
     sync = torch.cuda.synchronize
     for batch, seq, hq, hkv, d, dtype, mode in CUDA_CONFIGS:
@@ -142,7 +149,8 @@ def bench_cuda(args) -> None:
             continue
         start = time.perf_counter()
         run = ours(target, hq, hkv, d, dtype, mode, dev)
-        base = upstream(target, hq, hkv, d, dtype, mode) if not args.skip_upstream else None
+        run_mma = ours(plain, hq, hkv, d, dtype, mode, dev) if both else None
+        base = upstream(plain, hq, hkv, d, dtype, mode) if not args.skip_upstream else None
         print(f"  (compiled ours and upstream in {time.perf_counter() - start:.1f} s)", flush=True)
         tdt = getattr(torch, dtype)
         q, k, v = (
@@ -155,6 +163,7 @@ def bench_cuda(args) -> None:
             vl = torch.from_numpy(valid_len).cuda()
             tvm_args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, vl)]
             t_ours = median_time(lambda: run(*tvm_args), sync)
+            t_mma = median_time(lambda: run_mma(*tvm_args), sync) if both else float("nan")
             if base is not None:
                 base_args = tvm_args + [tvm.runtime.from_dlpack(out), tvm.runtime.from_dlpack(lse)]
                 t_base = median_time(lambda: base(*base_args), sync, repeats=3, min_seconds=0.0)
@@ -170,7 +179,8 @@ def bench_cuda(args) -> None:
             )
             tflops = useful_flops(valid_len, hq, d, mode) / t_ours / 1e12
             cfg = f"({batch}, {seq}, {hq}/{hkv}, {d}, {dtype}, {mode})"
-            print(f"{cfg:50} {kind:7} {t_ours*1e3:8.3f} {t_base*1e3:9.3f} {t_torch*1e3:8.3f} "
+            print(f"{cfg:50} {kind:7} {t_ours*1e3:8.3f} {t_mma*1e3:8.3f} {t_base*1e3:9.3f} "
+                  f"{t_torch*1e3:8.3f} "
                   f"{t_base/t_ours:8.1f}x {t_torch/t_ours:7.2f}x {tflops:8.1f}", flush=True)
 
 
@@ -185,15 +195,30 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers); see 
 ]
 
 
+WGMMA_SWEEP = [  # (blocks an SM, O += P V overlapping the next wait); see kernels/config.py
+    (1, False),
+    (2, False),
+    (1, True),
+    (2, True),
+]
+
+
 def sweep_cuda(args) -> None:
-    """Full-length CUDA configs under each tensor-core tile layout of TC_SWEEP (raw kernels,
-    checked against the NumPy reference on a few rows first)."""
-    from relax_masked_attn.kernels import cuda_mma
+    """Full-length CUDA configs under each tensor-core tile layout of TC_SWEEP, then on Hopper
+    each wgmma layout of WGMMA_SWEEP (raw kernels, checked against the NumPy reference on a few
+    rows first)."""
+    from relax_masked_attn.kernels import cuda_mma, cuda_wgmma
+    from relax_masked_attn.legalize import device_cuda_target
 
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)
+    hopper = device_cuda_target()
+    kernels = [(cuda_mma.tensor_core_kernel, tiles, target) for tiles in TC_SWEEP]
+    if cuda_wgmma.supports(hopper, 128, "float16"):
+        kernels += [(cuda_wgmma.wgmma_attention_kernel, tiles, hopper) for tiles in WGMMA_SWEEP]
     sync = torch.cuda.synchronize
-    print("tile sweep, full lengths, useful TFLOP/s:", "  ".join(map(str, TC_SWEEP)))
+    print("tile sweep, full lengths, useful TFLOP/s:",
+          "  ".join(f"{'wgmma' if tgt is hopper else 'mma'}{tiles}" for _, tiles, tgt in kernels))
     for batch, seq, hq, hkv, d, dtype, mode in CUDA_CONFIGS:
         tdt = getattr(torch, dtype)
         q, k, v = (torch.randn(batch, seq, h, d, device="cuda", dtype=tdt) for h in (hq, hkv, hkv))
@@ -206,10 +231,10 @@ def sweep_cuda(args) -> None:
         small = [tvm.runtime.from_dlpack(x[:1, :256].contiguous()) for x in (q, k, v)]
         small_len = tvm.runtime.from_dlpack(torch.clamp(vl[:1], max=256).int())
         small_out = torch.empty_like(q[:1, :256])
-        for tiles in TC_SWEEP:
+        for make, tiles, tgt in kernels:
             try:
-                func = cuda_mma.tensor_core_kernel(hq, hkv, d, dtype, mode, d**-0.5, tiles=tiles)
-                kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+                func = make(hq, hkv, d, dtype, mode, d**-0.5, tiles=tiles)
+                kernel = tvm.compile(tvm.IRModule({"main": func}), target=tgt)["main"]
                 kernel(*small, small_len, tvm.runtime.from_dlpack(small_out))
             except Exception as err:  # noqa: BLE001  (a layout that does not fit: say so)
                 cells.append(f"failed ({str(err).splitlines()[-1][:40]})")

@@ -61,8 +61,10 @@ def _kernel(target: Target, args: tuple, packed: bool, op_name: str) -> tirx.Pri
     if target.kind.name == "llvm":
         return cpu_kernel(*args, packed=packed)
     if is_gpu(target):
-        from .kernels import cuda_mma  # imported here: CPU-only users never need it
+        from .kernels import cuda_mma, cuda_wgmma  # imported here: CPU-only users never need it
 
+        if cuda_wgmma.supports(target, args[2], args[3]):
+            return cuda_wgmma.wgmma_attention_kernel(*args, packed=packed)
         if cuda_mma.supports(target, args[2], args[3]):
             return cuda_mma.tensor_core_kernel(*args, packed=packed)
         return portable_gpu_kernel(*args, packed=packed)

@@ -63,13 +63,29 @@ def random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng):
 op_module = rma.op.standalone_module
 
 
+def build_target(target: str):
+    """``"llvm"``; ``"cuda"``: the device's plain target (``Target.from_device``, the
+    ``mma.sync`` kernel on every sm80+ GPU); ``"cuda-sm90a"``: ``device_cuda_target()`` (the
+    ``wgmma`` kernel; the test is skipped on a GPU that is not a Hopper)."""
+    if target == "cuda":
+        return tvm.target.Target.from_device(tvm.cuda(0))
+    if target == "cuda-sm90a":
+        from relax_masked_attn.legalize import device_cuda_target
+
+        tgt = device_cuda_target()
+        if str(tgt.attrs.get("arch")) != "sm_90a":
+            pytest.skip("not a Hopper GPU")
+        return tgt
+    return target
+
+
 @functools.cache
 def compiled_op(target: str, heads_q, heads_kv, head_dim, dtype, mode, sm_scale=None):
-    """A VM function running the op for ``target`` ("llvm" or "cuda"), compiled once per key."""
+    """A VM function running the op for ``target`` (see :func:`build_target`), compiled once
+    per key."""
     mod = op_module(heads_q, heads_kv, head_dim, dtype, mode, sm_scale)
-    tgt = tvm.target.Target.from_device(tvm.cuda(0)) if target == "cuda" else target
-    ex = tvm.compile(mod, target=tgt)
-    dev = tvm.cuda(0) if target == "cuda" else tvm.cpu()
+    ex = tvm.compile(mod, target=build_target(target))
+    dev = tvm.cpu() if target == "llvm" else tvm.cuda(0)
     vm = relax.VirtualMachine(ex, dev)
 
     def run(q, k, v, valid_len) -> np.ndarray:
@@ -100,9 +116,8 @@ def assert_matches_reference(out, q, k, v, valid_len, mode, sm_scale=None):
 def compiled_packed(target: str, heads_q, heads_kv, head_dim, dtype, causal, max_len):
     """A VM function running the packed op for ``target``, compiled once per key."""
     mod = rma.op.standalone_packed_module(heads_q, heads_kv, head_dim, dtype, causal, max_len)
-    tgt = tvm.target.Target.from_device(tvm.cuda(0)) if target == "cuda" else target
-    ex = tvm.compile(mod, target=tgt)
-    dev = tvm.cuda(0) if target == "cuda" else tvm.cpu()
+    ex = tvm.compile(mod, target=build_target(target))
+    dev = tvm.cpu() if target == "llvm" else tvm.cuda(0)
     vm = relax.VirtualMachine(ex, dev)
 
     def run(q, k, v, seq_start) -> np.ndarray:

@@ -78,3 +78,42 @@ def test_two_different_calls_get_two_kernels():
     src = cuda_source(bb.get())
     assert "zz_masked_prefill_padded_h8_2_d64_float16_kernel" in src
     assert "zz_masked_prefill_causal_padded_left_h8_2_d64_float16_kernel" in src
+
+
+@pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90a_gets_the_wgmma_kernel(mode, dtype, ab, head_dim):
+    """On sm_90a both products run on wgmma: S from two shared-memory descriptors, O += P V with
+    P in registers and V through a transposed (MN-major) descriptor; no mma.sync left."""
+    sm90a = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    src = cuda_source(op_module(16, 8, head_dim, dtype, mode), sm90a)
+    assert f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{ab}.{ab}" in src
+    assert f"wgmma.mma_async.sync.aligned.m64n{head_dim}k16.f32.{ab}.{ab}" in src
+    assert "fence.proxy.async.shared::cta" in src
+    assert "mma.sync.aligned.m16n8k16" not in src
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_wgmma_kernel_is_well_formed(packed):
+    from relax_masked_attn.kernels import cuda_wgmma
+
+    func = cuda_wgmma.wgmma_attention_kernel(8, 2, 128, "bfloat16", "causal_padded", 0.1,
+                                             packed=packed)
+    assert tvm.tirx.analysis.verify_well_formed(func)
+
+
+@pytest.mark.parametrize(
+    "target,head_dim,dtype,expected",
+    [
+        (tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}), 128, "float16", True),
+        (tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}), 64, "bfloat16", True),
+        (tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}), 32, "float16", False),
+        (tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}), 128, "float32", False),
+        (SM90, 128, "float16", False),
+    ],
+)
+def test_wgmma_kernel_choice(target, head_dim, dtype, expected):
+    from relax_masked_attn.kernels import cuda_wgmma
+
+    assert cuda_wgmma.supports(target, head_dim, dtype) is expected

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.gpu
 PATTERNS = ["zero", "full", "mixed", "one_zero"]
 
 
-def check(mode, heads_q, heads_kv, head_dim, dtype, shapes, seed):
-    run = compiled_op("cuda", heads_q, heads_kv, head_dim, dtype, mode)
+def check(mode, heads_q, heads_kv, head_dim, dtype, shapes, seed, target="cuda"):
+    run = compiled_op(target, heads_q, heads_kv, head_dim, dtype, mode)
     rng = np.random.default_rng(seed)
     for batch, seq_q, seq_kv in shapes:
         q, k, v = random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng)
@@ -42,10 +42,23 @@ def test_heads(mode, heads_q, heads_kv):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_wgmma_matrix(mode, dtype, head_dim):
+    """The Hopper kernel (sm_90a): every mode, GQA, the length patterns, seq_q != seq_kv."""
+    shapes = [(3, 130, 130), (1, 70, 70)]
+    if mode.startswith("causal"):
+        shapes += [(2, 65, 140), (2, 150, 40)]
+    check(mode, 4, 2, head_dim, dtype, shapes, seed=head_dim, target="cuda-sm90a")
+    check(mode, 8, 8, head_dim, dtype, [(2, 100, 100)], seed=3, target="cuda-sm90a")
+
+
+@pytest.mark.parametrize("target", ["cuda", "cuda-sm90a"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
-def test_awkward_lengths(mode, dtype, head_dim):
-    """Lengths that are not multiples of the tiles: 1, 7, 127, 129, 1000."""
-    run = compiled_op("cuda", 8, 4, head_dim, dtype, mode)
+def test_awkward_lengths(mode, dtype, head_dim, target):
+    """Lengths that are not multiples of the tiles: 1, 7, 127, 129, 1000 (mma.sync and wgmma)."""
+    run = compiled_op(target, 8, 4, head_dim, dtype, mode)
     rng = np.random.default_rng(11)
     q, k, v = random_qkv(5, 1000, 1000, 8, 4, head_dim, dtype, rng)
     valid_len = np.array([1, 7, 127, 129, 1000], dtype="int32")

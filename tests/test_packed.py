@@ -135,16 +135,17 @@ def test_packed_kernels_are_well_formed(packed_kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("target", ["cuda", "cuda-sm90a"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("head_dim", [64, 128, 96])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_matches_reference(causal, head_dim, dtype):
-    """Tensor-core (fp16/bf16, head_dim 64/128) and portable (fp32, head_dim 96) kernels; lengths
-    off the tiles (1, 7, 127, 129, 1000), zero lengths, rows of no sequence; ``max_len`` 1000
-    and 100 (sequences longer than the grid loop over its tiles)."""
+def test_cuda_matches_reference(causal, head_dim, dtype, target):
+    """Tensor-core (fp16/bf16, head_dim 64/128: mma.sync, and wgmma on sm_90a) and portable
+    (fp32, head_dim 96) kernels; lengths off the tiles (1, 7, 127, 129, 1000), zero lengths,
+    rows of no sequence; ``max_len`` 1000 and 100 (longer sequences loop over the grid)."""
     rng = np.random.default_rng(head_dim + causal)
     for max_len in (1000, 100):
-        run = compiled_packed("cuda", 8, 4, head_dim, dtype, causal, max_len)
+        run = compiled_packed(target, 8, 4, head_dim, dtype, causal, max_len)
         for lens, head, tail in (([1, 7, 127, 0, 129, 1000], 0, 0), ([300, 64], 5, 3)):
             q, k, v, seq_start = packed_inputs(lens, 8, 4, head_dim, dtype, rng, head, tail)
             assert_packed_matches_reference(run(q, k, v, seq_start), q, k, v, seq_start, causal)

@@ -87,3 +87,14 @@ def wgmma_dense_tiles(n: int, dtype: str) -> tuple[int, int]:
     """
     del dtype
     return (256 if n % 256 == 0 else 128), 4
+
+
+def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool]:
+    """(blocks an SM the registers are capped for, whether O += P V overlaps the wait for the
+    next key tile) of the ``wgmma`` attention kernel (``kernels/cuda_wgmma.py``).
+
+    A block is two warpgroups (256 threads) with 64 KiB of shared memory at head_dim 128
+    (Q 128 x 128, one K and one V tile of 64 x 128), 32 KiB at 64.
+    """
+    del head_dim, dtype
+    return 2, False

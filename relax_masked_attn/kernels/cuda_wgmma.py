@@ -1,0 +1,289 @@
+"""The Hopper (``sm_90a``) tensor-core kernel of both attention ops, on ``wgmma.mma_async``.
+
+Same FlashAttention-2 structure and the same tile geometry as :mod:`.cuda_mma` (a block owns
+128 query rows of one (batch row, query head); 64-key tiles; only tiles holding real, visible
+keys are loaded; padding rows zeroed by the same grid), but the products run on Hopper's
+warpgroup MMA:
+
+* the block is two warpgroups, each owning 64 of the query rows;
+* S = Q K^T: ``wgmma.m64n64k16`` with both operands read by the tensor cores from shared memory
+  through matrix descriptors (Q and K tiles K-major, 128-byte swizzle, as the dense kernel's);
+* O += P V: ``wgmma.m64n{head_dim}k16`` with P straight from the S accumulators (registers: the
+  accumulator layout of S is the A-fragment layout, packed to 16 bits) and V from shared memory
+  through an MN-major descriptor (the tile is stored like K's; ``imm-trans-b`` reads it as
+  ``[keys, head_dim]``);
+* tiles arrive by ``cp.async`` (K of the next tile during O += P V, V during S), made visible
+  to the tensor cores with ``fence.proxy.async``; the online softmax runs in registers.
+
+Descriptors on 128-byte-swizzled tiles: 16-byte chunk ``c`` of a 64-element row ``r`` is stored
+at chunk ``c ^ (r % 8)``; 8 rows make a 1024-byte atom; a tile wider than 64 elements is stored
+as consecutive 64-wide column blocks. K-major (Q, K): stride 1024 bytes between 8-row groups,
+the k-step advances the start by 32 bytes within a column block. MN-major (V): leading offset =
+the distance between 64-wide column blocks, stride 1024 bytes between 8-key groups, the k-step
+advances 16 keys (2048 bytes).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from ..modes import is_causal, is_left_padded
+from .common import LOG2E, NEG_INF, attention_func, cuda_arch
+from .config import wgmma_attention_tiles
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+ROWS, COLS, THREADS = 128, 64, 256  # query rows a block (2 warpgroups x 64), keys a tile
+
+
+def supports(target: Target, head_dim: int, dtype: str) -> bool:
+    """Whether this kernel serves (target, head_dim, dtype): ``sm_90a`` (``wgmma``), fp16/bf16,
+    head_dim 64 or 128."""
+    return (target.kind.name == "cuda" and cuda_arch(target) == "sm_90a"
+            and dtype in ("float16", "bfloat16") and head_dim in SUPPORTED_HEAD_DIMS)
+
+
+def _descriptor(addr, leading_bytes: int):
+    """Matrix descriptor of a 128-byte-swizzled tile at shared byte address ``addr``."""
+    return (
+        T.Cast("uint64", (addr & T.uint32(0x3FFFF)) >> T.uint32(4))
+        | (T.uint64(leading_bytes >> 4) << T.uint64(16))
+        | (T.uint64(1024 >> 4) << T.uint64(32))
+        | (T.uint64(1) << T.uint64(62))
+    )
+
+
+def wgmma_attention_kernel(
+    heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
+    packed: bool = False, tiles=None,
+) -> tirx.PrimFunc:
+    """The PrimFunc of :func:`~relax_masked_attn.kernels.cuda_mma.tensor_core_kernel` (padded or
+    ``packed``), on ``wgmma``; for targets :func:`supports` accepts.
+
+    ``tiles`` = (blocks an SM the registers are capped for, whether O += P V overlaps the next
+    tile's wait) overrides :func:`~relax_masked_attn.kernels.config.wgmma_attention_tiles`."""
+    if head_dim not in SUPPORTED_HEAD_DIMS or dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
+    causal, left = is_causal(mode), is_left_padded(mode)
+    group = heads_q // heads_kv
+    min_blocks, defer_pv = tiles or wgmma_attention_tiles(head_dim, dtype)
+    d = head_dim
+    chunks = d // 8  # 16-byte chunks in one row of a tile
+    q_elems, kv_elems = ROWS * d, COLS * d
+    pool_elems = q_elems + 2 * kv_elems + 512  # + 1 KiB to realign the pool to 1024 bytes
+    qk_scale = float(sm_scale * LOG2E)
+    ab = "f16" if dtype == "float16" else "bf16"
+    wgmma_s = f"wgmma.mma_async.sync.aligned.m64n{COLS}k16.f32.{ab}.{ab}"
+    wgmma_o = f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{ab}.{ab}"
+    pack = f"cvt.rn.{ab}x2.f32"
+    s_len, o_len = COLS // 2, d // 2  # fp32 accumulators a thread
+
+    def swizzled(count, r, c):
+        """Element offset of 16-byte chunk ``c`` of row ``r`` in a ``count``-row tile."""
+        return (c // 8) * (count * 64) + r * 64 + ((c % 8) ^ (r % 8)) * 8
+
+    @T.macro
+    def load_tile(smem, region, src, bi, h, off, n, c0, end, count, tx):
+        """cp.async rows [c0, c0 + count) of head ``h``'s real block (row ``off`` of ``src`` on,
+        ``n`` rows) into the swizzled tile at element ``region``; rows from ``end`` on zero."""
+        for it in T.unroll(count * chunks // THREADS):
+            r = (it * THREADS + tx) // chunks
+            c = (it * THREADS + tx) % chunks
+            T.ptx.cp.async_.cg.shared.global_(
+                smem.ptr_to([region + swizzled(count, r, c)]),
+                src.ptr_to([bi, off + T.min(c0 + r, n - 1), h, c * 8]),
+                16,
+                T.if_then_else(c0 + r < end, T.uint32(16), T.uint32(0)),
+            )
+
+    @T.macro
+    def zero_rows(out, bi, h, begin, end, zero16, tx):
+        """Exact zeros into rows [begin, end) of head ``h``, 16 bytes a thread at a time."""
+        for it in T.serial(((end - begin) * chunks + THREADS - 1) // THREADS):
+            e = it * THREADS + tx
+            if begin + e // chunks < end:
+                for j in T.vectorized(8):
+                    out[bi, begin + e // chunks, h, (e % chunks) * 8 + j] = zero16[j]
+
+    @T.macro
+    def block(q, k, v, geom, out, seq_q, bh, qt_launch, tx):
+        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        s_acc = T.alloc_buffer((s_len,), "float32", scope="local")
+        o_acc = T.alloc_buffer((o_len,), "float32", scope="local")
+        p_frag = T.alloc_buffer((COLS // 16, 4), "uint32", scope="local")
+        m_i = T.alloc_buffer((2,), "float32", scope="local")  # running max, rows g, g + 8
+        l_i = T.alloc_buffer((2,), "float32", scope="local")  # this lane's part of the sums
+        m_new = T.alloc_buffer((2,), "float32", scope="local")
+        alpha = T.alloc_buffer((2,), "float32", scope="local")
+        zero16 = T.alloc_buffer((8,), dtype, scope="local")
+
+        b = bh // heads_q
+        h = bh % heads_q
+        h_kv = h // group
+        n = geom.length(b)
+        q_off = geom.q_offset(b, n)
+        kv_off = geom.kv_offset(b, n)
+        bi = geom.batch_index(b)
+        grid_tiles = (seq_q + ROWS - 1) // ROWS
+        qt_first = grid_tiles - 1 - qt_launch  # the most key tiles first (causal)
+        wg = tx // 128
+        lane = tx % 32
+        g = lane // 4
+        t4 = lane % 4
+        # base[0]: shared address of the pool; base[1]: elements skipped to align it to 1 KiB.
+        base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
+        base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
+        pad = T.Cast("int32", base[1])
+        # The descriptors of the k-step-0 operands (Q of this warpgroup, K, V); a k-step adds a
+        # constant to the start address field.
+        descs = T.alloc_buffer((3,), "uint64", scope="local")
+        descs[0] = _descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
+        descs[1] = _descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
+        descs[2] = _descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
+                               COLS * 128)
+
+        for j in T.unroll(8):
+            zero16[j] = T.Cast(dtype, T.float32(0))
+        if packed:
+            if qt_launch == 0:
+                head_end, tail_begin = geom.uncovered(b)
+                zero_rows(out, bi, h, 0, head_end, zero16, tx)
+                zero_rows(out, bi, h, tail_begin, geom.total, zero16, tx)
+            reps = ((n + ROWS - 1) // ROWS + grid_tiles - 1 - qt_first) // grid_tiles
+        else:
+            pad_off = T.if_then_else(left, 0, n)  # first padding row
+            zero_rows(out, b, h, pad_off + qt_first * ROWS,
+                      pad_off + T.min(qt_first * ROWS + ROWS, seq_q - n), zero16, tx)
+            reps = 1
+
+        for rep in T.serial(reps):
+            r0 = (qt_first + rep * grid_tiles) * ROWS  # first row of the tile, in the real block
+            w0 = r0 + wg * 64  # first row of this warpgroup
+            # this thread's two rows (accumulators c < 2 and c >= 2), relative to the block
+            row0 = w0 + (tx % 128) // 32 * 16 + g
+            if r0 < n:
+                kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
+                load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
+                load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+                T.ptx.cp.async_.commit_group()
+                for i in T.unroll(2):
+                    m_i[i] = NEG_INF
+                    l_i[i] = T.float32(0)
+                for i in T.unroll(o_len):
+                    o_acc[i] = T.float32(0)
+                num_kt = (kv_end + COLS - 1) // COLS
+                for kt in T.serial(num_kt):
+                    c0 = kt * COLS
+                    T.ptx.cp.async_.wait_group(0)
+                    T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
+                    if defer_pv:
+                        T.ptx.wgmma.wait_group.sync.aligned(0)  # O += P V(kt - 1) ran meanwhile
+                    T.cuda.cta_sync()  # K(kt) (and Q) landed; every warp is done with V(kt - 1)
+                    load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, c0, kv_end,
+                              COLS, tx)
+                    T.ptx.cp.async_.commit_group()
+                    # A causal tile wholly right of this warpgroup's rows adds nothing to them.
+                    if (not causal) or c0 < w0 + 64:
+                        for i in T.unroll(s_len):
+                            s_acc[i] = T.float32(0)
+                        T.ptx.wgmma.fence.sync.aligned()
+                        for kk in T.unroll(d // 16):
+                            T.ptx[wgmma_s](
+                                *[s_acc[i] for i in range(s_len)],
+                                descs[0] + T.uint64(
+                                    ((kk // 4) * (ROWS * 64) * 2 + (kk % 4) * 32) >> 4),
+                                descs[1] + T.uint64(
+                                    ((kk // 4) * (COLS * 64) * 2 + (kk % 4) * 32) >> 4),
+                                T.bool(True), 1, 1, 0, 0,
+                            )
+                        T.ptx.wgmma.commit_group.sync.aligned()
+                        T.ptx.wgmma.wait_group.sync.aligned(0)
+                        # Accumulator i: key column c0 + 8 (i // 4) + 2 t4 + i % 2, row
+                        # row0 + 8 ((i % 4) // 2). Scale into the log2 domain; mask tiles that
+                        # cross the end of the real keys or this warpgroup's diagonal.
+                        if c0 + COLS > kv_end or (causal and c0 + COLS - 1 > w0):
+                            for i in T.unroll(s_len):
+                                s_acc[i] = T.if_then_else(
+                                    (c0 + (i // 4) * 8 + t4 * 2 + i % 2 < kv_end)
+                                    and ((not causal)
+                                         or (c0 + (i // 4) * 8 + t4 * 2 + i % 2
+                                             <= row0 + ((i % 4) // 2) * 8)),
+                                    s_acc[i] * qk_scale,
+                                    NEG_INF,
+                                )
+                        else:
+                            for i in T.unroll(s_len):
+                                s_acc[i] = s_acc[i] * qk_scale
+                        # Online softmax: new row max over the tile, quad-reduced.
+                        for r in T.unroll(2):
+                            m_new[r] = m_i[r]
+                            for j in T.unroll(COLS // 8):
+                                m_new[r] = T.max(m_new[r],
+                                                 T.max(s_acc[j * 4 + 2 * r], s_acc[j * 4 + 2 * r + 1]))
+                            m_new[r] = T.cuda.warp_max(m_new[r], 4)
+                            alpha[r] = T.exp2(m_i[r] - m_new[r])
+                            m_i[r] = m_new[r]
+                            l_i[r] = l_i[r] * alpha[r]
+                            for j in T.unroll(COLS // 8):
+                                for c in T.unroll(2):
+                                    s_acc[j * 4 + 2 * r + c] = T.exp2(
+                                        s_acc[j * 4 + 2 * r + c] - m_new[r])
+                                    l_i[r] = l_i[r] + s_acc[j * 4 + 2 * r + c]
+                        for i in T.unroll(o_len):
+                            o_acc[i] = o_acc[i] * alpha[(i % 4) // 2]
+
+                    T.ptx.cp.async_.wait_group(0)
+                    T.ptx.fence.proxy.async_.shared__cta()
+                    T.cuda.cta_sync()  # V(kt) landed; every warpgroup is done with K(kt)
+                    if kt + 1 < num_kt:
+                        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, c0 + COLS, kv_end,
+                                  COLS, tx)
+                        T.ptx.cp.async_.commit_group()
+
+                    if (not causal) or c0 < w0 + 64:
+                        # O += P V, 16 keys a step; P's A fragment of step kk: S tiles 2kk and
+                        # 2kk + 1, rows g and g + 8, packed to 16 bits (all packed before the
+                        # first wgmma: the instructions read their registers asynchronously).
+                        for kk in T.unroll(COLS // 16):
+                            for x in T.unroll(4):
+                                T.ptx[pack](
+                                    p_frag[kk, x],
+                                    s_acc[(2 * kk + x // 2) * 4 + (x % 2) * 2 + 1],
+                                    s_acc[(2 * kk + x // 2) * 4 + (x % 2) * 2],
+                                )
+                        T.ptx.wgmma.fence.sync.aligned()
+                        for kk in T.unroll(COLS // 16):
+                            T.ptx[wgmma_o](
+                                *[o_acc[i] for i in range(o_len)],
+                                p_frag[kk, 0], p_frag[kk, 1], p_frag[kk, 2], p_frag[kk, 3],
+                                descs[2] + T.uint64((kk * 16 * 128) >> 4),
+                                T.bool(True), 1, 1, 1,
+                            )
+                        T.ptx.wgmma.commit_group.sync.aligned()
+                        if not defer_pv:
+                            T.ptx.wgmma.wait_group.sync.aligned(0)
+
+                # Normalize and store this thread's real rows.
+                T.ptx.wgmma.wait_group.sync.aligned(0)
+                for r in T.unroll(2):
+                    l_i[r] = T.cuda.warp_sum(l_i[r], 4)
+                    if row0 + r * 8 < n:
+                        for j in T.unroll(d // 8):
+                            for c in T.unroll(2):
+                                out[bi, q_off + row0 + r * 8, h, j * 8 + t4 * 2 + c] = T.Cast(
+                                    dtype, o_acc[j * 4 + 2 * r + c] / l_i[r]
+                                )
+                T.cuda.cta_sync()  # every warp is done with Q before a next tile reloads it
+
+    @T.macro
+    def body(q, k, v, geom, out, batch, seq_q, seq_kv):
+        bh = T.launch_thread("blockIdx.x", batch * heads_q)
+        qt_launch = T.launch_thread("blockIdx.y", (seq_q + ROWS - 1) // ROWS)
+        tx = T.launch_thread("threadIdx.x", THREADS)
+        # __launch_bounds__(256, min_blocks): registers capped so that blocks share an SM.
+        with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
+            block(q, k, v, geom, out, seq_q, bh, qt_launch, tx)
+
+    return attention_func(heads_q, heads_kv, head_dim, dtype, body, packed=packed, left=left)
