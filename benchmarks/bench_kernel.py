@@ -195,11 +195,11 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers); see 
 ]
 
 
-WGMMA_SWEEP = [  # (blocks an SM, O += P V overlapping the next wait); see kernels/config.py
-    (1, False),
-    (2, False),
-    (1, True),
-    (2, True),
+WGMMA_SWEEP = [  # (blocks an SM, O += P V overlapping the next wait, K/V stages); config.py
+    (2, False, 1),
+    (2, False, 2),
+    (1, False, 2),
+    (2, True, 2),
 ]
 
 

@@ -89,12 +89,26 @@ def wgmma_dense_tiles(n: int, dtype: str) -> tuple[int, int]:
     return (256 if n % 256 == 0 else 128), 4
 
 
-def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool]:
+def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool, int]:
     """(blocks an SM the registers are capped for, whether O += P V overlaps the wait for the
-    next key tile) of the ``wgmma`` attention kernel (``kernels/cuda_wgmma.py``).
+    next key tile, K/V stages) of the ``wgmma`` attention kernel (``kernels/cuda_wgmma.py``).
 
-    A block is two warpgroups (256 threads) with 64 KiB of shared memory at head_dim 128
-    (Q 128 x 128, one K and one V tile of 64 x 128), 32 KiB at 64.
+    A block is two warpgroups (256 threads); shared memory at head_dim 128: Q 128 x 128 (32 KiB)
+    and per stage a K and a V tile of 64 x 128 (32 KiB). One stage: K(kt + 1) loads during
+    O += P V(kt) and V(kt) during S(kt), two barriers a tile; two stages: K and V of tile kt + 1
+    load during all of tile kt, one barrier a tile.
+    Swept on the H100 (``bench_kernel.py --sweep``, full lengths, useful TFLOP/s for
+    (32, 512, 12, 64) / (16, 1024, 16/8, 128) / (4, 4096, 16/8, 128 bf16), one run each):
+
+    ======================  =====================  ======================================
+    (blocks, overlap, st.)  TFLOP/s                note
+    ======================  =====================  ======================================
+    (2, False, 2)           202.8 / 258.6 / 397.4  chosen: 128 registers, no spills
+    (2, True, 2)            202.0 / 258.9 / 395.7  no better
+    (1, False, 2)           202.8 / 225.1 / 330.7  148 registers, one block an SM
+    (2, False, 1)           165.7 / 238.6 / 379.7  a few bytes spilled at 128 registers
+    (1, False, 1)           166.2 / 198.4 / 315.2  previous run; 143 registers
+    ======================  =====================  ======================================
     """
     del head_dim, dtype
-    return 2, False
+    return 2, False, 2

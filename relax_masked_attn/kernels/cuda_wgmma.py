@@ -67,11 +67,14 @@ def wgmma_attention_kernel(
         raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
-    min_blocks, defer_pv = tiles or wgmma_attention_tiles(head_dim, dtype)
+    min_blocks, defer_pv, stages = tiles or wgmma_attention_tiles(head_dim, dtype)
+    if stages not in (1, 2):
+        raise ValueError(f"wgmma_attention_kernel: 1 or 2 K/V stages, not {stages}")
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
     q_elems, kv_elems = ROWS * d, COLS * d
-    pool_elems = q_elems + 2 * kv_elems + 512  # + 1 KiB to realign the pool to 1024 bytes
+    # Q, then K and V of each stage; + 1 KiB to realign the pool to 1024 bytes
+    pool_elems = q_elems + 2 * stages * kv_elems + 512
     qk_scale = float(sm_scale * LOG2E)
     ab = "f16" if dtype == "float16" else "bf16"
     wgmma_s = f"wgmma.mma_async.sync.aligned.m64n{COLS}k16.f32.{ab}.{ab}"
@@ -136,8 +139,8 @@ def wgmma_attention_kernel(
         base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
         base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
         pad = T.Cast("int32", base[1])
-        # The descriptors of the k-step-0 operands (Q of this warpgroup, K, V); a k-step adds a
-        # constant to the start address field.
+        # The descriptors of the k-step-0 operands (Q of this warpgroup, K and V of stage 0); a
+        # k-step or a stage adds to the start address field (16-byte units).
         descs = T.alloc_buffer((3,), "uint64", scope="local")
         descs[0] = _descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
         descs[1] = _descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
@@ -167,6 +170,9 @@ def wgmma_attention_kernel(
                 kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
                 load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
                 load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+                if stages == 2:
+                    load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end,
+                              COLS, tx)
                 T.ptx.cp.async_.commit_group()
                 for i in T.unroll(2):
                     m_i[i] = NEG_INF
@@ -181,8 +187,17 @@ def wgmma_attention_kernel(
                     if defer_pv:
                         T.ptx.wgmma.wait_group.sync.aligned(0)  # O += P V(kt - 1) ran meanwhile
                     T.cuda.cta_sync()  # K(kt) (and Q) landed; every warp is done with V(kt - 1)
-                    load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, c0, kv_end,
-                              COLS, tx)
+                    if stages == 2:
+                        # K and V of tile kt + 1 into the other stage, a whole tile ahead.
+                        if kt + 1 < num_kt:
+                            load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
+                                      h_kv, kv_off, n, c0 + COLS, kv_end, COLS, tx)
+                            load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems
+                                      + kv_elems, v, bi, h_kv, kv_off, n, c0 + COLS, kv_end,
+                                      COLS, tx)
+                    else:
+                        load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, c0,
+                                  kv_end, COLS, tx)
                     T.ptx.cp.async_.commit_group()
                     # A causal tile wholly right of this warpgroup's rows adds nothing to them.
                     if (not causal) or c0 < w0 + 64:
@@ -195,7 +210,8 @@ def wgmma_attention_kernel(
                                 descs[0] + T.uint64(
                                     ((kk // 4) * (ROWS * 64) * 2 + (kk % 4) * 32) >> 4),
                                 descs[1] + T.uint64(
-                                    ((kk // 4) * (COLS * 64) * 2 + (kk % 4) * 32) >> 4),
+                                    ((kk // 4) * (COLS * 64) * 2 + (kk % 4) * 32) >> 4)
+                                + T.Cast("uint64", kt % stages * (kv_elems // 4)),
                                 T.bool(True), 1, 1, 0, 0,
                             )
                         T.ptx.wgmma.commit_group.sync.aligned()
@@ -234,13 +250,14 @@ def wgmma_attention_kernel(
                         for i in T.unroll(o_len):
                             o_acc[i] = o_acc[i] * alpha[(i % 4) // 2]
 
-                    T.ptx.cp.async_.wait_group(0)
-                    T.ptx.fence.proxy.async_.shared__cta()
-                    T.cuda.cta_sync()  # V(kt) landed; every warpgroup is done with K(kt)
-                    if kt + 1 < num_kt:
-                        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, c0 + COLS, kv_end,
-                                  COLS, tx)
-                        T.ptx.cp.async_.commit_group()
+                    if stages == 1:
+                        T.ptx.cp.async_.wait_group(0)
+                        T.ptx.fence.proxy.async_.shared__cta()
+                        T.cuda.cta_sync()  # V(kt) landed; every warpgroup is done with K(kt)
+                        if kt + 1 < num_kt:
+                            load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, c0 + COLS,
+                                      kv_end, COLS, tx)
+                            T.ptx.cp.async_.commit_group()
 
                     if (not causal) or c0 < w0 + 64:
                         # O += P V, 16 keys a step; P's A fragment of step kk: S tiles 2kk and
@@ -258,7 +275,8 @@ def wgmma_attention_kernel(
                             T.ptx[wgmma_o](
                                 *[o_acc[i] for i in range(o_len)],
                                 p_frag[kk, 0], p_frag[kk, 1], p_frag[kk, 2], p_frag[kk, 3],
-                                descs[2] + T.uint64((kk * 16 * 128) >> 4),
+                                descs[2] + T.uint64((kk * 16 * 128) >> 4)
+                                + T.Cast("uint64", kt % stages * (kv_elems // 4)),
                                 T.bool(True), 1, 1, 1,
                             )
                         T.ptx.wgmma.commit_group.sync.aligned()
