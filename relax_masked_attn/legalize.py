@@ -1,10 +1,13 @@
-"""Legalization of ``masked_sequence_prefill``: pick the target, generate its kernel, call it.
+"""Legalization of ``masked_sequence_prefill`` and ``packed_sequence_prefill``: pick the target,
+generate its kernel, call it.
 
 The target is the one of q's virtual device if it has one, else ``Target.current()`` (set by
 ``tvm.compile`` while it legalizes), else a clear error. Then:
 
 * ``llvm`` (CPU): :func:`relax_masked_attn.kernels.cpu.cpu_kernel`;
-* CUDA with compute capability >= 8.0, fp16/bf16, head_dim a multiple of 16 up to 256:
+* CUDA arch ``sm_90a`` (H100/H200 with the Hopper-only features), fp16/bf16, head_dim 64/128:
+  :func:`relax_masked_attn.kernels.cuda_wgmma.wgmma_attention_kernel`;
+* CUDA with compute capability >= 8.0, fp16/bf16, head_dim 32/64/128:
   the tensor-core kernel :func:`relax_masked_attn.kernels.cuda_mma.tensor_core_kernel`;
 * any other GPU target (ROCm, Metal, Vulkan, older CUDA, float32 on CUDA):
   :func:`relax_masked_attn.kernels.gpu.portable_gpu_kernel`.
