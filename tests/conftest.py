@@ -79,20 +79,23 @@ def build_target(target: str):
     return target
 
 
-@functools.cache
-def compiled_op(target: str, heads_q, heads_kv, head_dim, dtype, mode, sm_scale=None):
-    """A VM function running the op for ``target`` (see :func:`build_target`), compiled once
-    per key."""
-    mod = op_module(heads_q, heads_kv, head_dim, dtype, mode, sm_scale)
+def vm_main(mod, target: str):
+    """``main`` of ``mod`` compiled for ``target`` (see :func:`build_target`), as a function of
+    NumPy arrays returning a NumPy array."""
     ex = tvm.compile(mod, target=build_target(target))
     dev = tvm.cpu() if target == "llvm" else tvm.cuda(0)
     vm = relax.VirtualMachine(ex, dev)
 
-    def run(q, k, v, valid_len) -> np.ndarray:
-        args = [tvm.runtime.tensor(x, device=dev) for x in (q, k, v, valid_len)]
-        return vm["main"](*args).numpy()
+    def run(*arrays) -> np.ndarray:
+        return vm["main"](*[tvm.runtime.tensor(x, device=dev) for x in arrays]).numpy()
 
     return run
+
+
+@functools.cache
+def compiled_op(target: str, heads_q, heads_kv, head_dim, dtype, mode, sm_scale=None):
+    """``run(q, k, v, valid_len)``: the op compiled for ``target``, once per key."""
+    return vm_main(op_module(heads_q, heads_kv, head_dim, dtype, mode, sm_scale), target)
 
 
 def tolerance(dtype: str) -> float:
@@ -114,17 +117,9 @@ def assert_matches_reference(out, q, k, v, valid_len, mode, sm_scale=None):
 
 @functools.cache
 def compiled_packed(target: str, heads_q, heads_kv, head_dim, dtype, causal, max_len):
-    """A VM function running the packed op for ``target``, compiled once per key."""
+    """``run(q, k, v, seq_start)``: the packed op compiled for ``target``, once per key."""
     mod = rma.op.standalone_packed_module(heads_q, heads_kv, head_dim, dtype, causal, max_len)
-    ex = tvm.compile(mod, target=build_target(target))
-    dev = tvm.cpu() if target == "llvm" else tvm.cuda(0)
-    vm = relax.VirtualMachine(ex, dev)
-
-    def run(q, k, v, seq_start) -> np.ndarray:
-        args = [tvm.runtime.tensor(x, device=dev) for x in (q, k, v, seq_start)]
-        return vm["main"](*args).numpy()
-
-    return run
+    return vm_main(mod, target)
 
 
 def packed_inputs(lens, heads_q, heads_kv, head_dim, dtype, rng, head=0, tail=0):

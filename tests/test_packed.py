@@ -9,10 +9,7 @@ from tvm import relax, tirx
 import relax_masked_attn as rma
 
 from .conftest import assert_packed_matches_reference, compiled_packed, packed_inputs
-
-
-def tensor(name, shape, dtype="float16"):
-    return relax.Var(name, relax.TensorType(shape, dtype))
+from .test_op import tensor
 
 
 def infer(*args, **kwargs):

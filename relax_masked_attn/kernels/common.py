@@ -87,8 +87,50 @@ class Rows:
         tail_begin = tirx.if_then_else(b == batch - 1, self.start(b) + self.length(b), self.total)
         return head_end, tail_begin
 
+    def tile_repeats(self, n, rows: int, grid_tiles, qt_first):
+        """How many query tiles of ``rows`` rows a GPU block of first tile ``qt_first`` takes in
+        a block of ``n`` real rows: 1 padded (the grid covers ``seq_q``); packed, its tiles
+        ``qt_first + i * grid_tiles`` below ``ceil(n / rows)`` (the grid covers ``max_len``)."""
+        if not self.packed:
+            return 1
+        return ((n + rows - 1) // rows + grid_tiles - 1 - qt_first) // grid_tiles
+
     def _zero(self):
         return tirx.const(0, self.index_dtype)
+
+
+def padding_zeroer(dtype: str, head_dim: int, threads: int):
+    """A ``T.macro`` ``zero_padding(out, geom, b, h, n, qt_launch, r0, rows, tx)`` for GPU kernels
+    whose ``threads`` threads write 16 bytes each: padded, the padding rows of batch row ``b``
+    that the tile of rows ``[r0, r0 + rows)`` of the ``seq_q - n`` padding rows covers; packed,
+    for ``qt_launch == 0``, the rows of no sequence before the first / after the last (``b``'s
+    share, :meth:`Rows.uncovered`). Exact zeros, head ``h``."""
+    chunks = head_dim // 8
+
+    @T.macro
+    def zero_rows(out, bi, h, begin, end, zero16, tx):
+        for it in T.serial(((end - begin) * chunks + threads - 1) // threads):
+            if begin + (it * threads + tx) // chunks < end:
+                for j in T.vectorized(8):
+                    out[bi, begin + (it * threads + tx) // chunks, h,
+                        (it * threads + tx) % chunks * 8 + j] = zero16[j]
+
+    @T.macro
+    def zero_padding(out, geom, b, h, n, qt_launch, r0, rows, tx):
+        zero16 = T.alloc_buffer((8,), dtype, scope="local")
+        for j in T.unroll(8):
+            zero16[j] = T.Cast(dtype, T.float32(0))
+        if geom.packed:
+            if qt_launch == 0:
+                head_end, tail_begin = geom.uncovered(b)
+                zero_rows(out, 0, h, 0, head_end, zero16, tx)
+                zero_rows(out, 0, h, tail_begin, geom.total, zero16, tx)
+        else:
+            pad_off = T.if_then_else(geom.left, 0, n)  # first padding row
+            zero_rows(out, b, h, pad_off + r0, pad_off + T.min(r0 + rows, geom.seq_q - n),
+                      zero16, tx)
+
+    return zero_padding
 
 
 def attention_func(

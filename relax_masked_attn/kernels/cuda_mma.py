@@ -29,7 +29,7 @@ from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
 from .config import tensor_core_tiles
-from .common import LOG2E, NEG_INF, attention_func, compute_capability
+from .common import LOG2E, NEG_INF, attention_func, compute_capability, padding_zeroer
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -71,6 +71,7 @@ def tensor_core_kernel(
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
     pack = f"cvt.rn.{ab}x2.f32"
     q_slots = dk if q_in_regs else 1  # Q fragments held: all k-steps, or the current one
+    zero_padding = padding_zeroer(dtype, d, threads)
 
     @T.macro
     def load_tile(smem, src, b, h, off, n, c0, end, count, tx):
@@ -86,15 +87,6 @@ def tensor_core_kernel(
                 16,
                 T.if_then_else(c0 + r < end, T.uint32(16), T.uint32(0)),
             )
-
-    @T.macro
-    def zero_rows(out, bi, h, begin, end, zero16, tx):
-        """Exact zeros into rows [begin, end) of head ``h``, 16 bytes a thread at a time."""
-        for it in T.serial(((end - begin) * chunks + threads - 1) // threads):
-            e = it * threads + tx
-            if begin + e // chunks < end:
-                for j in T.vectorized(8):
-                    out[bi, begin + e // chunks, h, (e % chunks) * 8 + j] = zero16[j]
 
     @T.macro
     def load_q_frags(q_frag, q_smem, kk, slot, warp, lane):
@@ -127,7 +119,6 @@ def tensor_core_kernel(
         l_i = T.alloc_buffer((atoms, 2), "float32", scope="local")  # this lane's part of the sums
         m_new = T.alloc_buffer((atoms, 2), "float32", scope="local")
         alpha = T.alloc_buffer((atoms, 2), "float32", scope="local")
-        zero16 = T.alloc_buffer((8,), dtype, scope="local")
 
         b = bh // heads_q
         h = bh % heads_q
@@ -145,21 +136,8 @@ def tensor_core_kernel(
         g = lane // 4
         t4 = lane % 4
 
-        for j in T.unroll(8):
-            zero16[j] = T.Cast(dtype, T.float32(0))
-        if packed:
-            # Rows of no sequence (before the first, after the last): exact zeros.
-            if qt_launch == 0:
-                head_end, tail_begin = geom.uncovered(b)
-                zero_rows(out, bi, h, 0, head_end, zero16, tx)
-                zero_rows(out, bi, h, tail_begin, geom.total, zero16, tx)
-            reps = ((n + rows - 1) // rows + grid_tiles - 1 - qt_first) // grid_tiles
-        else:
-            # Padding rows [r0, r0 + rows) of the (seq_q - n) padding rows: exact zeros.
-            pad_off = T.if_then_else(left, 0, n)  # first padding row
-            zero_rows(out, b, h, pad_off + qt_first * rows,
-                      pad_off + T.min(qt_first * rows + rows, seq_q - n), zero16, tx)
-            reps = 1
+        zero_padding(out, geom, b, h, n, qt_launch, qt_first * rows, rows, tx)
+        reps = geom.tile_repeats(n, rows, grid_tiles, qt_first)
 
         for rep in T.serial(reps):
             qt = qt_first + rep * grid_tiles

@@ -30,7 +30,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
-from .common import LOG2E, NEG_INF, attention_func, cuda_arch
+from .common import LOG2E, NEG_INF, attention_func, cuda_arch, padding_zeroer
 from .config import wgmma_attention_tiles
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -81,6 +81,7 @@ def wgmma_attention_kernel(
     wgmma_o = f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{ab}.{ab}"
     pack = f"cvt.rn.{ab}x2.f32"
     s_len, o_len = COLS // 2, d // 2  # fp32 accumulators a thread
+    zero_padding = padding_zeroer(dtype, d, THREADS)
 
     def swizzled(count, r, c):
         """Element offset of 16-byte chunk ``c`` of row ``r`` in a ``count``-row tile."""
@@ -101,15 +102,6 @@ def wgmma_attention_kernel(
             )
 
     @T.macro
-    def zero_rows(out, bi, h, begin, end, zero16, tx):
-        """Exact zeros into rows [begin, end) of head ``h``, 16 bytes a thread at a time."""
-        for it in T.serial(((end - begin) * chunks + THREADS - 1) // THREADS):
-            e = it * THREADS + tx
-            if begin + e // chunks < end:
-                for j in T.vectorized(8):
-                    out[bi, begin + e // chunks, h, (e % chunks) * 8 + j] = zero16[j]
-
-    @T.macro
     def block(q, k, v, geom, out, seq_q, bh, qt_launch, tx):
         smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
         base = T.alloc_buffer((2,), "uint32", scope="local")
@@ -120,7 +112,6 @@ def wgmma_attention_kernel(
         l_i = T.alloc_buffer((2,), "float32", scope="local")  # this lane's part of the sums
         m_new = T.alloc_buffer((2,), "float32", scope="local")
         alpha = T.alloc_buffer((2,), "float32", scope="local")
-        zero16 = T.alloc_buffer((8,), dtype, scope="local")
 
         b = bh // heads_q
         h = bh % heads_q
@@ -147,19 +138,8 @@ def wgmma_attention_kernel(
         descs[2] = _descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
                                COLS * 128)
 
-        for j in T.unroll(8):
-            zero16[j] = T.Cast(dtype, T.float32(0))
-        if packed:
-            if qt_launch == 0:
-                head_end, tail_begin = geom.uncovered(b)
-                zero_rows(out, bi, h, 0, head_end, zero16, tx)
-                zero_rows(out, bi, h, tail_begin, geom.total, zero16, tx)
-            reps = ((n + ROWS - 1) // ROWS + grid_tiles - 1 - qt_first) // grid_tiles
-        else:
-            pad_off = T.if_then_else(left, 0, n)  # first padding row
-            zero_rows(out, b, h, pad_off + qt_first * ROWS,
-                      pad_off + T.min(qt_first * ROWS + ROWS, seq_q - n), zero16, tx)
-            reps = 1
+        zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
+        reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
 
         for rep in T.serial(reps):
             r0 = (qt_first + rep * grid_tiles) * ROWS  # first row of the tile, in the real block
