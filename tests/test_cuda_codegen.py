@@ -117,3 +117,18 @@ def test_wgmma_kernel_choice(target, head_dim, dtype, expected):
     from relax_masked_attn.kernels import cuda_wgmma
 
     assert cuda_wgmma.supports(target, head_dim, dtype) is expected
+
+
+def test_int32_indexing_is_guarded_before_the_launch():
+    """The CUDA kernels index with int32; the host code checks the sizes first (a clear error
+    for a batch too large, not a silent overflow)."""
+    import relax_masked_attn as rma
+    from relax_masked_attn.kernels import cuda_dense
+
+    for mod in (op_module(16, 8, 128, "float16", "padded"),
+                rma.op.standalone_packed_module(16, 8, 128, "float16", True, 512)):
+        host = tvm.compile(mod, target=SM90).mod.imports[0].inspect_source()
+        assert "indexes with int32" in host and "split the batch" in host
+    dense = cuda_dense.dense_kernel(256, 128, "float16")
+    host = tvm.compile(tvm.IRModule({"main": dense}), target=SM90).mod.inspect_source()
+    assert "dense kernel (256x128) is too large" in host

@@ -27,6 +27,18 @@ def compute_capability(target: Target) -> int:
     return int("".join(ch for ch in arch[3:] if ch.isdigit()))
 
 
+OVERFLOW = ("{what} is too large for this kernel: it indexes with int32 and needs {bound} < "
+            "2**31; split the batch")
+
+
+def fits_int32(*factors):
+    """``prod(factors) < 2**31``, computed in int64 (a host-side check before the launch)."""
+    total = tirx.const(1, "int64")
+    for factor in factors:
+        total = total * tirx.Cast("int64", factor)
+    return total < tirx.const(2**31, "int64")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rows:
     """Where the real block of batch row ``b`` lies in a kernel's 4-D ``[*, seq, heads, dim]``
@@ -177,6 +189,9 @@ def attention_func(
             v = T.match_buffer(v_handle, (t, heads_kv, d), dtype)
             seq_start = T.match_buffer(seq_start_handle, (batch1,), "int32")
             out = T.match_buffer(out_handle, (t, heads_q, d), dtype)
+            if index_dtype == "int32":
+                assert fits_int32(t, heads_q * d), OVERFLOW.format(
+                    what="packed_sequence_prefill: q", bound="t * heads_q * head_dim")
             q4 = T.decl_buffer((1, t, heads_q, d), dtype, data=q.data)
             k4 = T.decl_buffer((1, t, heads_kv, d), dtype, data=k.data)
             v4 = T.decl_buffer((1, t, heads_kv, d), dtype, data=v.data)
@@ -206,6 +221,11 @@ def attention_func(
         v = T.match_buffer(v_handle, (batch, seq_kv, heads_kv, d), dtype)
         valid_len = T.match_buffer(valid_len_handle, (batch,), "int32")
         out = T.match_buffer(out_handle, (batch, seq_q, heads_q, d), dtype)
+        if index_dtype == "int32":
+            assert fits_int32(batch, seq_q, heads_q * d), OVERFLOW.format(
+                what="masked_sequence_prefill: q", bound="batch * seq_q * heads_q * head_dim")
+            assert fits_int32(batch, seq_kv, heads_kv * d), OVERFLOW.format(
+                what="masked_sequence_prefill: k", bound="batch * seq_kv * heads_kv * head_dim")
         body(q, k, v, Rows(False, left, valid_len, seq_q, seq_kv, None, index_dtype), out,
              batch, seq_q, seq_kv)
 
@@ -286,6 +306,9 @@ def dense_func(
         bias = T.match_buffer(bias_handle, (n,), dtype)
         residual = T.match_buffer(residual_handle, (m, n), dtype)
         out = T.match_buffer(out_handle, (m, n), dtype)
+        if index_dtype == "int32":
+            assert fits_int32(m, max(n, k)), OVERFLOW.format(
+                what=f"dense kernel ({n}x{k})", bound="rows * max(n, k)")
         body(x, w, bias if epilogue.bias else None, residual if epilogue.residual else None,
              out, m)
 

@@ -199,7 +199,8 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue = Epilogue
     ``wgmma`` group in flight while the next is issued.
 
     Element offsets are int32, as in :func:`dense_kernel`: ``m * k`` and ``m * n`` must stay
-    below 2**31 (699 050 rows at k = 3072; ``EmbeddingModel`` batches 8192 tokens).
+    below 2**31 (699 050 rows at k = 3072; ``EmbeddingModel`` batches 8192 tokens); the host
+    side of the call checks it and raises (``kernels/common.py: fits_int32``).
     """
     tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)
     tile_m, tile_k, threads = 128, 64, 256
