@@ -84,11 +84,37 @@ def _error(msg: str) -> ValueError:
     return ValueError(f"masked_sequence_prefill: {msg}")
 
 
-def _tensor_type(arg: relax.Expr, name: str) -> relax.TensorType:
+def _tensor_type(arg: relax.Expr, name: str, error=None) -> relax.TensorType:
     ty = arg.ty
     if not isinstance(ty, relax.TensorType):
-        raise _error(f"{name} must be a tensor, but got {ty}")
+        raise (error or _error)(f"{name} must be a tensor, but got {ty}")
     return ty
+
+
+def _check_qkv(q, k, v, layouts: tuple[str, str], error) -> None:
+    """q, k and v: the dimensions of ``layouts`` (q's, k's and v's), float dtypes, one dtype."""
+    for ty, name, layout in ((q, "q", layouts[0]), (k, "k", layouts[1]), (v, "v", layouts[1])):
+        ndim = layout.count(",") + 1
+        if ty.ndim != ndim:
+            raise error(f"{name} should have {ndim} dimensions {layout}, but got {ty.ndim}")
+        if ty.dtype.dtype not in FLOAT_DTYPES:
+            raise error(
+                f"{name} must have a dtype among {', '.join(FLOAT_DTYPES)}, but got {ty.dtype.dtype}"
+            )
+    if not (q.dtype.dtype == k.dtype.dtype == v.dtype.dtype):
+        raise error(
+            "q, k and v must share one dtype, but got "
+            f"{q.dtype.dtype}, {k.dtype.dtype} and {v.dtype.dtype}"
+        )
+
+
+def _check_heads(heads_q, heads_kv, error) -> None:
+    if isinstance(heads_q, tvm.tirx.IntImm) and isinstance(heads_kv, tvm.tirx.IntImm):
+        if heads_kv.value <= 0 or heads_q.value % heads_kv.value != 0:
+            raise error(
+                "heads_q must be a multiple of heads_kv, "
+                f"but got heads_q={heads_q.value} and heads_kv={heads_kv.value}"
+            )
 
 
 def _fmt(dim) -> str:
@@ -113,22 +139,8 @@ def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
     q, k, v, valid_len = (
         _tensor_type(arg, name) for arg, name in zip(call.args, ("q", "k", "v", "valid_len"))
     )
-    for ty, name, layout in (
-        (q, "q", "[batch, seq_q, heads_q, head_dim]"),
-        (k, "k", "[batch, seq_kv, heads_kv, head_dim]"),
-        (v, "v", "[batch, seq_kv, heads_kv, head_dim]"),
-    ):
-        if ty.ndim != 4:
-            raise _error(f"{name} should have 4 dimensions {layout}, but got {ty.ndim}")
-        if ty.dtype.dtype not in FLOAT_DTYPES:
-            raise _error(
-                f"{name} must have a dtype among {', '.join(FLOAT_DTYPES)}, but got {ty.dtype.dtype}"
-            )
-    if not (q.dtype.dtype == k.dtype.dtype == v.dtype.dtype):
-        raise _error(
-            "q, k and v must share one dtype, but got "
-            f"{q.dtype.dtype}, {k.dtype.dtype} and {v.dtype.dtype}"
-        )
+    _check_qkv(q, k, v, ("[batch, seq_q, heads_q, head_dim]", "[batch, seq_kv, heads_kv, head_dim]"),
+               _error)
     if valid_len.ndim != 1:
         raise _error(f"valid_len should have 1 dimension [batch], but got {valid_len.ndim}")
     if valid_len.dtype.dtype != "int32":
@@ -150,13 +162,7 @@ def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
             f"valid_len must have one entry per batch row ({_fmt(qs[0])}), "
             f"but got {_fmt(valid_len.shape.values[0])}"
         )
-    heads_q, heads_kv = qs[2], ks[2]
-    if isinstance(heads_q, tvm.tirx.IntImm) and isinstance(heads_kv, tvm.tirx.IntImm):
-        if heads_kv.value <= 0 or heads_q.value % heads_kv.value != 0:
-            raise _error(
-                "heads_q must be a multiple of heads_kv, "
-                f"but got heads_q={heads_q.value} and heads_kv={heads_kv.value}"
-            )
+    _check_heads(qs[2], ks[2], _error)
     return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
 
 
@@ -243,26 +249,11 @@ def infer_packed_type(call: relax.Call, _block_builder=None) -> relax.TensorType
     max_len_ty = call.args[4].ty
     if not _is_int_prim(max_len_ty):
         raise _packed_error(f"max_len must be an integer PrimValue, but got {max_len_ty}")
-    tys = []
-    for arg, name in zip(call.args[:4], ("q", "k", "v", "seq_start")):
-        ty = arg.ty
-        if not isinstance(ty, relax.TensorType):
-            raise _packed_error(f"{name} must be a tensor, but got {ty}")
-        tys.append(ty)
-    q, k, v, seq_start = tys
-    for ty, name, layout in ((q, "q", "[t, heads_q, head_dim]"), (k, "k", "[t, heads_kv, head_dim]"),
-                             (v, "v", "[t, heads_kv, head_dim]")):
-        if ty.ndim != 3:
-            raise _packed_error(f"{name} should have 3 dimensions {layout}, but got {ty.ndim}")
-        if ty.dtype.dtype not in FLOAT_DTYPES:
-            raise _packed_error(
-                f"{name} must have a dtype among {', '.join(FLOAT_DTYPES)}, but got {ty.dtype.dtype}"
-            )
-    if not (q.dtype.dtype == k.dtype.dtype == v.dtype.dtype):
-        raise _packed_error(
-            f"q, k and v must share one dtype, but got {q.dtype.dtype}, {k.dtype.dtype} and "
-            f"{v.dtype.dtype}"
-        )
+    q, k, v, seq_start = (
+        _tensor_type(arg, name, _packed_error)
+        for arg, name in zip(call.args[:4], ("q", "k", "v", "seq_start"))
+    )
+    _check_qkv(q, k, v, ("[t, heads_q, head_dim]", "[t, heads_kv, head_dim]"), _packed_error)
     if seq_start.ndim != 1 or seq_start.dtype.dtype != "int32":
         raise _packed_error(
             f"seq_start must be a 1-D int32 tensor [batch + 1], but got {seq_start.ndim}-D "
@@ -277,13 +268,7 @@ def infer_packed_type(call: relax.Call, _block_builder=None) -> relax.TensorType
     for dim, what in ((0, "t"), (2, "head_dim")):
         if _provably_different(qs[dim], ks[dim]):
             raise _packed_error(f"q and k must have the same {what}, but got {_fmt(qs[dim])} and {_fmt(ks[dim])}")
-    heads_q, heads_kv = qs[1], ks[1]
-    if isinstance(heads_q, tvm.tirx.IntImm) and isinstance(heads_kv, tvm.tirx.IntImm):
-        if heads_kv.value <= 0 or heads_q.value % heads_kv.value != 0:
-            raise _packed_error(
-                "heads_q must be a multiple of heads_kv, "
-                f"but got heads_q={heads_q.value} and heads_kv={heads_kv.value}"
-            )
+    _check_heads(qs[1], ks[1], _packed_error)
     return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
 
 
