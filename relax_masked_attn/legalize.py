@@ -127,7 +127,7 @@ def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         return relax.call_tir(gv, list(call.args), out_ty=call.ty)
     max_len = call.args[4]
     if not isinstance(getattr(max_len, "ty", None), tvm.ir.PrimType):
-        raise ValueError(
+        raise TypeError(
             "packed_sequence_prefill: max_len must be an integer expression (a constant or a "
             f"symbolic shape variable) to generate a kernel, but got {max_len}"
         )

@@ -283,8 +283,8 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def dense_func(
-    n: int, k: int, dtype: str, body, epilogue: Epilogue = Epilogue(), index_dtype: str = "int32",
-    scheduled: bool = True,
+    n: int, k: int, dtype: str, body, epilogue: Epilogue | None = None,
+    index_dtype: str = "int32", scheduled: bool = True,
 ) -> tirx.PrimFunc:
     """The dense PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``
     around a kernel body; ``bias`` and ``residual`` are there when ``epilogue`` has them.
@@ -295,6 +295,7 @@ def dense_func(
     """
     attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
     index_var = getattr(T, index_dtype)
+    epilogue = epilogue or Epilogue()
 
     @T.prim_func
     def dense(x_handle: T.handle, w_handle: T.handle, bias_handle: T.handle,

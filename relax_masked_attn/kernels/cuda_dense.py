@@ -51,7 +51,7 @@ def supports(target: Target, n: int, k: int, dtype: str) -> bool:
     )
 
 
-def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue = Epilogue(),
+def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                  tiles=None) -> tirx.PrimFunc:
     """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``; ``m``
     symbolic; ``epilogue`` says what joins the product before it is stored.
@@ -59,6 +59,7 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue = Epilogue(),
     ``tiles`` overrides :func:`~relax_masked_attn.kernels.config.tensor_core_dense_tiles`
     (for sweeps; ``n`` and ``k`` must be multiples of its tile sizes).
     """
+    epilogue = epilogue or Epilogue()
     tiles = tiles or tensor_core_dense_tiles(dtype)
     tile_m, tile_n, tile_k, warps_m, warps_n, stages = tiles
     if n % tile_n or k % tile_k or tile_k not in (32, 64):
@@ -185,7 +186,7 @@ def has_wgmma(target: Target) -> bool:
     return target.kind.name == "cuda" and cuda_arch(target) == "sm_90a"
 
 
-def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue = Epilogue(),
+def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                        tiles=None) -> tirx.PrimFunc:
     """The same PrimFunc as :func:`dense_kernel` for ``sm_90a``, on ``wgmma.mma_async``.
 
@@ -202,6 +203,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue = Epilogue
     below 2**31 (699 050 rows at k = 3072; ``EmbeddingModel`` batches 8192 tokens); the host
     side of the call checks it and raises (``kernels/common.py: fits_int32``).
     """
+    epilogue = epilogue or Epilogue()
     tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)
     tile_m, tile_k, threads = 128, 64, 256
     if n % tile_n or k % tile_k or tile_n not in (128, 256) or stages < 3:
