@@ -254,11 +254,13 @@ def test_missing_weights(tiny_bert, tmp_path):
 # --- CUDA: code generation on any machine, numerics on a GPU -------------------------------------
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("which", ["tiny_bert", "tiny_qwen3"])
-def test_models_compile_for_cuda(which, dtype, request):
+def test_models_compile_for_cuda(which, dtype, arch, request):
     """Through our pipeline, fp16 and bf16 models compile for CUDA with our tensor-core attention
-    and dense kernels in them (the default pipeline would crash in dlight's tensorize)."""
+    and dense kernels in them (the default pipeline would crash in dlight's tensorize); on
+    sm_90a the dense products run on wgmma (head_dim 32 keeps the mma.sync attention)."""
     import tvm
     from tvm import relax
 
@@ -267,12 +269,38 @@ def test_models_compile_for_cuda(which, dtype, request):
 
     path, _ = request.getfixturevalue(which)
     mod, _ = export(read_spec(path), dtype)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
     ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     src = ex.mod.imports[0].imports[0].inspect_source()
     ab = "f16" if dtype == "float16" else "bf16"
     assert "zz_packed_prefill" in src and f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}" in src
     assert "zz_dense_" in src  # the 128-wide MLP projections of the tiny models
+    assert (f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{ab}.{ab}" in src) is (arch == "sm_90a")
+
+
+@pytest.mark.parametrize("which", ["tiny_bert", "tiny_qwen3"])
+def test_attention_reads_the_packed_tokens(which, request):
+    """One packed_sequence_prefill a layer and no gather a layer: a model one layer deeper has
+    exactly one more attention call and the same number of takes (the packing at the input and
+    the unpacking at the output only)."""
+    import dataclasses
+    import re
+
+    from relax_masked_attn.embedding import export
+    from relax_masked_attn.models import read_spec
+
+    spec = read_spec(request.getfixturevalue(which)[0])
+    counts = []
+    for extra in (0, 1):
+        deeper = dataclasses.replace(spec, config=dataclasses.replace(
+            spec.config, num_hidden_layers=spec.config.num_hidden_layers + extra))
+        script = export(deeper, "float32")[0]["forward"].script()
+        counts.append((script.count('Call("relax_masked_attn.packed_sequence_prefill"'),
+                       len(re.findall(r"R\.take\(", script)),
+                       "masked_sequence_prefill" in script))
+    (calls, takes, padded), (calls_deeper, takes_deeper, _) = counts
+    assert calls == spec.config.num_hidden_layers and calls_deeper == calls + 1
+    assert takes_deeper == takes and not padded
 
 
 @pytest.mark.gpu
