@@ -46,9 +46,10 @@ class Embedding(nn.Embedding):
 class PackedBatch:
     """The real tokens of a padded ``[b, s]`` batch, packed row by row into ``[t]``.
 
-    Every token-wise layer (embeddings, linears, norms, MLPs) runs on the ``t`` packed tokens, so
-    their cost follows the real tokens, not the padded shape; only attention sees the padded
-    ``[b, s, heads, head_dim]`` layout its op takes (:meth:`to_padded` / :meth:`to_packed`).
+    Every layer runs on the ``t`` packed tokens, so its cost follows the real tokens, not the
+    padded shape: token-wise ones (embeddings, linears, norms, MLPs) directly, attention through
+    ``packed_sequence_prefill`` with :attr:`seq_start`. :meth:`to_packed` and :meth:`to_padded`
+    convert at the model's input and output.
 
     ``token_index`` ``[t]`` (int32, computed by the caller: the flat indices ``row * s + col`` of
     the mask's ones in row-major order, ``numpy.flatnonzero(mask)``) gives the gather to packed
