@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from relax_masked_attn.embedding import EmbeddingModel, pad_batch
+from relax_masked_attn.embedding import EmbeddingModel, kernel_kind, pad_batch
 
 WORDS = ["the", "model", "compiles", "attention", "kernels", "for", "padded", "batches", "of", "text", "on", "every", "target", "with", "masks", "skipping", "work"]
 
@@ -86,8 +86,7 @@ def profile(model: EmbeddingModel, input_ids: np.ndarray, mask: np.ndarray) -> N
     total = sum(sum(t) for t in kernels.values())
     kinds = {"attention": 0.0, "matmul": 0.0, "rest": 0.0}
     for name, times in kernels.items():
-        kind = ("attention" if "_prefill_" in name else "matmul" if "dense" in name else "rest")
-        kinds[kind] += sum(times)
+        kinds[kernel_kind(name)] += sum(times)
     print(f"   GPU kernel time {total:.2f} ms in {sum(map(len, kernels.values()))} launches: "
           + ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in kinds.items()))
     slowest = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:14]

@@ -194,9 +194,7 @@ class EmbeddingModel:
             return dict(sorted(seconds.items(), key=lambda item: -item[1]))
         buckets = {"attention": 0.0, "matmul": 0.0, "rest": 0.0}
         for name, sec in seconds.items():
-            kind = ("attention" if "_prefill_" in name
-                    else "matmul" if "matmul" in name or "dense" in name else "rest")
-            buckets[kind] += sec
+            buckets[kernel_kind(name)] += sec
         return buckets
 
     def embed_ids(self, input_ids, attention_mask) -> np.ndarray:
@@ -261,6 +259,14 @@ class EmbeddingModel:
                 if tid is not None:
                     return tid
         return 0
+
+
+def kernel_kind(name: str) -> str:
+    """``"attention"``, ``"matmul"`` or ``"rest"``: the kind of a compiled model's function (or
+    CUDA kernel) by its name."""
+    if "_prefill_" in name:
+        return "attention"
+    return "matmul" if "matmul" in name or "dense" in name else "rest"
 
 
 def pad_batch(ids: list[list[int]], side: str, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,8 @@ The target is the one of q's virtual device if it has one, else ``Target.current
 
 from __future__ import annotations
 
-import tvm
+import dataclasses
+
 from tvm import relax, tirx
 from tvm.relax.transform.legalize_ops.common import register_legalize
 from tvm.target import Target
@@ -45,7 +46,7 @@ def is_gpu(target: Target) -> bool:
     return "gpu" in target.keys
 
 
-def _static_dims(call: relax.Call, op_name: str = "masked_sequence_prefill") -> tuple[int, int, int, str]:
+def _static_dims(call: relax.Call, op_name: str) -> tuple[int, int, int, str]:
     q_ty, k_ty = call.args[0].ty, call.args[1].ty
     head_axis = q_ty.ndim - 2  # [batch, seq, heads, dim] or packed [t, heads, dim]
     dims = []
@@ -60,7 +61,37 @@ def _static_dims(call: relax.Call, op_name: str = "masked_sequence_prefill") -> 
     return dims[0], dims[1], dims[2], q_ty.dtype.dtype
 
 
-def _kernel(target: Target, args: tuple, packed: bool, op_name: str) -> tirx.PrimFunc:
+KERNEL_PREFIX = "zz_masked_prefill"
+PACKED_KERNEL_PREFIX = "zz_packed_prefill"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What a call of either op asks of a kernel generator."""
+
+    op_name: str
+    packed: bool
+    args: tuple  # (heads_q, heads_kv, head_dim, dtype, mode, sm_scale)
+    name: str
+
+
+def _request(call: relax.Call) -> _Request:
+    packed = call.op.name == PACKED_OP_NAME
+    op_name = "packed_sequence_prefill" if packed else "masked_sequence_prefill"
+    heads_q, heads_kv, head_dim, dtype = _static_dims(call, op_name)
+    if packed:  # the packed geometry needs no padding side: causal or not is the whole mode
+        mode, label = ("causal_padded", "causal") if call_causal(call) else ("padded", "full")
+    else:
+        mode = label = call_mode(call)
+    prefix = PACKED_KERNEL_PREFIX if packed else KERNEL_PREFIX
+    return _Request(
+        op_name, packed, (heads_q, heads_kv, head_dim, dtype, mode, call_sm_scale(call, head_dim)),
+        f"{prefix}_{label}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}",
+    )
+
+
+def _kernel(target: Target, request: _Request) -> tirx.PrimFunc:
+    args, packed = request.args, request.packed
     if target.kind.name == "llvm":
         return cpu_kernel(*args, packed=packed)
     if is_gpu(target):
@@ -72,7 +103,7 @@ def _kernel(target: Target, args: tuple, packed: bool, op_name: str) -> tirx.Pri
             return cuda_mma.tensor_core_kernel(*args, packed=packed)
         return portable_gpu_kernel(*args, packed=packed)
     raise ValueError(
-        f"{op_name}: no kernel for target kind {target.kind.name!r}; "
+        f"{request.op_name}: no kernel for target kind {target.kind.name!r}; "
         "supported: llvm (CPU) and GPU targets (cuda, rocm, metal, vulkan)"
     )
 
@@ -80,23 +111,7 @@ def _kernel(target: Target, args: tuple, packed: bool, op_name: str) -> tirx.Pri
 def kernel_for(call: relax.Call, target: Target) -> tirx.PrimFunc:
     """The PrimFunc that computes ``call`` (of either op) on ``target``: ``(q, k, v, valid_len,
     out)``, or for the packed op ``(q, k, v, seq_start, max_len, out)``."""
-    if _is_packed(call):
-        heads_q, heads_kv, head_dim, dtype = _static_dims(call, "packed_sequence_prefill")
-        mode = "causal_padded" if call_causal(call) else "padded"
-        args = (heads_q, heads_kv, head_dim, dtype, mode, call_sm_scale(call, head_dim))
-        return _kernel(target, args, True, "packed_sequence_prefill")
-    heads_q, heads_kv, head_dim, dtype = _static_dims(call)
-    mode = call_mode(call)
-    args = (heads_q, heads_kv, head_dim, dtype, mode, call_sm_scale(call, head_dim))
-    return _kernel(target, args, False, "masked_sequence_prefill")
-
-
-def _is_packed(call: relax.Call) -> bool:
-    return call.op.name == PACKED_OP_NAME
-
-
-KERNEL_PREFIX = "zz_masked_prefill"
-PACKED_KERNEL_PREFIX = "zz_packed_prefill"
+    return _kernel(target, _request(call))
 
 
 def kernel_name(call: relax.Call) -> str:
@@ -109,28 +124,20 @@ def kernel_name(call: relax.Call) -> str:
     parallel loop, and without it the CPU kernel runs about 2x slower (measured on this
     project's 2-core Zen 5 machine: 0.29 s vs 0.14 s for batch 8, seq 512, 12 heads, dim 64).
     """
-    if _is_packed(call):
-        heads_q, heads_kv, head_dim, dtype = _static_dims(call, "packed_sequence_prefill")
-        mode = "causal" if call_causal(call) else "full"
-        return f"{PACKED_KERNEL_PREFIX}_{mode}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}"
-    heads_q, heads_kv, head_dim, dtype = _static_dims(call)
-    return f"{KERNEL_PREFIX}_{call_mode(call)}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}"
+    return _request(call).name
 
 
 def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """Replace one call of either op by ``call_tir`` of the target's kernel."""
-    func = kernel_for(call, target_of(call))
-    name = kernel_name(call)  # also the symbol, so kernels of different calls never collide
-    func = func.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", name)
-    gv = bb.add_func(func, name)
-    if not _is_packed(call):
+    request = _request(call)
+    func = _kernel(target_of(call), request)
+    # the name is also the symbol, so kernels of different calls never collide
+    func = func.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", request.name)
+    gv = bb.add_func(func, request.name)
+    if not request.packed:
         return relax.call_tir(gv, list(call.args), out_ty=call.ty)
+    # max_len (an integer PrimExpr, which type inference checked) is the kernel's int64 scalar
     max_len = call.args[4]
-    if not isinstance(getattr(max_len, "ty", None), tvm.ir.PrimType):
-        raise TypeError(
-            "packed_sequence_prefill: max_len must be an integer expression (a constant or a "
-            f"symbolic shape variable) to generate a kernel, but got {max_len}"
-        )
     value = max_len if str(max_len.ty.dtype) == "int64" else tirx.Cast("int64", max_len)
     return relax.call_tir(gv, [*call.args[:4], value], out_ty=call.ty)
 
@@ -149,7 +156,8 @@ def host_cpu_target() -> Target:
 def device_cuda_target(device_id: int = 0) -> Target:
     """The CUDA target of a visible GPU, as ``Target.from_device``, except that compute
     capability 9.0 (H100, H200) gets arch ``sm_90a``: the Hopper-only instructions (``wgmma``)
-    that our dense kernel uses need the ``a`` arch, which ``from_device`` does not name."""
+    that our dense and attention kernels use need the ``a`` arch, which ``from_device`` does not
+    name."""
     import tvm
 
     target = Target.from_device(tvm.cuda(device_id))

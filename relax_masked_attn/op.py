@@ -108,6 +108,14 @@ def _check_qkv(q, k, v, layouts: tuple[str, str], error) -> None:
         )
 
 
+def _check_same(error, a: str, a_shape, b: str, b_shape, dims) -> None:
+    """``a`` and ``b`` agree on each ``(axis, what)`` of ``dims`` where that is provable."""
+    for axis, what in dims:
+        if _provably_different(a_shape[axis], b_shape[axis]):
+            raise error(f"{a} and {b} must have the same {what}, but got "
+                        f"{_fmt(a_shape[axis])} and {_fmt(b_shape[axis])}")
+
+
 def _check_heads(heads_q, heads_kv, error) -> None:
     if isinstance(heads_q, tvm.tirx.IntImm) and isinstance(heads_kv, tvm.tirx.IntImm):
         if heads_kv.value <= 0 or heads_q.value % heads_kv.value != 0:
@@ -149,14 +157,10 @@ def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
         return relax.TensorType(dtype=q.dtype, ndim=4, vdevice=q.vdevice)
     qs, ks, vs = q.shape.values, k.shape.values, v.shape.values
 
-    for dim, what in ((3, "head_dim"), (2, "heads_kv"), (1, "seq_kv")):
-        if _provably_different(ks[dim], vs[dim]):
-            raise _error(f"k and v must have the same {what}, but got {_fmt(ks[dim])} and {_fmt(vs[dim])}")
-    if _provably_different(qs[3], ks[3]):
-        raise _error(f"q and k must have the same head_dim, but got {_fmt(qs[3])} and {_fmt(ks[3])}")
+    _check_same(_error, "k", ks, "v", vs, ((3, "head_dim"), (2, "heads_kv"), (1, "seq_kv")))
+    _check_same(_error, "q", qs, "k", ks, ((3, "head_dim"),))
     for name, shape in (("k", ks), ("v", vs)):
-        if _provably_different(qs[0], shape[0]):
-            raise _error(f"q and {name} must have the same batch, but got {_fmt(qs[0])} and {_fmt(shape[0])}")
+        _check_same(_error, "q", qs, name, shape, ((0, "batch"),))
     if valid_len.shape is not None and _provably_different(qs[0], valid_len.shape.values[0]):
         raise _error(
             f"valid_len must have one entry per batch row ({_fmt(qs[0])}), "
@@ -262,12 +266,8 @@ def infer_packed_type(call: relax.Call, _block_builder=None) -> relax.TensorType
     if q.shape is None or k.shape is None or v.shape is None:
         return relax.TensorType(dtype=q.dtype, ndim=3, vdevice=q.vdevice)
     qs, ks, vs = q.shape.values, k.shape.values, v.shape.values
-    for dim, what in ((0, "t"), (1, "heads_kv"), (2, "head_dim")):
-        if _provably_different(ks[dim], vs[dim]):
-            raise _packed_error(f"k and v must have the same {what}, but got {_fmt(ks[dim])} and {_fmt(vs[dim])}")
-    for dim, what in ((0, "t"), (2, "head_dim")):
-        if _provably_different(qs[dim], ks[dim]):
-            raise _packed_error(f"q and k must have the same {what}, but got {_fmt(qs[dim])} and {_fmt(ks[dim])}")
+    _check_same(_packed_error, "k", ks, "v", vs, ((0, "t"), (1, "heads_kv"), (2, "head_dim")))
+    _check_same(_packed_error, "q", qs, "k", ks, ((0, "t"), (2, "head_dim")))
     _check_heads(qs[1], ks[1], _packed_error)
     return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
 

@@ -19,11 +19,13 @@ from .legalize import legalize
 from .op import OP_NAME, PACKED_OP_NAME
 
 
-def _mutate_functions(mutator: PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
-    """Run ``mutator`` over every Relax function of ``mod``; PrimFuncs it adds are kept."""
+def _mutate_functions(mutator: PyExprMutator, mod: tvm.IRModule, visit=None) -> tvm.IRModule:
+    """Run ``mutator`` over every Relax function of ``mod`` (through ``visit``, default
+    ``mutator.visit_expr``); PrimFuncs it adds are kept."""
+    visit = visit or mutator.visit_expr
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+            mutator.builder_.update_func(gvar, visit(func))
     return mutator.builder_.get()
 
 
@@ -265,10 +267,7 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     if target is None:
         raise ValueError("DispatchDense: no target (run it inside `with tvm.target.Target(...)`)")
     dispatcher = _DenseDispatcher(mod, target)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            dispatcher.builder_.update_func(gvar, dispatcher.visit_function(func))
-    mod = dispatcher.builder_.get()
+    mod = _mutate_functions(dispatcher, mod, dispatcher.visit_function)
     # A product whose bias got fused is dead: drop its binding, then its kernel if unused.
     used = set()
     for gvar, func in mod.functions_items():
