@@ -76,6 +76,16 @@ class _Request:
 
 
 def _request(call: relax.Call) -> _Request:
+    """The kernel a call of either op needs; its name is
+    ``zz_masked_prefill_<mode>_h<heads_q>_<heads_kv>_d<head_dim>_<dtype>`` (the packed op:
+    ``zz_packed_prefill_<causal|full>_...``).
+
+    The ``zz_`` sorts our kernels after every other function of the module, on purpose: in
+    apache-tvm 0.27 the LLVM code generator gives every function of a module a ``_compute_``
+    body with ``noalias`` arguments only when the module's last function (by name) has a
+    parallel loop, and without it the CPU kernel runs about 2x slower (measured on this
+    project's 2-core Zen 5 machine: 0.29 s vs 0.14 s for batch 8, seq 512, 12 heads, dim 64).
+    """
     packed = call.op.name == PACKED_OP_NAME
     op_name = "packed_sequence_prefill" if packed else "masked_sequence_prefill"
     heads_q, heads_kv, head_dim, dtype = _static_dims(call, op_name)
@@ -106,25 +116,6 @@ def _kernel(target: Target, request: _Request) -> tirx.PrimFunc:
         f"{request.op_name}: no kernel for target kind {target.kind.name!r}; "
         "supported: llvm (CPU) and GPU targets (cuda, rocm, metal, vulkan)"
     )
-
-
-def kernel_for(call: relax.Call, target: Target) -> tirx.PrimFunc:
-    """The PrimFunc that computes ``call`` (of either op) on ``target``: ``(q, k, v, valid_len,
-    out)``, or for the packed op ``(q, k, v, seq_start, max_len, out)``."""
-    return _kernel(target, _request(call))
-
-
-def kernel_name(call: relax.Call) -> str:
-    """The PrimFunc's name: ``zz_masked_prefill_<mode>_h<heads_q>_<heads_kv>_d<head_dim>_<dtype>``
-    (the packed op: ``zz_packed_prefill_<causal|full>_...``).
-
-    The ``zz_`` sorts our kernels after every other function of the module, on purpose: in
-    apache-tvm 0.27 the LLVM code generator gives every function of a module a ``_compute_``
-    body with ``noalias`` arguments only when the module's last function (by name) has a
-    parallel loop, and without it the CPU kernel runs about 2x slower (measured on this
-    project's 2-core Zen 5 machine: 0.29 s vs 0.14 s for batch 8, seq 512, 12 heads, dim 64).
-    """
-    return _request(call).name
 
 
 def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
