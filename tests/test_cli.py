@@ -12,11 +12,6 @@ from relax_masked_attn.cli import main
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("RELAX_MASKED_ATTN_CACHE", str(tmp_path_factory.getbasetemp() / "cli-cache"))
-
-
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
 def test_check_op_runs_and_agrees(mode, capsys):
     assert main(["check-op", "--mode", mode]) == 0

@@ -14,12 +14,6 @@ from relax_masked_attn.checkpoint import CheckpointError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def minilm(minilm_path, tmp_path_factory):
-    os.environ["RELAX_MASKED_ATTN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return EmbeddingModel.from_pretrained(minilm_path)
-
-
 TEXTS = [
     "Hi",
     "The quick brown fox jumps over the lazy dog.",

@@ -68,3 +68,16 @@ def test_bfloat16(mode):
         for pattern in PATTERNS:
             valid_len = lengths(pattern, batch, seq, rng)
             assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
+
+
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+@pytest.mark.parametrize("magnitude", [1e20, 1e28])
+def test_huge_finite_scores_stay_within_the_contract(mode, magnitude):
+    """Scaled scores ``sm_scale * q.k`` of up to 1e28 in magnitude (the op's documented range is
+    1e29) give the float64 reference's answer, never NaN: softmax then picks the largest score."""
+    rng = np.random.default_rng(11)
+    q, k, v = random_qkv(2, 24, 24, 4, 2, 32, "float32", rng)
+    scale = float(magnitude / 32.0)  # scores of order magnitude * |q.k| / 32
+    run = compiled_op("llvm", 4, 2, 32, "float32", mode, scale)
+    valid_len = np.array([24, 13], dtype="int32")
+    assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode, scale)

@@ -77,6 +77,7 @@ GOOD = {
         ("valid_len", (5,), "int32", "valid_len must have one entry per batch row"),
         ("k", (2, 8, 2, 64), "float32", "q, k and v must share one dtype"),
         ("q", (2, 8, 4, 64), "int32", "q must have a dtype among"),
+        ("q", (2, 8, 0, 64), "float16", "heads_q must be a multiple of heads_kv"),
     ],
 )
 def test_bad_input_is_named(name, shape, dtype, message):
@@ -85,6 +86,13 @@ def test_bad_input_is_named(name, shape, dtype, message):
         args[n] = tensor(n, shape, dtype)
     with pytest.raises(ValueError, match=message):
         infer(args["q"], args["k"], args["v"], args["valid_len"])
+
+
+def test_head_dim_zero_is_refused():
+    """(It used to pass type inference and fail in legalization on a division by zero.)"""
+    q, kv = tensor("q", (2, 8, 4, 0)), tensor("k", (2, 8, 2, 0))
+    with pytest.raises(ValueError, match="masked_sequence_prefill: head_dim must be positive"):
+        infer(q, kv, kv, tensor("valid_len", (2,), "int32"))
 
 
 def test_symbolic_batch_that_may_match_is_accepted():

@@ -63,6 +63,25 @@ def test_bad_max_len(max_len, error):
         rma.packed_sequence_prefill(q, q, q, tensor("s", (3,), "int32"), max_len)
 
 
+def test_seq_start_without_entries_is_refused():
+    q = tensor("q", (10, 4, 64))
+    with pytest.raises(ValueError, match="seq_start must have at least 1 entry"):
+        infer(q, q, q, tensor("s", (0,), "int32"), 8)
+
+
+def test_head_dim_zero_is_refused():
+    q = tensor("q", (10, 4, 0))
+    with pytest.raises(ValueError, match="packed_sequence_prefill: head_dim must be positive"):
+        infer(q, q, q, tensor("s", (3,), "int32"), 8)
+
+
+@pytest.mark.parametrize("scale,error", [(-1.0, ValueError), ("x", TypeError)])
+def test_sm_scale_errors_name_this_op(scale, error):
+    q = tensor("q", (10, 4, 64))
+    with pytest.raises(error, match=r"^packed_sequence_prefill: sm_scale"):
+        rma.packed_sequence_prefill(q, q, q, tensor("s", (3,), "int32"), 8, sm_scale=scale)
+
+
 def test_causal_must_be_a_bool():
     q = tensor("q", (10, 4, 64))
     with pytest.raises(TypeError, match="causal must be a bool"):
@@ -83,6 +102,28 @@ def test_cpu_matches_reference(causal, heads_q, heads_kv, dtype):
                              ([40, 23, 9], 0, 0)):
         q, k, v, seq_start = packed_inputs(lens, heads_q, heads_kv, 64, dtype, rng, head, tail)
         assert_packed_matches_reference(run(q, k, v, seq_start), q, k, v, seq_start, causal)
+
+
+def _check_no_sequence(target):
+    """``seq_start`` of one entry (no sequence at all): every row is exactly 0, whatever the
+    buffer held before (the VM reuses the previous call's output buffer)."""
+    run = compiled_packed(target, 4, 2, 64, "float16", True, 64)
+    rng = np.random.default_rng(7)
+    q, k, v, seq_start = packed_inputs([20, 12], 4, 2, 64, "float16", rng)
+    assert np.abs(run(q, k, v, seq_start)).max() > 0  # fills the pool's buffer with values
+    for start in (0, 5, 32, 99):
+        out = run(q, k, v, np.array([start], "int32"))
+        assert out.shape == q.shape and (out == 0).all()
+
+
+def test_cpu_no_sequence_gives_zeros():
+    _check_no_sequence("llvm")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["cuda", "cuda-sm90a"])
+def test_cuda_no_sequence_gives_zeros(target):
+    _check_no_sequence(target)
 
 
 def test_cpu_matches_the_padded_op():

@@ -52,7 +52,9 @@ class Rows:
       start``; queries and keys are rows ``[start, start + n)`` of the same ``t`` rows. Rows
       before ``seq_start[0]`` or from ``seq_start[batch]`` on belong to no sequence: kernels zero
       them (:meth:`uncovered`). ``seq_q`` and ``seq_kv`` are then ``max_len``, the longest
-      sequence a grid is sized for; kernels loop over any tiles past it.
+      sequence a grid is sized for; kernels loop over any tiles past it. The grid has
+      :meth:`grid_batch` rows: at least one, so that with no sequence at all (``seq_start`` of
+      one entry) a block still zeroes every row.
     """
 
     packed: bool
@@ -73,9 +75,15 @@ class Rows:
     def start(self, b):
         return tirx.max(tirx.min(self._idx(self.lengths[b]), self.total), self._zero())
 
+    def grid_batch(self, batch):
+        """The batch rows a kernel's grid covers: ``batch``; packed, :func:`packed_grid_batch`."""
+        return packed_grid_batch(batch) if self.packed else batch
+
     def length(self, b):
         if self.packed:
-            end = tirx.max(tirx.min(self._idx(self.lengths[b + 1]), self.total), self.start(b))
+            last = self.lengths.shape[0] - 1  # seq_start[b + 1], read in bounds for b = batch
+            nxt = self.lengths[tirx.min(self._idx(b) + 1, self._idx(last))]
+            end = tirx.max(tirx.min(self._idx(nxt), self.total), self.start(b))
             return end - self.start(b)
         return tirx.max(tirx.min(self._idx(self.lengths[b]), tirx.min(self.seq_q, self.seq_kv)),
                         self._zero())
@@ -94,7 +102,7 @@ class Rows:
     def uncovered(self, b):
         """Packed: ``(begin, end)`` of the rows of no sequence that batch row ``b`` zeroes (those
         before the first sequence for ``b = 0``, after the last for the last ``b``)."""
-        batch = self.lengths.shape[0] - 1
+        batch = self.grid_batch(tirx.Cast(self.index_dtype, self.lengths.shape[0]) - 1)
         head_end = tirx.if_then_else(b == 0, self.start(b), self._zero())
         tail_begin = tirx.if_then_else(b == batch - 1, self.start(b) + self.length(b), self.total)
         return head_end, tail_begin
@@ -109,6 +117,12 @@ class Rows:
 
     def _zero(self):
         return tirx.const(0, self.index_dtype)
+
+
+def packed_grid_batch(batch):
+    """The packed op's grid rows for ``batch`` sequences: at least 1, so that with no sequence
+    at all the one block finds length 0 and zeroes all ``t`` rows."""
+    return tirx.max(batch, 1)
 
 
 def padding_zeroer(dtype: str, head_dim: int, threads: int):
@@ -189,6 +203,7 @@ def attention_func(
             v = T.match_buffer(v_handle, (t, heads_kv, d), dtype)
             seq_start = T.match_buffer(seq_start_handle, (batch1,), "int32")
             out = T.match_buffer(out_handle, (t, heads_q, d), dtype)
+            assert batch1 >= 1, "packed_sequence_prefill: seq_start must have at least 1 entry"
             if index_dtype == "int32":
                 assert fits_int32(t, heads_q * d), OVERFLOW.format(
                     what="packed_sequence_prefill: q", bound="t * heads_q * head_dim")
@@ -200,7 +215,7 @@ def attention_func(
             # the host computes launch extents from it)
             body(q4, k4, v4,
                  Rows(True, False, seq_start, longest(max_len), longest(max_len), t, index_dtype),
-                 out4, batch1 - 1, longest(max_len), longest(max_len))
+                 out4, packed_grid_batch(batch1 - 1), longest(max_len), longest(max_len))
 
         return packed_prefill
 

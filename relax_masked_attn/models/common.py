@@ -60,6 +60,7 @@ class PackedBatch:
 
     def __init__(self, attention_mask: nn.Tensor, token_index: nn.Tensor, side: str):
         self.batch, self.seq = attention_mask.shape
+        self.attention_mask = attention_mask
         self.token_index = token_index
         self.valid_len = rma_nn.valid_len_from_attention_mask(attention_mask)
         length = op.unsqueeze(self.valid_len, -1)  # (b, 1)
@@ -73,7 +74,7 @@ class PackedBatch:
         within = op.minimum(op.maximum(col, op.zeros((1, 1), "int32")),
                             op.subtract(length, op.full((1, 1), 1, "int32")))
         slots = op.add(op.unsqueeze(row_start, -1), within)  # (b, s); -1 only for empty rows
-        slots = op.maximum(slots, op.zeros((1, 1), "int32"))
+        slots = op.maximum(slots, op.zeros((1, 1), "int32"))  # (to_padded zeroes those rows)
         self.slot_index = op.reshape(slots, (self.batch * self.seq,), name="slot_index")
 
     def positions(self) -> nn.Tensor:
@@ -83,8 +84,10 @@ class PackedBatch:
         return self.to_packed(cols)
 
     def to_padded(self, x: nn.Tensor) -> nn.Tensor:
-        """``[t, *f]`` -> ``[b, s, *f]``."""
-        return op.reshape(_gather(x, self.slot_index), (self.batch, self.seq, *x.shape[1:]))
+        """``[t, f]`` -> ``[b, s, f]``, padding slots 0."""
+        padded = op.reshape(_gather(x, self.slot_index), (self.batch, self.seq, x.shape[1]))
+        real = op.unsqueeze(op.astype(self.attention_mask, x.dtype), -1)  # (b, s, 1)
+        return op.multiply(padded, real, name="to_padded")
 
     def to_packed(self, x: nn.Tensor) -> nn.Tensor:
         """``[b, s, *f]`` -> ``[t, *f]``."""
