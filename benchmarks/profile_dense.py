@@ -11,7 +11,7 @@ import tvm
 
 from relax_masked_attn.kernels import cuda_dense
 from relax_masked_attn.kernels.config import wgmma_dense_tiles
-from relax_masked_attn.legalize import device_cuda_target
+from relax_masked_attn.targets import device_cuda_target
 
 n, k = int(sys.argv[1]), int(sys.argv[2])
 tiles = tuple(int(a) for a in sys.argv[3:5]) or wgmma_dense_tiles(n, "float16")

@@ -10,3 +10,13 @@ def is_call_of(expr, op_name: str) -> bool:
     """Whether ``expr`` is a call of the registered op ``op_name`` (e.g. ``"relax.matmul"``)."""
     return (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
             and expr.op.name == op_name)
+
+
+def mutate_functions(mutator, mod: tvm.IRModule, visit=None) -> tvm.IRModule:
+    """Run ``mutator`` over every Relax function of ``mod`` (through ``visit``, default
+    ``mutator.visit_expr``); PrimFuncs it adds are kept."""
+    visit = visit or mutator.visit_expr
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, visit(func))
+    return mutator.builder_.get()

@@ -21,7 +21,6 @@ from tvm import relax, tirx
 from tvm.relax.transform.legalize_ops.common import register_legalize
 from tvm.target import Target
 
-from .kernels.common import cuda_arch
 from .kernels.cpu import cpu_kernel
 from .kernels.gpu import portable_gpu_kernel
 from .op import OP_NAME, PACKED_OP_NAME, call_causal, call_mode, call_sm_scale
@@ -135,23 +134,3 @@ def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 register_legalize(OP_NAME, legalize)
 register_legalize(PACKED_OP_NAME, legalize)
-
-
-def host_cpu_target() -> Target:
-    """``llvm`` tuned for this machine's CPU (plain ``"llvm"`` targets a generic x86-64)."""
-    from tvm.target import codegen
-
-    return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-
-
-def device_cuda_target(device_id: int = 0) -> Target:
-    """The CUDA target of a visible GPU, as ``Target.from_device``, except that compute
-    capability 9.0 (H100, H200) gets arch ``sm_90a``: the Hopper-only instructions (``wgmma``)
-    that our dense and attention kernels use need the ``a`` arch, which ``from_device`` does not
-    name."""
-    import tvm
-
-    target = Target.from_device(tvm.cuda(device_id))
-    if cuda_arch(target) != "sm_90":
-        return target
-    return Target({**dict(target.export()), "arch": "sm_90a"})

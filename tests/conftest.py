@@ -70,7 +70,7 @@ def build_target(target: str):
     if target == "cuda":
         return tvm.target.Target.from_device(tvm.cuda(0))
     if target == "cuda-sm90a":
-        from relax_masked_attn.legalize import device_cuda_target
+        from relax_masked_attn.targets import device_cuda_target
 
         tgt = device_cuda_target()
         if str(tgt.attrs.get("arch")) != "sm_90a":

@@ -7,7 +7,7 @@ import tvm
 from tvm import relax, tirx
 
 from relax_masked_attn.cpu_schedule import cpu_default_schedule
-from relax_masked_attn.legalize import host_cpu_target
+from relax_masked_attn.targets import host_cpu_target
 
 
 def module(width: int):

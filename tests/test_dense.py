@@ -6,7 +6,7 @@ import tvm
 from tvm import relax, tirx
 
 from relax_masked_attn.kernels import cuda_dense
-from relax_masked_attn.kernels.common import Epilogue
+from relax_masked_attn.kernels.epilogue import Epilogue
 from relax_masked_attn.transform import dispatch_dense
 
 from .conftest import cuda_available
@@ -97,7 +97,8 @@ def test_cpu_dense_dispatch_matches_numpy(batch, seq):
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("n,k,dtype", [(50, 64, "float32"), (48, 60, "float32"), (48, 64, "float16")])
+@pytest.mark.parametrize("n,k,dtype",
+                         [(50, 64, "float32"), (48, 60, "float32"), (48, 64, "float16")])
 def test_cpu_dense_dispatch_leaves_other_shapes_alone(n, k, dtype):
     assert kernels_of(dispatched(linear_module(n, k, dtype), "llvm")) == []
 
@@ -165,7 +166,7 @@ def test_sm90a_gets_the_wgmma_kernel(dtype, ab, n, wide):
                                             ("sm_100", "sm_100")])
 def test_device_cuda_target_names_sm90a_on_hopper(monkeypatch, arch, expected):
     """Target.from_device names sm_90 on an H100/H200; the a-arch (wgmma) must be asked for."""
-    from relax_masked_attn.legalize import device_cuda_target
+    from relax_masked_attn.targets import device_cuda_target
 
     device_target = tvm.target.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024})
     monkeypatch.setattr(tvm.target.Target, "from_device", staticmethod(lambda dev: device_target))
@@ -258,7 +259,7 @@ def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kerne
     ``mma``: the device's plain target; ``wgmma``: its sm_90a target (Hopper only)."""
     import ml_dtypes
 
-    from relax_masked_attn.legalize import device_cuda_target
+    from relax_masked_attn.targets import device_cuda_target
 
     assert cuda_available()
     dev = tvm.cuda(0)
@@ -271,7 +272,8 @@ def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kerne
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
     b = rng.standard_normal(n).astype(np_dtype) if bias else None
-    for rank, shape in ((2, (1, k)), (2, (7, k)), (3, (1, 127, k)), (3, (3, 43, k)), (2, (1000, k))):
+    shapes = ((2, (1, k)), (2, (7, k)), (3, (1, 127, k)), (3, (3, 43, k)), (2, (1000, k)))
+    for rank, shape in shapes:
         mod = linear_module(n, k, dtype, bias, rank, activation, residual)
         assert kernels_of(dispatched(mod, target)), "our kernel was not dispatched"
         x = rng.standard_normal(shape).astype(np_dtype)

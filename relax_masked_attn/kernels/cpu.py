@@ -8,14 +8,12 @@ key tile and over ``head_dim``), accumulation is float32 whatever the input dtyp
 
 from __future__ import annotations
 
-
 from tvm import tirx
 from tvm.script import tirx as T
 
 from ..modes import is_causal, is_left_padded
-from .common import LOG2E, NEG_INF, attention_func
 from .config import cpu_tiles
-
+from .geometry import LOG2E, NEG_INF, attention_func
 
 # 2**f on [-0.5, 0.5], Cephes exp2f's minimax polynomial (relative error about 1e-7).
 _EXP2_POLY = (
@@ -51,7 +49,7 @@ def cpu_kernel(
 ) -> tirx.PrimFunc:
     """PrimFunc ``(q, k, v, valid_len, out)`` for the CPU, batch and lengths symbolic; with
     ``packed``, the packed op's ``(q, k, v, seq_start, max_len, out)`` (``mode`` then says only
-    whether attention is causal; see :func:`~relax_masked_attn.kernels.common.attention_func`)."""
+    whether attention is causal; see :func:`~relax_masked_attn.kernels.geometry.attention_func`)."""
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
     tq, tk = cpu_tiles(head_dim, dtype)
@@ -65,7 +63,8 @@ def cpu_kernel(
 
         for bh in T.parallel(batch * heads_q):
             q_tile = T.alloc_buffer((tq, d), "float32", scope="local")
-            k_tile_t = T.alloc_buffer((d, tk), "float32", scope="local")  # transposed: scores vectorize over keys
+            # transposed: the scores vectorize over keys
+            k_tile_t = T.alloc_buffer((d, tk), "float32", scope="local")
             v_tile = T.alloc_buffer((tk, d), "float32", scope="local")
             scores = T.alloc_buffer((tq, tk), "float32", scope="local")
             acc = T.alloc_buffer((tq, d), "float32", scope="local")

@@ -12,8 +12,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .common import dense_func
 from .config import cpu_dense_tiles
+from .epilogue import dense_func
 
 
 def supports(n: int, k: int, dtype: str) -> bool:

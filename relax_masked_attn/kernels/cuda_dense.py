@@ -3,7 +3,7 @@
 apache-tvm 0.27's wheel has no cuBLAS, and dlight's tensor-core matmul rule crashes in it
 (``sch.tensorize``), so without these kernels every fp16 ``nn.Linear`` runs on CUDA cores. Two
 generators, both in TVMScript with explicit threads and the same PrimFunc signature
-(:func:`~relax_masked_attn.kernels.common.dense_func`):
+(:func:`~relax_masked_attn.kernels.epilogue.dense_func`):
 
 * :func:`wgmma_dense_kernel` for ``sm_90a`` (H100/H200 with the Hopper-only ``a`` features):
   ``wgmma.mma_async`` on descriptors of swizzled shared tiles, output staged through shared
@@ -35,8 +35,9 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import Epilogue, compute_capability, cuda_arch, dense_func
+from ..targets import compute_capability, cuda_arch
 from .config import tensor_core_dense_tiles, wgmma_dense_tiles
+from .epilogue import Epilogue, dense_func
 
 
 def supports(target: Target, n: int, k: int, dtype: str) -> bool:
@@ -201,7 +202,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
 
     Element offsets are int32, as in :func:`dense_kernel`: ``m * k`` and ``m * n`` must stay
     below 2**31 (699 050 rows at k = 3072; ``EmbeddingModel`` batches 8192 tokens); the host
-    side of the call checks it and raises (``kernels/common.py: fits_int32``).
+    side of the call checks it and raises (``kernels/int32_guard.py: fits_int32``).
     """
     epilogue = epilogue or Epilogue()
     tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)

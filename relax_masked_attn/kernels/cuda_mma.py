@@ -28,8 +28,9 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
+from ..targets import compute_capability
 from .config import tensor_core_tiles
-from .common import LOG2E, NEG_INF, attention_func, compute_capability, padding_zeroer
+from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -231,7 +232,8 @@ def tensor_core_kernel(
                                 m_new[a, i] = m_i[a, i]
                                 for j in T.unroll(sn):
                                     m_new[a, i] = T.max(
-                                        m_new[a, i], T.max(s_acc[a, j, 2 * i], s_acc[a, j, 2 * i + 1])
+                                        m_new[a, i],
+                                        T.max(s_acc[a, j, 2 * i], s_acc[a, j, 2 * i + 1]),
                                     )
                                 m_new[a, i] = T.cuda.warp_max(m_new[a, i], 4)
                                 alpha[a, i] = T.exp2(m_i[a, i] - m_new[a, i])
@@ -242,7 +244,8 @@ def tensor_core_kernel(
                                     s_acc[a, j, 2 * i + 1] = T.exp2(
                                         s_acc[a, j, 2 * i + 1] - m_new[a, i]
                                     )
-                                    l_i[a, i] = l_i[a, i] + s_acc[a, j, 2 * i] + s_acc[a, j, 2 * i + 1]
+                                    l_i[a, i] = (l_i[a, i] + s_acc[a, j, 2 * i]
+                                                 + s_acc[a, j, 2 * i + 1])
                             for j in T.unroll(on):
                                 for c in T.unroll(4):
                                     o_acc[a, j, c] = o_acc[a, j, c] * alpha[a, c // 2]
@@ -257,7 +260,8 @@ def tensor_core_kernel(
                         # O += P V: P's A fragments are S's accumulators packed to 16 bits.
                         for kk in T.unroll(pk):
                             for a in T.unroll(atoms):
-                                for x in T.unroll(4):  # (c1, c0) and (c3, c2) of n-tiles 2kk, 2kk + 1
+                                # (c1, c0) and (c3, c2) of n-tiles 2kk, 2kk + 1
+                                for x in T.unroll(4):
                                     T.ptx[pack](
                                         p_frag[a, x],
                                         s_acc[a, 2 * kk + x // 2, (x % 2) * 2 + 1],
@@ -269,7 +273,8 @@ def tensor_core_kernel(
                                     v_smem.ptr_to(
                                         [kk * 16 + lane % 8 + ((lane // 8) % 2) * 8,
                                          ((jj * 2 + lane // 16)
-                                          ^ ((kk * 16 + lane % 8 + ((lane // 8) % 2) * 8) % swz)) * 8]
+                                          ^ ((kk * 16 + lane % 8 + ((lane // 8) % 2) * 8)
+                                             % swz)) * 8]
                                     ),
                                 )
                                 for a in T.unroll(atoms):

@@ -30,8 +30,9 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
-from .common import LOG2E, NEG_INF, attention_func, cuda_arch, padding_zeroer
+from ..targets import cuda_arch
 from .config import wgmma_attention_tiles
+from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 ROWS, COLS, THREADS = 128, 64, 256  # query rows a block (2 warpgroups x 64), keys a tile
@@ -216,8 +217,9 @@ def wgmma_attention_kernel(
                         for r in T.unroll(2):
                             m_new[r] = m_i[r]
                             for j in T.unroll(COLS // 8):
-                                m_new[r] = T.max(m_new[r],
-                                                 T.max(s_acc[j * 4 + 2 * r], s_acc[j * 4 + 2 * r + 1]))
+                                m_new[r] = T.max(
+                                    m_new[r], T.max(s_acc[j * 4 + 2 * r], s_acc[j * 4 + 2 * r + 1])
+                                )
                             m_new[r] = T.cuda.warp_max(m_new[r], 4)
                             alpha[r] = T.exp2(m_i[r] - m_new[r])
                             m_i[r] = m_new[r]

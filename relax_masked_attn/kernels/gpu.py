@@ -14,7 +14,7 @@ from tvm.script import tirx as T
 
 from ..modes import is_causal, is_left_padded
 from .config import portable_gpu_tiles
-from .common import LOG2E, NEG_INF, attention_func
+from .geometry import LOG2E, NEG_INF, attention_func
 
 
 def portable_gpu_kernel(

@@ -1,4 +1,6 @@
-"""What the kernels share: log2-domain constants, the PrimFunc signatures, the CUDA arch."""
+"""The attention kernels' shared frame: log2-domain constants, where each batch row's real
+block lies (:class:`Rows`, padded and packed), the op's PrimFunc signatures
+(:func:`attention_func`) and the zeroing of rows outside every real block."""
 
 from __future__ import annotations
 
@@ -7,36 +9,11 @@ import math
 
 from tvm import tirx
 from tvm.script import tirx as T
-from tvm.target import Target
+
+from .int32_guard import OVERFLOW, fits_int32
 
 LOG2E = math.log2(math.e)
 NEG_INF = -1.0e30  # finite "minus infinity": exp2 of it minus a real max is exactly 0
-
-
-def cuda_arch(target: Target) -> str:
-    """The target's ``arch`` attribute (``"sm_90a"``), ``""`` when it names none."""
-    return str(target.attrs["arch"]) if "arch" in target.attrs else ""
-
-
-def compute_capability(target: Target) -> int:
-    """``80`` for a CUDA target with ``arch`` ``sm_80`` (``90`` for ``sm_90a``); 0 when the target
-    names no ``sm_`` arch (then the tensor-core kernels stay out)."""
-    arch = cuda_arch(target)
-    if not arch.startswith("sm_"):
-        return 0
-    return int("".join(ch for ch in arch[3:] if ch.isdigit()))
-
-
-OVERFLOW = ("{what} is too large for this kernel: it indexes with int32 and needs {bound} < "
-            "2**31; split the batch")
-
-
-def fits_int32(*factors):
-    """``prod(factors) < 2**31``, computed in int64 (a host-side check before the launch)."""
-    total = tirx.const(1, "int64")
-    for factor in factors:
-        total = total * tirx.Cast("int64", factor)
-    return total < tirx.const(2**31, "int64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,91 +222,3 @@ def attention_func(
              batch, seq_q, seq_kv)
 
     return masked_prefill
-
-
-@dataclasses.dataclass(frozen=True)
-class Epilogue:
-    """What a dense kernel does to ``x @ w.T`` before it writes ``out``, in this order: add
-    ``bias[n]``, apply ``activation`` (in fp32, before the one rounding to the output dtype), then
-    add ``residual[m, n]`` (in the output dtype's precision, as a separate ``+`` would)."""
-
-    bias: bool = False
-    activation: str | None = None  # None, "gelu" (erf) or "gelu_tanh"
-    residual: bool = False
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"Epilogue: activation must be one of {ACTIVATIONS}, "
-                             f"but got {self.activation!r}")
-
-    @property
-    def name(self) -> str:
-        """``""``, or ``_bias``, ``_gelu``, ``_residual`` joined in order (kernel names)."""
-        parts = (["bias"] if self.bias else []) + ([self.activation] if self.activation else [])
-        return "".join(f"_{p}" for p in parts + (["residual"] if self.residual else []))
-
-    def value(self, acc, bias_value):
-        """The float32 value before the residual: ``activation(acc + bias)``."""
-        return self.activate(acc + T.Cast("float32", bias_value) if self.bias else acc)
-
-    def store(self, dtype: str, acc, bias_value, residual_value):
-        """The output element: :meth:`value` rounded to ``dtype``, plus the residual (rounded
-        again) when there is one."""
-        out = T.Cast(dtype, self.value(acc, bias_value))
-        return self.add_residual(dtype, out, residual_value) if self.residual else out
-
-    @staticmethod
-    def add_residual(dtype: str, out, residual_value):
-        return T.Cast(dtype, T.Cast("float32", out) + T.Cast("float32", residual_value))
-
-    def activate(self, value):
-        """``activation(value)`` for a float32 PrimExpr."""
-        if self.activation == "gelu":  # x / 2 (1 + erf(x / sqrt 2))
-            return value * T.float32(0.5) * (T.float32(1) + T.erf(value * T.float32(SQRT_HALF)))
-        if self.activation == "gelu_tanh":  # x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-            inner = T.float32(SQRT_2_OVER_PI) * (value + T.float32(0.044715) * value * value * value)
-            return value * T.float32(0.5) * (T.float32(1) + T.tanh(inner))
-        return value
-
-
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
-SQRT_HALF = math.sqrt(0.5)
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def dense_func(
-    n: int, k: int, dtype: str, body, epilogue: Epilogue | None = None,
-    index_dtype: str = "int32", scheduled: bool = True,
-) -> tirx.PrimFunc:
-    """The dense PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``
-    around a kernel body; ``bias`` and ``residual`` are there when ``epilogue`` has them.
-
-    ``body`` is a ``T.macro`` called as ``body(x, w, bias, residual, out, m)`` (``bias`` and
-    ``residual`` None when absent); ``m`` is a symbolic variable of ``index_dtype``.
-    ``scheduled`` as in :func:`attention_func`.
-    """
-    attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
-    index_var = getattr(T, index_dtype)
-    epilogue = epilogue or Epilogue()
-
-    @T.prim_func
-    def dense(x_handle: T.handle, w_handle: T.handle, bias_handle: T.handle,
-              residual_handle: T.handle, out_handle: T.handle):
-        T.func_attr(attrs)
-        m = index_var()
-        x = T.match_buffer(x_handle, (m, k), dtype)
-        w = T.match_buffer(w_handle, (n, k), dtype)
-        bias = T.match_buffer(bias_handle, (n,), dtype)
-        residual = T.match_buffer(residual_handle, (m, n), dtype)
-        out = T.match_buffer(out_handle, (m, n), dtype)
-        if index_dtype == "int32":
-            assert fits_int32(m, max(n, k)), OVERFLOW.format(
-                what=f"dense kernel ({n}x{k})", bound="rows * max(n, k)")
-        body(x, w, bias if epilogue.bias else None, residual if epilogue.residual else None,
-             out, m)
-
-    # Drop the parameters this epilogue does not use (their buffers appear nowhere in the body).
-    x_h, w_h, bias_h, residual_h, out_h = dense.params
-    keep = [x_h, w_h, *([bias_h] if epilogue.bias else []),
-            *([residual_h] if epilogue.residual else []), out_h]
-    return tirx.PrimFunc(keep, dense.body, dense.ret_type, dense.attrs)

@@ -1,0 +1,101 @@
+"""The dense kernels' shared frame: what follows the product (:class:`Epilogue`: bias, gelu,
+residual) and the dense PrimFunc signature (:func:`dense_func`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .int32_guard import OVERFLOW, fits_int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """What a dense kernel does to ``x @ w.T`` before it writes ``out``, in this order: add
+    ``bias[n]``, apply ``activation`` (in fp32, before the one rounding to the output dtype), then
+    add ``residual[m, n]`` (in the output dtype's precision, as a separate ``+`` would)."""
+
+    bias: bool = False
+    activation: str | None = None  # None, "gelu" (erf) or "gelu_tanh"
+    residual: bool = False
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"Epilogue: activation must be one of {ACTIVATIONS}, "
+                             f"but got {self.activation!r}")
+
+    @property
+    def name(self) -> str:
+        """``""``, or ``_bias``, ``_gelu``, ``_residual`` joined in order (kernel names)."""
+        parts = (["bias"] if self.bias else []) + ([self.activation] if self.activation else [])
+        return "".join(f"_{p}" for p in parts + (["residual"] if self.residual else []))
+
+    def value(self, acc, bias_value):
+        """The float32 value before the residual: ``activation(acc + bias)``."""
+        return self.activate(acc + T.Cast("float32", bias_value) if self.bias else acc)
+
+    def store(self, dtype: str, acc, bias_value, residual_value):
+        """The output element: :meth:`value` rounded to ``dtype``, plus the residual (rounded
+        again) when there is one."""
+        out = T.Cast(dtype, self.value(acc, bias_value))
+        return self.add_residual(dtype, out, residual_value) if self.residual else out
+
+    @staticmethod
+    def add_residual(dtype: str, out, residual_value):
+        return T.Cast(dtype, T.Cast("float32", out) + T.Cast("float32", residual_value))
+
+    def activate(self, value):
+        """``activation(value)`` for a float32 PrimExpr."""
+        if self.activation == "gelu":  # x / 2 (1 + erf(x / sqrt 2))
+            return value * T.float32(0.5) * (T.float32(1) + T.erf(value * T.float32(SQRT_HALF)))
+        if self.activation == "gelu_tanh":  # x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = value * value * value
+            inner = T.float32(SQRT_2_OVER_PI) * (value + T.float32(0.044715) * cube)
+            return value * T.float32(0.5) * (T.float32(1) + T.tanh(inner))
+        return value
+
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+SQRT_HALF = math.sqrt(0.5)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def dense_func(
+    n: int, k: int, dtype: str, body, epilogue: Epilogue | None = None,
+    index_dtype: str = "int32", scheduled: bool = True,
+) -> tirx.PrimFunc:
+    """The dense PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``
+    around a kernel body; ``bias`` and ``residual`` are there when ``epilogue`` has them.
+
+    ``body`` is a ``T.macro`` called as ``body(x, w, bias, residual, out, m)`` (``bias`` and
+    ``residual`` None when absent); ``m`` is a symbolic variable of ``index_dtype``.
+    ``scheduled`` as in :func:`attention_func`.
+    """
+    attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
+    index_var = getattr(T, index_dtype)
+    epilogue = epilogue or Epilogue()
+
+    @T.prim_func
+    def dense(x_handle: T.handle, w_handle: T.handle, bias_handle: T.handle,
+              residual_handle: T.handle, out_handle: T.handle):
+        T.func_attr(attrs)
+        m = index_var()
+        x = T.match_buffer(x_handle, (m, k), dtype)
+        w = T.match_buffer(w_handle, (n, k), dtype)
+        bias = T.match_buffer(bias_handle, (n,), dtype)
+        residual = T.match_buffer(residual_handle, (m, n), dtype)
+        out = T.match_buffer(out_handle, (m, n), dtype)
+        if index_dtype == "int32":
+            assert fits_int32(m, max(n, k)), OVERFLOW.format(
+                what=f"dense kernel ({n}x{k})", bound="rows * max(n, k)")
+        body(x, w, bias if epilogue.bias else None, residual if epilogue.residual else None,
+             out, m)
+
+    # Drop the parameters this epilogue does not use (their buffers appear nowhere in the body).
+    x_h, w_h, bias_h, residual_h, out_h = dense.params
+    keep = [x_h, w_h, *([bias_h] if epilogue.bias else []),
+            *([residual_h] if epilogue.residual else []), out_h]
+    return tirx.PrimFunc(keep, dense.body, dense.ret_type, dense.attrs)

@@ -1,0 +1,1 @@
+"""Relax passes, one a module; :mod:`relax_masked_attn.transform` gathers them."""

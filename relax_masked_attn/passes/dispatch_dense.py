@@ -1,0 +1,222 @@
+"""``DispatchDense``: ``nn.Linear`` products onto our dense kernels, with their epilogues."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .._ir import is_call_of, mutate_functions
+from ..kernels import cpu_dense, cuda_dense
+from ..kernels.epilogue import Epilogue
+
+
+def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
+    """Our dense kernel for ``x[m, k] @ w[n, k].T`` with ``epilogue`` on ``target``, or None."""
+    if target.kind.name == "llvm":
+        if epilogue != Epilogue() or not cpu_dense.supports(n, k, dtype):
+            return None
+        return cpu_dense.dense_kernel(n, k, dtype)
+    if not cuda_dense.supports(target, n, k, dtype):
+        return None
+    if cuda_dense.has_wgmma(target):
+        return cuda_dense.wgmma_dense_kernel(n, k, dtype, epilogue)
+    return cuda_dense.dense_kernel(n, k, dtype, epilogue)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Product:
+    """One call of our dense kernel: ``x2 [rows, k] @ w.T`` then the epilogue's steps."""
+
+    x2: relax.Expr
+    w: relax.Expr
+    lead: list  # x's leading dims; the call's output [rows, n] is reshaped to [*lead, n]
+    n: int
+    k: int
+    dtype: str
+    bias: relax.Expr | None = None
+    activation: str | None = None
+    residual: relax.Expr | None = None  # [rows, n]
+
+    @property
+    def epilogue(self) -> Epilogue:
+        return Epilogue(self.bias is not None, self.activation, self.residual is not None)
+
+
+_ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh"}
+
+
+def _use_counts(func: relax.Function) -> collections.Counter:
+    """How many times each variable of ``func`` is used."""
+    counts = collections.Counter()
+
+    @relax.expr_functor.visitor
+    class _Counter(relax.PyExprVisitor):
+        def visit_var_(self, var):
+            counts[var] += 1
+
+        def visit_dataflow_var_(self, var):
+            counts[var] += 1
+
+    _Counter().visit_expr(func)
+    return counts
+
+
+@mutator
+class _DenseDispatcher(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod)
+        self.target = target
+        self.products = {}  # our kernel call's output var -> _Product
+        self.kernel_names = set()
+        self.uses = collections.Counter()  # of the function being visited, before rewriting
+
+    def visit_function(self, func: relax.Function) -> relax.Expr:
+        self.uses = _use_counts(func)
+        return self.visit_expr(func)
+
+    def _linear(self, call: relax.Call):
+        """A :class:`_Product` when ``call`` is ``matmul(x, permute_dims(w))`` with a static
+        ``[n, k]`` ``w`` of x's dtype; else None."""
+        if not is_call_of(call, "relax.matmul"):
+            return None
+        x, wt = call.args
+        binding = self.lookup_binding(wt) if isinstance(wt, relax.Var) else wt
+        if not is_call_of(binding, "relax.permute_dims"):
+            return None
+        axes = binding.attrs.axes
+        w = binding.args[0]
+        if axes is not None and [int(a) for a in axes] != [1, 0]:
+            return None
+        x_ty, w_ty = x.ty, w.ty
+        if w_ty.ndim != 2 or x_ty.ndim < 2 or x_ty.shape is None or w_ty.shape is None:
+            return None
+        n, k = w_ty.shape.values
+        last = x_ty.shape.values[-1]
+        if not all(isinstance(v, tvm.tirx.IntImm) for v in (n, k, last)):
+            return None
+        if w_ty.dtype.dtype != x_ty.dtype.dtype or int(last) != int(k):
+            return None
+        out_dtype = call.attrs.out_dtype
+        if out_dtype is not None and str(out_dtype) not in ("", "void", x_ty.dtype.dtype):
+            return None  # accumulates into another dtype: not what our kernels write
+        lead = list(x_ty.shape.values[:-1])
+        rows = lead[0]
+        for dim in lead[1:]:
+            rows = rows * dim
+        x2 = x if len(lead) == 1 else relax.op.reshape(x, [rows, int(k)])
+        return _Product(x2, w, lead, int(n), int(k), x_ty.dtype.dtype)
+
+    def _emit(self, product: _Product):
+        """Emit our kernel's call for ``product`` (None when no kernel serves it)."""
+        epilogue = product.epilogue
+        func = _dense_kernel(self.target, product.n, product.k, product.dtype, epilogue)
+        if func is None:
+            return None
+        name = f"zz_dense{epilogue.name}_n{product.n}_k{product.k}_{product.dtype}"
+        func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+        gv = self.builder_.add_func(func, name)
+        self.kernel_names.add(name)
+        x2 = product.x2
+        if not isinstance(x2, relax.Var):
+            x2 = self.builder_.emit(x2)
+            product = dataclasses.replace(product, x2=x2)
+        args = [x2, product.w, *(e for e in (product.bias, product.residual) if e is not None)]
+        rows = x2.ty.shape.values[0]
+        out = self.builder_.emit(
+            relax.call_tir(gv, args, out_ty=relax.TensorType([rows, product.n], product.dtype))
+        )
+        self.products[out] = product
+        return out if len(product.lead) == 1 else relax.op.reshape(out, [*product.lead, product.n])
+
+    def _product_of(self, var, original) -> _Product | None:
+        """The product whose output ``var`` is (through a reshape or aliases), when ``original``
+        (the same value before rewriting) has no other use; else None."""
+        if not isinstance(var, relax.Var) or self.uses[original] != 1:
+            return None
+        out = var if var in self.products else self.lookup_binding(var)
+        if is_call_of(out, "relax.reshape"):
+            out = out.args[0]
+        while isinstance(out, relax.Var) and out not in self.products:
+            out = self.lookup_binding(out)  # follow aliases
+        return self.products.get(out)
+
+    def _fuse_add(self, call: relax.Call, original: relax.Call):
+        """``product + b``: ``b`` a ``[n]`` vector joins as the bias (first step only); ``b`` of
+        the product's own shape as the residual (last step)."""
+        both_orders = zip((call.args, call.args[::-1]), (original.args, original.args[::-1]))
+        for (lin, other), orig in both_orders:
+            product = self._product_of(lin, orig[0])
+            other_ty = other.ty
+            if product is None or other_ty.shape is None or other_ty.dtype.dtype != product.dtype:
+                continue
+            if other_ty.ndim == 1 and product.epilogue == Epilogue():
+                size = other_ty.shape.values[0]
+                if isinstance(size, tvm.tirx.IntImm) and int(size) == product.n:
+                    return self._emit(dataclasses.replace(product, bias=other))
+            elif product.residual is None and tvm_ffi.structural_equal(
+                other_ty.shape, lin.ty.shape
+            ):
+                rows = product.x2.ty.shape.values[0]
+                residual = other if other_ty.ndim == 2 else self.builder_.emit(
+                    relax.op.reshape(other, [rows, product.n])
+                )
+                return self._emit(dataclasses.replace(product, residual=residual))
+        return None
+
+    def _fuse_activation(self, call: relax.Call, original: relax.Call):
+        """``gelu(product)`` with no activation or residual yet: the activation joins."""
+        product = self._product_of(call.args[0], original.args[0])
+        if product is None or product.activation is not None or product.residual is not None:
+            return None
+        return self._emit(dataclasses.replace(product, activation=_ACTIVATION_OPS[call.op.name]))
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        original = call
+        call = self.visit_expr_post_order(call)
+        if is_call_of(call, "relax.add"):
+            fused = self._fuse_add(call, original)
+        elif isinstance(call.op, tvm.ir.Op) and call.op.name in _ACTIVATION_OPS:
+            fused = self._fuse_activation(call, original)
+        else:
+            product = self._linear(call)
+            fused = None if product is None else self._emit(product)
+        return call if fused is None else fused
+
+
+@tvm.transform.module_pass(opt_level=0, name="DispatchDense")
+def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Replace ``matmul(x, permute_dims(w))`` (``nn.Linear``: ``w`` a static ``[n, k]`` tensor)
+    by ``call_tir`` of our dense kernel for the current target:
+    :mod:`~relax_masked_attn.kernels.cpu_dense` (float32 on ``llvm``) or
+    :mod:`~relax_masked_attn.kernels.cuda_dense` (fp16/bf16 tensor cores, CUDA sm80+).
+    Shapes and dtypes the kernels do not cover are left to TVM's own legalization.
+
+    On CUDA, what follows the product joins its kernel's epilogue, in this order, each step only
+    where the value before it has no other use: ``+ bias`` (a ``[n]`` vector), ``nn.gelu`` or
+    ``nn.gelu_tanh``, ``+ residual`` (a tensor of the product's shape): BERT's
+    ``gelu(x W1^T + b1)`` and ``x W^T + b + x`` are one kernel each.
+
+    apache-tvm 0.27 has no CPU matmul schedule (a legalized ``nn.Linear`` runs as plain loops)
+    and its CUDA tensor-core matmul rule crashes in the PyPI wheel. The ``"relax_masked_attn"``
+    pipeline runs this pass first; alone, run it inside ``with target:``.
+    """
+    target = tvm.target.Target.current()
+    if target is None:
+        raise ValueError("DispatchDense: no target (run it inside `with tvm.target.Target(...)`)")
+    dispatcher = _DenseDispatcher(mod, target)
+    mod = mutate_functions(dispatcher, mod, dispatcher.visit_function)
+    # A product whose bias got fused is dead: drop its binding, then its kernel if unused.
+    used = set()
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            func = relax.analysis.remove_all_unused(func)
+            mod[gvar] = func
+            used.update(gv.name_hint for gv in relax.analysis.all_global_vars(func))
+    for name in dispatcher.kernel_names - used:
+        del mod[name]
+    return mod

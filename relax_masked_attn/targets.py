@@ -1,0 +1,40 @@
+"""Targets: reading a CUDA target's arch, and the target factories ``EmbeddingModel``, the CLI
+and the benchmarks use (this CPU's ``llvm``, this GPU's ``cuda`` with Hopper's ``sm_90a``)."""
+
+from __future__ import annotations
+
+from tvm.target import Target
+
+
+def cuda_arch(target: Target) -> str:
+    """The target's ``arch`` attribute (``"sm_90a"``), ``""`` when it names none."""
+    return str(target.attrs["arch"]) if "arch" in target.attrs else ""
+
+
+def compute_capability(target: Target) -> int:
+    """``80`` for a CUDA target with ``arch`` ``sm_80`` (``90`` for ``sm_90a``); 0 when the target
+    names no ``sm_`` arch (then the tensor-core kernels stay out)."""
+    arch = cuda_arch(target)
+    if not arch.startswith("sm_"):
+        return 0
+    return int("".join(ch for ch in arch[3:] if ch.isdigit()))
+
+
+def host_cpu_target() -> Target:
+    """``llvm`` tuned for this machine's CPU (plain ``"llvm"`` targets a generic x86-64)."""
+    from tvm.target import codegen
+
+    return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+
+
+def device_cuda_target(device_id: int = 0) -> Target:
+    """The CUDA target of a visible GPU, as ``Target.from_device``, except that compute
+    capability 9.0 (H100, H200) gets arch ``sm_90a``: the Hopper-only instructions (``wgmma``)
+    that our dense and attention kernels use need the ``a`` arch, which ``from_device`` does not
+    name."""
+    import tvm
+
+    target = Target.from_device(tvm.cuda(device_id))
+    if cuda_arch(target) != "sm_90":
+        return target
+    return Target({**dict(target.export()), "arch": "sm_90a"})
