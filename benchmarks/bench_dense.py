@@ -18,12 +18,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
 import tvm
+from bench_kernel import median_time
 from tvm import relax
 
-from bench_kernel import median_time
-
 from relax_masked_attn.kernels import cuda_dense
-from relax_masked_attn.legalize import device_cuda_target
+from relax_masked_attn.targets import device_cuda_target
 
 SHAPES = [  # (n, k, bias, what)
     (768, 768, True, "BERT-base attention projections"),
@@ -63,7 +62,8 @@ SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
 ]
 
 
-WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]  # (tile_n, stages), sm_90a only
+# (tile_n, stages), sm_90a only
+WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]
 
 
 def sweep(args, dev, target, tdtype) -> None:
@@ -104,7 +104,7 @@ EPILOGUE_SHAPES = [  # (n, k, Epilogue fields, what): BERT-base's fused products
 def epilogue_sweep(args, tdtype) -> None:
     """The wgmma kernel with BERT's fused epilogues under each WGMMA_SWEEP configuration (raw
     kernels, checked against torch first): which ring/tile lets the epilogue overlap."""
-    from relax_masked_attn.kernels.common import Epilogue
+    from relax_masked_attn.kernels.epilogue import Epilogue
 
     hopper = device_cuda_target()
     if not cuda_dense.has_wgmma(hopper):

@@ -84,7 +84,8 @@ def useful_flops(valid_len: np.ndarray, heads_q: int, head_dim: int, mode: str) 
 
 
 def ours(target, heads_q, heads_kv, head_dim, dtype, mode, dev):
-    ex = tvm.compile(rma.op.standalone_module(heads_q, heads_kv, head_dim, dtype, mode), target=target)
+    mod = rma.op.standalone_module(heads_q, heads_kv, head_dim, dtype, mode)
+    ex = tvm.compile(mod, target=target)
     return relax.VirtualMachine(ex, dev)["main"]
 
 
@@ -132,7 +133,7 @@ def bench_cpu(args) -> None:
 def bench_cuda(args) -> None:
     """Ours for the device's target (``device_cuda_target``: on Hopper ``sm_90a``, the ``wgmma``
     kernel) and, on Hopper, for plain ``sm_90`` too (the ``mma.sync`` kernel, column "mma ms")."""
-    from relax_masked_attn.legalize import device_cuda_target
+    from relax_masked_attn.targets import device_cuda_target
 
     dev = tvm.cuda(0)
     target = device_cuda_target()
@@ -208,7 +209,7 @@ def sweep_cuda(args) -> None:
     each wgmma layout of WGMMA_SWEEP (raw kernels, checked against the NumPy reference on a few
     rows first)."""
     from relax_masked_attn.kernels import cuda_mma, cuda_wgmma
-    from relax_masked_attn.legalize import device_cuda_target
+    from relax_masked_attn.targets import device_cuda_target
 
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)
@@ -252,7 +253,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--skip-upstream", action="store_true", help="CUDA: skip the slow baseline")
-    parser.add_argument("--max-seq", type=int, default=0, help="CUDA: skip configs longer than this")
+    parser.add_argument("--max-seq", type=int, default=0,
+                        help="CUDA: skip configs longer than this")
     parser.add_argument("--sweep", action="store_true",
                         help="CUDA: time the tensor-core tile layouts of TC_SWEEP instead")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Model benchmark: embedding throughput of our compiled models next to PyTorch, in one run.
 
     python benchmarks/bench_models.py --device cpu    # all-MiniLM-L6-v2 vs sentence-transformers
-    python benchmarks/bench_models.py --device cuda   # BERT-base / Qwen3-0.6B shapes vs transformers
+    python benchmarks/bench_models.py --device cuda   # BERT-base / Qwen3-0.6B vs transformers
 
 Texts (or token-id batches) of mixed lengths; throughput counts real tokens per second. With
 ``--profile``, TVM's VM profiler splits our time by kernel kind (attention, matmul, the rest).
@@ -23,7 +23,8 @@ import torch
 
 from relax_masked_attn.embedding import EmbeddingModel, kernel_kind, pad_batch
 
-WORDS = ["the", "model", "compiles", "attention", "kernels", "for", "padded", "batches", "of", "text", "on", "every", "target", "with", "masks", "skipping", "work"]
+WORDS = ["the", "model", "compiles", "attention", "kernels", "for", "padded", "batches", "of",
+         "text", "on", "every", "target", "with", "masks", "skipping", "work"]
 
 
 def mixed_texts(n: int, rng: np.random.Generator, max_words: int = 200) -> list[str]:

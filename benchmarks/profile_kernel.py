@@ -16,7 +16,8 @@ dev = tvm.cuda(0)
 target = tvm.target.Target.from_device(dev)
 ex = tvm.compile(rma.op.standalone_module(hq, hkv, d, "float16", "causal_padded_left"), target)
 run = relax.VirtualMachine(ex, dev)["main"]
-q, k, v = (torch.randn(batch, seq, h, d, device="cuda", dtype=torch.float16) for h in (hq, hkv, hkv))
+q, k, v = (torch.randn(batch, seq, h, d, device="cuda", dtype=torch.float16)
+           for h in (hq, hkv, hkv))
 vl = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
 args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, vl)]
 for _ in range(4):

@@ -17,8 +17,8 @@ from tvm import relax
 from tvm.relax.frontend import nn
 
 from . import __version__
-from .legalize import device_cuda_target, host_cpu_target
 from .checkpoint import CheckpointError, ModelSpec, read_spec
+from .targets import device_cuda_target, host_cpu_target
 from .weights import match_parameters, read_safetensors
 
 DEFAULT_BATCH_TOKENS = 8192
@@ -31,6 +31,10 @@ def cache_dir() -> Path:
     ``~/.cache/relax_masked_attn``. Delete the folder to clear it."""
     env = os.environ.get("RELAX_MASKED_ATTN_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "relax_masked_attn"
+
+
+def _stderr_log(msg: str) -> None:
+    print(f"[relax-masked-attn] {msg}", file=sys.stderr)
 
 
 def resolve_target(target: str | tvm.target.Target) -> tuple[tvm.target.Target, tvm.runtime.Device]:
@@ -180,7 +184,7 @@ class EmbeddingModel:
 
         ``dtype`` defaults to float32 on CPU and float16 on GPUs.
         """
-        log = (lambda msg: print(f"[relax-masked-attn] {msg}", file=sys.stderr)) if progress else None
+        log = _stderr_log if progress else None
         spec = read_spec(path)
         tgt, dev = resolve_target(target)
         dtype = dtype or ("float32" if tgt.kind.name == "llvm" else "float16")
@@ -471,5 +475,5 @@ def model_inputs(input_ids, attention_mask, side: str) -> tuple[np.ndarray, np.n
         )
     token_index = np.flatnonzero(mask).astype("int32")
     if token_index.size == 0:
-        token_index = np.zeros(1, dtype="int32")  # no real token at all: every row embeds to padding
+        token_index = np.zeros(1, dtype="int32")  # no real token at all: every row embeds to 0
     return np.asarray(input_ids).astype("int32"), mask, token_index

@@ -80,7 +80,8 @@ def call_sm_scale(call: relax.Call, head_dim: int) -> float:
 
 
 def _op_name(call: relax.Call) -> str:
-    return "packed_sequence_prefill" if call.op.name == PACKED_OP_NAME else "masked_sequence_prefill"
+    packed = call.op.name == PACKED_OP_NAME
+    return "packed_sequence_prefill" if packed else "masked_sequence_prefill"
 
 
 def _error(msg: str) -> ValueError:
@@ -102,7 +103,8 @@ def _check_qkv(q, k, v, layouts: tuple[str, str], error) -> None:
             raise error(f"{name} should have {ndim} dimensions {layout}, but got {ty.ndim}")
         if ty.dtype.dtype not in FLOAT_DTYPES:
             raise error(
-                f"{name} must have a dtype among {', '.join(FLOAT_DTYPES)}, but got {ty.dtype.dtype}"
+                f"{name} must have a dtype among {', '.join(FLOAT_DTYPES)}, "
+                f"but got {ty.dtype.dtype}"
             )
     if not (q.dtype.dtype == k.dtype.dtype == v.dtype.dtype):
         raise error(
@@ -160,8 +162,8 @@ def infer_type(call: relax.Call, _block_builder=None) -> relax.TensorType:
     q, k, v, valid_len = (
         _tensor_type(arg, name) for arg, name in zip(call.args, ("q", "k", "v", "valid_len"))
     )
-    _check_qkv(q, k, v, ("[batch, seq_q, heads_q, head_dim]", "[batch, seq_kv, heads_kv, head_dim]"),
-               _error)
+    layouts = ("[batch, seq_q, heads_q, head_dim]", "[batch, seq_kv, heads_kv, head_dim]")
+    _check_qkv(q, k, v, layouts, _error)
     if valid_len.ndim != 1:
         raise _error(f"valid_len should have 1 dimension [batch], but got {valid_len.ndim}")
     if valid_len.dtype.dtype != "int32":

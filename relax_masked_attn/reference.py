@@ -1,4 +1,5 @@
-"""The plain NumPy references of ``masked_sequence_prefill`` and ``packed_sequence_prefill``: slow, float64 inside, obviously right.
+"""The plain NumPy references of ``masked_sequence_prefill`` and ``packed_sequence_prefill``:
+slow, float64 inside, obviously right.
 
 Every fast kernel of the package is tested against this function.
 """

@@ -92,7 +92,8 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
                 raise CheckpointError(f"{index} names the shard {shard}, which is not in {folder}")
             tensors.update(_read_file(folder / shard))
         return tensors
-    raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    raise CheckpointError(
+        f"{folder} has neither model.safetensors nor model.safetensors.index.json")
 
 
 PREFIXES = ("", "model.", "bert.")

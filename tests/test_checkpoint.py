@@ -29,7 +29,8 @@ def test_malformed_config(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    config = {"model_type": "t5", "architectures": ["T5Model"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unsupported architecture 't5'.*bert.*qwen3"):
         EmbeddingModel.from_pretrained(tmp_path)
 

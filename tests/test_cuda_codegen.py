@@ -56,7 +56,8 @@ def test_kernel_choice(target, head_dim, dtype, expected):
 
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_kernel_is_well_formed(head_dim):
-    func = cuda_mma.tensor_core_kernel(8, 2, head_dim, "float16", "causal_padded", 1 / math.sqrt(head_dim))
+    func = cuda_mma.tensor_core_kernel(8, 2, head_dim, "float16", "causal_padded",
+                                       1 / math.sqrt(head_dim))
     assert tvm.tirx.analysis.verify_well_formed(func)
     src = tvm.compile(tvm.IRModule({"main": func}), target=SM90).mod.imports[0].inspect_source()
     assert "mma.sync" in src

@@ -222,7 +222,8 @@ def _load_and_run(path, cache):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    return np.array(json.loads(lines[0])), [line for line in lines[1:] if line.startswith("WARNING:")]
+    warned = [line for line in lines[1:] if line.startswith("WARNING:")]
+    return np.array(json.loads(lines[0])), warned
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ def legalized(mod, target):
 
 
 def called_kernels(mod):
-    return sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    return sorted(gv.name_hint for gv, f in mod.functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc))
 
 
 def test_pass_replaces_the_call_with_call_tir():
@@ -80,7 +81,8 @@ def test_unsupported_target_kind():
 @pytest.mark.parametrize("how", ["default", "pipeline"])
 def test_tvm_compile_default_and_named_pipeline(how):
     mod = op_module(4, 2, 32, "float32", "padded_left")
-    kwargs = {"relax_pipeline": relax.get_pipeline("relax_masked_attn")} if how == "pipeline" else {}
+    pipeline = {"relax_pipeline": relax.get_pipeline("relax_masked_attn")}
+    kwargs = pipeline if how == "pipeline" else {}
     ex = tvm.compile(mod, target="llvm", **kwargs)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     rng = np.random.default_rng(0)

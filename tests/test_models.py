@@ -1,6 +1,5 @@
 """Embedding models against references nobody here wrote: sentence-transformers, transformers."""
 
-import json
 import os
 import warnings
 
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 from relax_masked_attn.embedding import EmbeddingModel, pad_batch
-from relax_masked_attn.checkpoint import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -187,8 +185,8 @@ def test_models_compile_for_cuda(which, dtype, arch, request):
     import tvm
     from tvm import relax
 
-    from relax_masked_attn.embedding import export
     from relax_masked_attn.checkpoint import read_spec
+    from relax_masked_attn.embedding import export
 
     path, _ = request.getfixturevalue(which)
     mod, _ = export(read_spec(path), dtype)
@@ -209,8 +207,8 @@ def test_attention_reads_the_packed_tokens(which, request):
     import dataclasses
     import re
 
-    from relax_masked_attn.embedding import export
     from relax_masked_attn.checkpoint import read_spec
+    from relax_masked_attn.embedding import export
 
     spec = read_spec(request.getfixturevalue(which)[0])
     counts = []

@@ -163,7 +163,8 @@ def test_cuda_kernels_compile(causal, head_dim, tensor_cores):
 def test_packed_kernels_are_well_formed(packed_kernel):
     from relax_masked_attn.kernels import cuda_mma, gpu
 
-    make = cuda_mma.tensor_core_kernel if packed_kernel == "tensor_core" else gpu.portable_gpu_kernel
+    tensor_core = packed_kernel == "tensor_core"
+    make = cuda_mma.tensor_core_kernel if tensor_core else gpu.portable_gpu_kernel
     func = make(8, 2, 64, "float16", "causal_padded", 0.125, packed=True)
     assert tvm.tirx.analysis.verify_well_formed(func)
     assert [str(p.name) for p in func.params] == ["q", "k", "v", "seq_start", "max_len", "out"]

@@ -66,7 +66,8 @@ class PackedBatch:
         length = op.unsqueeze(self.valid_len, -1)  # (b, 1)
         row_start = op.cumsum(self.valid_len, axis=0, exclusive=True)  # (b,)
         # (b + 1,): row b's tokens are packed rows [seq_start[b], seq_start[b + 1])
-        self.seq_start = op.concat([row_start, op.sum(self.valid_len, axis=0, keepdims=True)], dim=0)
+        total = op.sum(self.valid_len, axis=0, keepdims=True)  # (1,)
+        self.seq_start = op.concat([row_start, total], dim=0)
         if side == "left":  # column - (s - L)
             col = op.add(op.unsqueeze(op.arange(-self.seq, 0, dtype="int32"), 0), length)
         else:
