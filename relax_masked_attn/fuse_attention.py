@@ -90,10 +90,17 @@ def _axes(call) -> list[int] | None:
 
 
 def _strip_scale(g: _Graph, expr):
-    """(tensor, factor): peel ``multiply(x, scalar const)`` layers off ``expr``."""
+    """(tensor, factor): peel ``multiply(x, scalar const)`` and ``divide(x, scalar const)``
+    layers off ``expr``."""
     factor = 1.0
     while True:
-        mul = g.call(expr, "relax.multiply")
+        mul, div = g.call(expr, "relax.multiply"), g.call(expr, "relax.divide")
+        if div is not None:
+            c = _scalar_const(div.args[1])
+            if c is None or c == 0:
+                return expr, factor
+            factor, expr = factor / c, div.args[0]
+            continue
         if mul is None:
             return expr, factor
         for a, b in (mul.args, mul.args[::-1]):
@@ -197,20 +204,157 @@ def _mask_bias(g: _Graph, expr) -> tuple[relax.Var, bool] | None:
     return mask_param, causal
 
 
+def _masked_scores(g: _Graph, logits):
+    """(scores, mask parameter, causal) of a softmax input that is the scores masked by a
+    padding mask (and maybe causal): ``scores + where(cond, 0, NEG)`` (the bias Hugging Face
+    models build), or ``where(~keep, NEG, scores)`` / ``where(keep, scores, NEG)`` (PyTorch's
+    ``masked_fill`` and ``torch.where``, what hand-written models use). None otherwise."""
+    add = g.call(logits, "relax.add")
+    if add is not None:
+        for scores, other in (add.args, add.args[::-1]):
+            bias = _mask_bias(g, other)
+            if bias is not None:
+                return scores, *bias
+        return None
+    where = g.call(logits, "relax.where")
+    if where is None:
+        return None
+    cond, on_true, on_false = where.args
+    if _very_negative(g, on_true):  # masked_fill(~keep, NEG): where(~keep, NEG, scores)
+        keep, scores = _negation_of(g, cond), on_false
+    elif _very_negative(g, on_false):  # where(keep, scores, NEG)
+        keep, scores = cond, on_true
+    else:
+        return None
+    if keep is None:
+        return None
+    found = _keep_mask(g, keep)
+    return None if found is None else (scores, *found)
+
+
+def _const_of(g: _Graph, expr) -> float | None:
+    return _scalar_const(g.resolve(expr)[1] if isinstance(expr, relax.Var) else expr)
+
+
+def _very_negative(g: _Graph, expr) -> bool:
+    value = _const_of(g, expr)
+    return value is not None and value <= -1e4
+
+
+def _negation_of(g: _Graph, expr):
+    for name in ("relax.bitwise_not", "relax.logical_not"):
+        call = g.call(expr, name)
+        if call is not None:
+            return call.args[0]
+    return None
+
+
+def _keep_mask(g: _Graph, keep) -> tuple[relax.Var, bool] | None:
+    """(mask parameter, causal) when ``keep`` (True = attend) is the AND of exactly one key
+    padding mask ``[b, 1, 1, s]`` from a ``[b, s]`` parameter and any number of lower-triangle
+    (causal) masks and all-True fills; None for anything else (sliding windows, anti-causal or
+    offset triangles, masks of other shapes)."""
+    terms: list = []
+    todo = [keep]
+    while todo:
+        expr = todo.pop()
+        conj = g.call(expr, "relax.bitwise_and")
+        if conj is None:
+            conj = g.call(expr, "relax.logical_and")
+        if conj is not None:
+            todo += list(conj.args)
+        else:
+            terms.append(expr)
+    masks, causal = set(), False
+    for term in terms:
+        full = g.call(term, "relax.full")
+        if full is not None and _const_of(g, full.args[1]) == 1.0:
+            continue  # all True
+        if _is_lower_triangle(g, term):
+            causal = True
+            continue
+        param = _key_padding_param(g, term)
+        if param is None:
+            return None
+        masks.add(param)
+    return (masks.pop(), causal) if len(masks) == 1 else None
+
+
+def _key_padding_param(g: _Graph, term):
+    """The ``[b, s]`` parameter ``term`` reads, when ``term`` is it cast to bool (or compared
+    ``!= 0``) and expanded to ``[b, 1, 1, s]`` (keys on the last axis); else None."""
+    ty = term.ty
+    if (not isinstance(ty, relax.TensorType) or ty.ndim != 4 or ty.dtype.dtype != "bool"
+            or ty.shape is None or any(_int(d) != 1 for d in ty.shape.values[1:3])):
+        return None
+    expr = term
+    while True:
+        if isinstance(expr, relax.Var) and expr in g.params:
+            return expr if expr.ty.ndim == 2 else None
+        _, value = g.resolve(expr)
+        if value is None:
+            return None
+        if is_call_of(value, "relax.not_equal") and _const_of(g, value.args[1]) == 0.0:
+            expr = value.args[0]
+        elif any(is_call_of(value, n) for n in ("relax.astype", "relax.expand_dims",
+                                                "relax.reshape")):
+            expr = value.args[0]
+        else:
+            return None
+
+
+def _int(dim) -> int | None:
+    return int(dim.value) if isinstance(dim, tvm.tirx.IntImm) else None
+
+
+def _arange_axis(g: _Graph, expr) -> int | None:
+    """-1 for ``arange(0, s)`` laid along the last of two axes (``[1, s]``, the key column),
+    -2 for ``[s, 1]`` (the query row); None for anything else (an offset, a scaled arange)."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.ndim != 2 or ty.shape is None:
+        return None
+    _, value = g.resolve(expr)
+    while value is not None and (is_call_of(value, "relax.expand_dims")
+                                 or is_call_of(value, "relax.reshape")):
+        _, value = g.resolve(value.args[0])
+    if not is_call_of(value, "relax.arange"):
+        return None
+    start, _, step = (_prim(a) for a in value.args[:3])  # PrimExprs (relax.prim_value)
+    if start != 0 or step != 1:
+        return None
+    rows, cols = (_int(d) for d in ty.shape.values)
+    return -1 if rows == 1 and cols != 1 else (-2 if cols == 1 and rows != 1 else None)
+
+
+def _prim(value) -> float | None:
+    return float(value.value) if isinstance(value, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None
+
+
+def _is_lower_triangle(g: _Graph, term) -> bool:
+    """``col <= row`` (torch.tril's keep mask) as the importer writes it: ``col - row <= 0``,
+    ``row - col >= 0``, ``col <= row`` or ``row >= col``, with ``col``/``row`` unshifted aranges
+    along the key / query axis. An offset (``<= 1``), the upper triangle or a window is not."""
+    for name, sign in (("relax.less_equal", 1), ("relax.greater_equal", -1)):
+        cmp = g.call(term, name)
+        if cmp is None:
+            continue
+        lhs, rhs = cmp.args
+        sub = g.call(lhs, "relax.subtract")
+        if sub is not None and _const_of(g, rhs) == 0.0:
+            a, b = (_arange_axis(g, x) for x in sub.args)
+            return (a, b) == ((-1, -2) if sign == 1 else (-2, -1))
+        a, b = _arange_axis(g, lhs), _arange_axis(g, rhs)
+        return (a, b) == ((-1, -2) if sign == 1 else (-2, -1))
+    return False
+
+
 def _match(g: _Graph, softmax_var: relax.Var, softmax: relax.Call) -> _Match | None:
     if softmax.attrs.axis not in (-1, 3) or softmax.args[0].ty.ndim != 4:
         return None
-    add = g.call(softmax.args[0], "relax.add")
-    if add is None:
+    masked = _masked_scores(g, softmax.args[0])
+    if masked is None:
         return None
-    bias = None
-    for scores, other in (add.args, add.args[::-1]):
-        bias = _mask_bias(g, other)
-        if bias is not None:
-            break
-    if bias is None:
-        return None
-    mask_param, causal = bias
+    scores, mask_param, causal = masked
     scores, s_scale = _strip_scale(g, scores)
     calls = _chain(g, scores, "relax.reshape", "relax.matmul")
     if calls is None:

@@ -21,7 +21,8 @@ class HiddenStates(torch.nn.Module):
             kw["token_type_ids"] = torch.zeros_like(input_ids)
         else:
             kw["use_cache"] = False
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return out.last_hidden_state
 
 
 def make_model(kind, impl):
@@ -203,3 +204,71 @@ def test_checked_mode_left_padding():
     right_padded = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype="int64")
     with pytest.raises(Exception, match="one block of ones on the left side"):
         vm["main"](*(tvm.runtime.tensor(x) for x in (ids, right_padded, positions)))
+
+
+# --- hand-written attention: masked_fill(~mask, min) and torch.where --------------------------
+
+
+class HandWritten(torch.nn.Module):
+    """One attention block as people write it by hand: the keep mask from a ``[b, s]`` padding
+    mask, maybe AND-ed with a triangle, applied with ``masked_fill`` or ``torch.where``."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / 4.0
+        keep = mask[:, None, None, :].bool()
+        ones = torch.ones(s, s, dtype=torch.bool, device=x.device)
+        extra = {"causal": ones.tril(), "anti_causal": ones.triu(),
+                 "causal_offset": ones.tril(diagonal=1),
+                 "sliding_window": ones.tril() & ones.triu(diagonal=-2)}.get(self.kind)
+        if extra is not None:
+            keep = keep & extra
+        if self.kind == "position_bias":  # ALiBi-like: -0.25 |i - j| (float aranges: TVM 0.27
+            # imports int64 * 0.25 as an int64 product, which torch promotes to float)
+            pos = torch.arange(s, device=x.device, dtype=torch.float32)
+            scores = scores - 0.25 * (pos[None, :] - pos[:, None]).abs()
+        if self.kind == "where":
+            scores = torch.where(keep, scores, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, 32)
+
+
+@pytest.mark.parametrize("kind,side,fused", [
+    ("padding", "right", True), ("where", "right", True), ("causal", "right", True),
+    ("causal", "left", True),
+    ("anti_causal", "right", False), ("causal_offset", "right", False),
+    ("sliding_window", "right", False), ("position_bias", "right", False),
+])
+def test_hand_written_masked_fill(kind, side, fused):
+    """Padding and padding + causal masks applied with masked_fill / torch.where are fused; a
+    sliding window, the upper triangle, a shifted triangle or an additive bias are left alone.
+    Either way the compiled block gives PyTorch's result at every real position."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    model = HandWritten(kind).eval()
+    x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
+    b, s = torch.export.Dim("batch", min=1, max=32), torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(model, (x, mask),
+                             dynamic_shapes={"x": {0: b, 1: s}, "mask": {0: b, 1: s}})
+    mod, counts = fuse_masked_attention(from_exported_program(ep), padding_side=side)
+    assert counts == {"main": int(fused)}
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    rng = np.random.default_rng(1)
+    for batch, seq in [(3, 11), (2, 16)]:
+        lengths = rng.integers(1, seq + 1, batch)
+        pos = np.arange(seq)[None]
+        real = pos >= seq - lengths[:, None] if side == "left" else pos < lengths[:, None]
+        xs = rng.standard_normal((batch, seq, 32)).astype("float32")
+        with torch.no_grad():
+            ref = model(torch.from_numpy(xs), torch.from_numpy(real.astype("int64"))).numpy()
+        out = vm["main"](tvm.runtime.tensor(xs),
+                         tvm.runtime.tensor(real.astype("int64")))[0].numpy()
+        np.testing.assert_allclose(out[real], ref[real], atol=2e-5)
