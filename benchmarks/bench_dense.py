@@ -22,6 +22,7 @@ from bench_kernel import median_time
 from tvm import relax
 
 from relax_masked_attn.kernels import cuda_dense
+from relax_masked_attn.passes.dispatch_dense import standalone_linear_module
 from relax_masked_attn.targets import device_cuda_target
 
 SHAPES = [  # (n, k, bias, what)
@@ -33,22 +34,6 @@ SHAPES = [  # (n, k, bias, what)
     (3072, 1024, False, "Qwen3-0.6B gate/up_proj"),
     (1024, 3072, False, "Qwen3-0.6B down_proj"),
 ]
-
-
-def linear_module(n: int, k: int, dtype: str, bias: bool) -> tvm.IRModule:
-    m = tvm.tirx.Var("m", "int64")
-    x = relax.Var("x", relax.TensorType((m, k), dtype))
-    w = relax.Var("w", relax.TensorType((n, k), dtype))
-    params = [x, w] + ([relax.Var("b", relax.TensorType((n,), dtype))] if bias else [])
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            out = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w))))
-            if bias:
-                out = bb.emit(relax.op.add(out, params[2]))
-            gv = bb.emit_output(out)
-        bb.emit_func_output(gv)
-    return bb.get()
 
 
 SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
@@ -171,7 +156,7 @@ def main() -> None:
         flops = 2.0 * args.rows * n * k
         cells, errors = [], []
         for tgt in targets.values():
-            ex = tvm.compile(linear_module(n, k, args.dtype, bias), target=tgt,
+            ex = tvm.compile(standalone_linear_module(n, k, args.dtype, bias, rank=2), target=tgt,
                              relax_pipeline=relax.get_pipeline("relax_masked_attn"))
             run = relax.VirtualMachine(ex, dev)["main"]
             out = torch.from_dlpack(run(*tvm_args))

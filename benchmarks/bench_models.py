@@ -31,7 +31,7 @@ def mixed_texts(n: int, rng: np.random.Generator, max_words: int = 200) -> list[
     return [" ".join(rng.choice(WORDS, rng.integers(1, max_words + 1))) for _ in range(n)]
 
 
-def best_of(fn, repeats: int = 3) -> float:
+def median_of(fn, repeats: int = 3) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -51,8 +51,8 @@ def bench_cpu(args) -> None:
     rng = np.random.default_rng(0)
     texts = mixed_texts(args.texts, rng)
     tokens = sum(len(x) for x in ours.tokenize(texts))
-    t_ours = best_of(lambda: ours.embed(texts))
-    t_st = best_of(lambda: st.encode(texts, batch_size=32))
+    t_ours = median_of(lambda: ours.embed(texts))
+    t_st = median_of(lambda: st.encode(texts, batch_size=32))
     print(f"CPU, {os.cpu_count()} cores: {len(texts)} texts, {tokens} real tokens")
     print(f"{'':28} {'s':>8} {'tokens/s':>10}")
     print(f"{'ours (TVM, llvm)':28} {t_ours:8.3f} {tokens / t_ours:10.0f}")
@@ -132,8 +132,8 @@ def bench_cuda(args) -> None:
                 hf(input_ids=t_ids, attention_mask=t_mask)
             torch.cuda.synchronize()
 
-        t_ours = best_of(lambda: ours.embed_ids(input_ids, mask), 5)
-        t_hf = best_of(run_hf, 5)
+        t_ours = median_of(lambda: ours.embed_ids(input_ids, mask), 5)
+        t_hf = median_of(run_hf, 5)
         tokens = int(lengths.sum())
         print(f"{kind:12} ours {t_ours * 1e3:8.2f} ms ({tokens / t_ours:9.0f} tok/s)  "
               f"transformers {t_hf * 1e3:8.2f} ms ({tokens / t_hf:9.0f} tok/s)  "

@@ -70,8 +70,18 @@ class _Request:
 
     op_name: str
     packed: bool
-    args: tuple  # (heads_q, heads_kv, head_dim, dtype, mode, sm_scale)
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: str
+    mode: str  # packed: "causal_padded" or "padded" (causal or not is the whole mode)
+    sm_scale: float
     name: str
+
+    @property
+    def kernel_args(self) -> tuple:
+        """The positional arguments every kernel generator takes."""
+        return (self.heads_q, self.heads_kv, self.head_dim, self.dtype, self.mode, self.sm_scale)
 
 
 def _request(call: relax.Call) -> _Request:
@@ -94,21 +104,21 @@ def _request(call: relax.Call) -> _Request:
         mode = label = call_mode(call)
     prefix = PACKED_KERNEL_PREFIX if packed else KERNEL_PREFIX
     return _Request(
-        op_name, packed, (heads_q, heads_kv, head_dim, dtype, mode, call_sm_scale(call, head_dim)),
+        op_name, packed, heads_q, heads_kv, head_dim, dtype, mode, call_sm_scale(call, head_dim),
         f"{prefix}_{label}_h{heads_q}_{heads_kv}_d{head_dim}_{dtype}",
     )
 
 
 def _kernel(target: Target, request: _Request) -> tirx.PrimFunc:
-    args, packed = request.args, request.packed
+    args, packed = request.kernel_args, request.packed
     if target.kind.name == "llvm":
         return cpu_kernel(*args, packed=packed)
     if is_gpu(target):
         from .kernels import cuda_mma, cuda_wgmma  # imported here: CPU-only users never need it
 
-        if cuda_wgmma.supports(target, args[2], args[3]):
+        if cuda_wgmma.supports(target, request.head_dim, request.dtype):
             return cuda_wgmma.wgmma_attention_kernel(*args, packed=packed)
-        if cuda_mma.supports(target, args[2], args[3]):
+        if cuda_mma.supports(target, request.head_dim, request.dtype):
             return cuda_mma.tensor_core_kernel(*args, packed=packed)
         return portable_gpu_kernel(*args, packed=packed)
     raise ValueError(

@@ -61,6 +61,18 @@ def random_qkv(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, rng):
 
 
 op_module = rma.op.standalone_module
+SM90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})  # CUDA code, no GPU needed
+
+
+def infer(op, *args, **kwargs):
+    """The result type of ``op(*args, **kwargs)`` (one of the ops' builders) in a function whose
+    parameters are the Var arguments: type inference as ``bb.normalize`` runs it."""
+    bb = relax.BlockBuilder()
+    params = [a for a in args if isinstance(a, relax.Var)]
+    with bb.function("main", params):
+        out = bb.emit(op(*args, **kwargs))
+        bb.emit_func_output(out)
+    return bb.get()["main"].ret_ty
 
 
 def build_target(target: str):

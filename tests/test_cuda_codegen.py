@@ -8,9 +8,7 @@ import tvm
 from relax_masked_attn import MODES
 from relax_masked_attn.kernels import cuda_mma
 
-from .conftest import op_module
-
-SM90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+from .conftest import SM90, op_module
 
 
 def cuda_source(mod, target=SM90):

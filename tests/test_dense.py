@@ -7,43 +7,11 @@ from tvm import relax, tirx
 
 from relax_masked_attn.kernels import cuda_dense
 from relax_masked_attn.kernels.epilogue import Epilogue
-from relax_masked_attn.transform import dispatch_dense
+from relax_masked_attn.passes.dispatch_dense import dispatch_dense, standalone_linear_module
 
-from .conftest import cuda_available
+from .conftest import SM90, cuda_available
 
-SM90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
 SM90A = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
-
-
-def linear_module(n, k, dtype="float32", bias=False, rank=3, activation=None, residual=False,
-                  keep_product=False):
-    """``main(x, w[, b][, r]) = act(x @ w.T (+ b)) (+ r)`` with symbolic leading dims, as
-    nn.Linear (and BERT's gelu and residual adds) export it. ``keep_product``: ``main`` returns
-    the plain product too, so it has a second use."""
-    lead = [tirx.Var("b", "int64"), tirx.Var("s", "int64")][:rank - 1]
-    x = relax.Var("x", relax.TensorType((*lead, k), dtype))
-    w = relax.Var("w", relax.TensorType((n, k), dtype))
-    params = [x, w]
-    if bias:
-        params.append(relax.Var("bias", relax.TensorType((n,), dtype)))
-    if residual:
-        params.append(relax.Var("residual", relax.TensorType((*lead, n), dtype)))
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            wt = bb.emit(relax.op.permute_dims(w))
-            product = out = bb.emit(relax.op.matmul(x, wt))
-            if bias:
-                out = bb.emit(relax.op.add(out, params[2]))
-            if activation:
-                out = bb.emit(getattr(relax.op.nn, activation)(out))
-            if residual:
-                out = bb.emit(relax.op.add(params[-1], out))  # the residual first, as in BERT
-            if keep_product:
-                out = relax.Tuple([out, product])
-            gv = bb.emit_output(out)
-        bb.emit_func_output(gv)
-    return bb.get()
 
 
 def kernels_of(mod):
@@ -88,7 +56,7 @@ EPILOGUES = [(False, None, False), (True, None, False), (True, "gelu", False),
 @pytest.mark.parametrize("batch,seq", [(1, 1), (3, 7), (2, 33)])
 def test_cpu_dense_dispatch_matches_numpy(batch, seq):
     """nn.Linear-shaped matmuls go to our CPU dense kernel (any row count, tails included)."""
-    mod = linear_module(48, 64)
+    mod = standalone_linear_module(48, 64)
     assert kernels_of(dispatched(mod, "llvm")) == ["zz_dense_n48_k64_float32"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, seq, 64)).astype("float32")
@@ -100,11 +68,11 @@ def test_cpu_dense_dispatch_matches_numpy(batch, seq):
 @pytest.mark.parametrize("n,k,dtype",
                          [(50, 64, "float32"), (48, 60, "float32"), (48, 64, "float16")])
 def test_cpu_dense_dispatch_leaves_other_shapes_alone(n, k, dtype):
-    assert kernels_of(dispatched(linear_module(n, k, dtype), "llvm")) == []
+    assert kernels_of(dispatched(standalone_linear_module(n, k, dtype), "llvm")) == []
 
 
 def test_cpu_keeps_the_bias_add_separate_and_right():
-    mod = linear_module(48, 64, bias=True)
+    mod = standalone_linear_module(48, 64, bias=True)
     assert kernels_of(dispatched(mod, "llvm")) == ["zz_dense_n48_k64_float32"]
     rng = np.random.default_rng(1)
     x, w, b = (rng.standard_normal(s).astype("float32") for s in ((2, 5, 64), (48, 64), (48,)))
@@ -113,8 +81,27 @@ def test_cpu_keeps_the_bias_add_separate_and_right():
 
 
 def test_dispatch_needs_a_target():
-    with pytest.raises(ValueError, match="no target"):
-        dispatch_dense(linear_module(48, 64))
+    with pytest.raises(ValueError, match="Target not found"):
+        dispatch_dense(standalone_linear_module(48, 64))
+
+
+def test_dispatch_follows_the_vdevice():
+    """x on a CPU vdevice inside a CUDA build gets the CPU kernel (TVM's BackendDispatcher rule:
+    the vdevice first, then the current target); the kernel's name says its target."""
+    cpu = relax.VDevice(tvm.target.Target("llvm"), 0, "global")
+    x = relax.Var("x", relax.TensorType((tirx.Var("m", "int64"), 64), "float32", vdevice=cpu))
+    w = relax.Var("w", relax.TensorType((48, 64), "float32", vdevice=cpu))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            wt = bb.emit(relax.op.permute_dims(w))
+            out = bb.emit_output(bb.emit(relax.op.matmul(x, wt)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    mod.update_global_info("vdevice", [cpu])
+    with SM90:
+        assert kernels_of(dispatch_dense(mod)) == ["zz_dense_n48_k64_float32_llvm"]
+    assert kernels_of(dispatch_dense(mod)) == ["zz_dense_n48_k64_float32_llvm"]  # no target
 
 
 # --- CUDA tensor cores: generated code, checked on CPU-only machines ---------------------------
@@ -138,10 +125,10 @@ def test_cuda_kernel_choice(target, n, k, dtype, expected):
 
 @pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
 def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
-    mod = dispatched(linear_module(256, 128, dtype, bias=True), SM90)
+    mod = dispatched(standalone_linear_module(256, 128, dtype, bias=True), SM90)
     assert kernels_of(mod) == [f"zz_dense_bias_n256_k128_{dtype}"]
     assert "R.add" not in mod["main"].script() and "R.matmul" not in mod["main"].script()
-    ex = tvm.compile(linear_module(256, 128, dtype, bias=True), target=SM90,
+    ex = tvm.compile(standalone_linear_module(256, 128, dtype, bias=True), target=SM90,
                      relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     src = ex.mod.imports[0].imports[0].inspect_source()
     assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in src
@@ -154,7 +141,7 @@ def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
 def test_sm90a_gets_the_wgmma_kernel(dtype, ab, n, wide):
     """Hopper's a-arch: both operands read by wgmma from swizzled shared memory; plain sm_90
     keeps mma.sync (the test above)."""
-    ex = tvm.compile(linear_module(n, 128, dtype, bias=True), target=SM90A,
+    ex = tvm.compile(standalone_linear_module(n, 128, dtype, bias=True), target=SM90A,
                      relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     src = ex.mod.imports[0].imports[0].inspect_source()
     assert f"wgmma.mma_async.sync.aligned.m64n{wide}k16.f32.{ab}.{ab}" in src
@@ -189,7 +176,7 @@ def test_only_sm90a_has_wgmma():
 
 
 def test_cuda_unsupported_shapes_stay_with_tvm():
-    assert kernels_of(dispatched(linear_module(100, 64, "float16"), SM90)) == []
+    assert kernels_of(dispatched(standalone_linear_module(100, 64, "float16"), SM90)) == []
 
 
 @pytest.mark.parametrize("target", [SM90, "llvm"])
@@ -221,7 +208,8 @@ def test_cuda_kernel_is_well_formed(make, bias, activation, residual):
 @pytest.mark.parametrize("rank", [2, 3])
 def test_cuda_epilogue_joins_the_kernel(target, bias, activation, residual, rank):
     """bias, gelu and the residual add: one kernel call, none of the ops left in main."""
-    mod = dispatched(linear_module(256, 128, "float16", bias, rank, activation, residual), target)
+    linear = standalone_linear_module(256, 128, "float16", bias, rank, activation, residual)
+    mod = dispatched(linear, target)
     name = "zz_dense" + "".join(f"_{p}" for p, on in (("bias", bias), (activation, activation),
                                                      ("residual", residual)) if on)
     assert kernels_of(mod) == [f"{name}_n256_k128_float16"]
@@ -233,7 +221,7 @@ def test_cuda_epilogue_joins_the_kernel(target, bias, activation, residual, rank
 def test_a_product_used_twice_keeps_its_epilogue_apart(target):
     """The product is returned too: fusing the bias would compute the product twice."""
     dtype = "float32" if target == "llvm" else "float16"
-    mod = dispatched(linear_module(256, 128, dtype, bias=True, activation="gelu",
+    mod = dispatched(standalone_linear_module(256, 128, dtype, bias=True, activation="gelu",
                                    keep_product=True), target)
     assert kernels_of(mod) == [f"zz_dense_n256_k128_{dtype}"]
     script = mod["main"].script()
@@ -241,7 +229,8 @@ def test_a_product_used_twice_keeps_its_epilogue_apart(target):
 
 
 def test_cpu_keeps_gelu_and_residual_apart():
-    mod = dispatched(linear_module(48, 64, bias=True, activation="gelu", residual=True), "llvm")
+    linear = standalone_linear_module(48, 64, bias=True, activation="gelu", residual=True)
+    mod = dispatched(linear, "llvm")
     assert kernels_of(mod) == ["zz_dense_n48_k64_float32"]
     assert mod["main"].script().count("R.add") == 2
 
@@ -274,7 +263,7 @@ def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kerne
     b = rng.standard_normal(n).astype(np_dtype) if bias else None
     shapes = ((2, (1, k)), (2, (7, k)), (3, (1, 127, k)), (3, (3, 43, k)), (2, (1000, k)))
     for rank, shape in shapes:
-        mod = linear_module(n, k, dtype, bias, rank, activation, residual)
+        mod = standalone_linear_module(n, k, dtype, bias, rank, activation, residual)
         assert kernels_of(dispatched(mod, target)), "our kernel was not dispatched"
         x = rng.standard_normal(shape).astype(np_dtype)
         r = rng.standard_normal((*shape[:-1], n)).astype(np_dtype) if residual else None

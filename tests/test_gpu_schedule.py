@@ -10,7 +10,7 @@ from tvm import relax, tirx
 
 import relax_masked_attn  # noqa: F401  (registers the "relax_masked_attn" pipeline)
 
-CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+from .conftest import SM90 as CUDA
 
 
 def module(width: int, dtype: str, shift: int):

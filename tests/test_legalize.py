@@ -8,9 +8,9 @@ from tvm import relax
 import relax_masked_attn as rma
 from relax_masked_attn.transform import LegalizeMaskedPrefill
 
-from .conftest import assert_matches_reference, op_module, random_qkv
+from .conftest import SM90, assert_matches_reference, op_module, random_qkv
 
-CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+CUDA = SM90  # (this file's name for it)
 
 
 def legalized(mod, target):
@@ -23,14 +23,38 @@ def called_kernels(mod):
                   if isinstance(f, tvm.tirx.PrimFunc))
 
 
+def _expected(before: tvm.IRModule, kernel, name: str, extra_args=()) -> tvm.IRModule:
+    """``before`` with its one op call replaced by ``call_tir`` of ``kernel`` named ``name``
+    (the Before/Expected form of TVM's own legalization tests)."""
+    main = before["main"]
+    bb = relax.BlockBuilder()
+    kernel = kernel.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", name)
+    gv = bb.add_func(kernel, name)
+    with bb.function("main", list(main.params)):
+        out_ty = main.body.blocks[0].bindings[0].value.ty
+        out = bb.emit(relax.call_tir(gv, [*main.params, *extra_args], out_ty=out_ty))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def test_pass_replaces_the_call_with_call_tir():
-    mod = legalized(op_module(8, 2, 64, "float16", "causal_padded_left"), "llvm")
-    assert called_kernels(mod) == ["zz_masked_prefill_causal_padded_left_h8_2_d64_float16"]
-    text = mod["main"].script()
-    assert "R.call_tir" in text and rma.OP_NAME not in text
-    func = mod["zz_masked_prefill_causal_padded_left_h8_2_d64_float16"]
-    assert func.attrs["tirx.is_scheduled"]
-    assert len(func.params) == 5  # q, k, v, valid_len, out
+    from relax_masked_attn.kernels.cpu import cpu_kernel
+
+    before = op_module(8, 2, 64, "float16", "causal_padded_left")
+    name = "zz_masked_prefill_causal_padded_left_h8_2_d64_float16"
+    kernel = cpu_kernel(8, 2, 64, "float16", "causal_padded_left", 0.125)
+    tvm.ir.assert_structural_equal(legalized(before, "llvm"), _expected(before, kernel, name))
+
+
+def test_packed_call_becomes_call_tir_with_max_len():
+    from relax_masked_attn.kernels import cuda_mma
+
+    before = rma.op.standalone_packed_module(8, 4, 64, "float16", causal=True, max_len=512)
+    name = "zz_packed_prefill_causal_h8_4_d64_float16"
+    kernel = cuda_mma.tensor_core_kernel(8, 4, 64, "float16", "causal_padded", 0.125, packed=True)
+    max_len = tvm.tirx.IntImm("int64", 512)
+    tvm.ir.assert_structural_equal(legalized(before, CUDA),
+                                   _expected(before, kernel, name, [max_len]))
 
 
 def test_pass_leaves_other_ops_alone():
@@ -100,12 +124,14 @@ def test_pass_in_a_users_sequential():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_portable_gpu_kernel_generates_cuda(dtype):
-    """CPU-only check that the CUDA module builds; float32 on CUDA uses the portable kernel."""
+def test_gpu_kernels_generate_cuda(dtype):
+    """CPU-only check that the CUDA module builds: float32 gets the portable kernel, fp16 and
+    bf16 the ``mma.sync`` tensor-core one."""
     mod = op_module(8, 4, 64, dtype, "causal_padded_left")
     ex = tvm.compile(mod, target=CUDA)
     src = ex.mod.imports[0].imports[0].inspect_source()
     assert "__global__" in src and "__shared__" in src
+    assert ("mma.sync.aligned" in src) is (dtype != "float32")
 
 
 def test_symbolic_head_dim_is_refused():

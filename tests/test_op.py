@@ -6,18 +6,15 @@ from tvm import relax, tirx
 
 import relax_masked_attn as rma
 
+from . import conftest
+
 
 def tensor(name, shape, dtype="float16"):
     return relax.Var(name, relax.TensorType(shape, dtype))
 
 
 def infer(*args, **kwargs):
-    bb = relax.BlockBuilder()
-    params = [a for a in args if isinstance(a, relax.Var)]
-    with bb.function("main", params):
-        out = bb.emit(rma.masked_sequence_prefill(*args, **kwargs))
-        bb.emit_func_output(out)
-    return bb.get()["main"].ret_ty
+    return conftest.infer(rma.masked_sequence_prefill, *args, **kwargs)
 
 
 def test_static_shapes():

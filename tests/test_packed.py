@@ -8,17 +8,18 @@ from tvm import relax, tirx
 
 import relax_masked_attn as rma
 
-from .conftest import assert_packed_matches_reference, compiled_packed, packed_inputs
+from . import conftest
+from .conftest import (
+    SM90,
+    assert_packed_matches_reference,
+    compiled_packed,
+    packed_inputs,
+)
 from .test_op import tensor
 
 
 def infer(*args, **kwargs):
-    bb = relax.BlockBuilder()
-    params = [a for a in args if isinstance(a, relax.Var)]
-    with bb.function("main", params):
-        out = bb.emit(rma.packed_sequence_prefill(*args, **kwargs))
-        bb.emit_func_output(out)
-    return bb.get()["main"].ret_ty
+    return conftest.infer(rma.packed_sequence_prefill, *args, **kwargs)
 
 
 # --- type inference --------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_cpu_matches_the_padded_op():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim,tensor_cores", [(128, True), (96, False)])
 def test_cuda_kernels_compile(causal, head_dim, tensor_cores):
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    target = SM90
     mod = rma.op.standalone_packed_module(8, 4, head_dim, "float16", causal, 512)
     src = tvm.compile(mod, target=target).mod.imports[0].imports[0].inspect_source()
     kind = "causal" if causal else "full"

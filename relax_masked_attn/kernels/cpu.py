@@ -1,4 +1,4 @@
-"""The CPU kernel of ``masked_sequence_prefill``: a tiled online-softmax loop in TIR.
+"""The CPU kernel of both attention ops (padded and packed): a tiled online-softmax loop in TIR.
 
 One parallel task per (batch row, query head). Inside it, query tiles of ``TILE_Q`` rows walk key
 tiles of ``TILE_K`` columns; only tiles that hold real, visible pairs are visited, so the cost
@@ -72,13 +72,9 @@ def cpu_kernel(
             row_sum = T.alloc_buffer((tq,), "float32", scope="local")
             rescale = T.alloc_buffer((tq,), "float32", scope="local")
 
-            b = bh // heads_q
-            h = bh % heads_q
-            h_kv = h // group
+            b, h, h_kv = rows.heads(bh, heads_q, group)
             n = rows.length(b)
-            q_off = rows.q_offset(b, n)
-            kv_off = rows.kv_offset(b, n)
-            bi = rows.batch_index(b)
+            q_off, kv_off, bi = rows.offsets(b, n)
 
             # Padding queries (packed: rows of no sequence): exact zeros.
             if packed:

@@ -1,4 +1,4 @@
-"""The tensor-core CUDA kernel of ``masked_sequence_prefill`` (compute capability >= 8.0).
+"""The tensor-core CUDA kernel of both attention ops (compute capability >= 8.0).
 
 FlashAttention-2 structure in TVMScript with explicit threads and ``T.ptx``:
 
@@ -18,7 +18,7 @@ FlashAttention-2 structure in TVMScript with explicit threads and ``T.ptx``:
   ``t`` zeroes padding rows ``[rows t, rows (t + 1))``); the tiles with the most key tiles are
   launched first.
 
-Fragment layouts and the ``T.ptx`` spelling follow ``shared/GPU-KERNEL-NOTES.md``.
+Fragment layouts are those of the PTX ISA's ``mma.m16n8k16`` and ``ldmatrix`` tables.
 """
 
 from __future__ import annotations
@@ -121,13 +121,9 @@ def tensor_core_kernel(
         m_new = T.alloc_buffer((atoms, 2), "float32", scope="local")
         alpha = T.alloc_buffer((atoms, 2), "float32", scope="local")
 
-        b = bh // heads_q
-        h = bh % heads_q
-        h_kv = h // group
+        b, h, h_kv = geom.heads(bh, heads_q, group)
         n = geom.length(b)
-        q_off = geom.q_offset(b, n)
-        kv_off = geom.kv_offset(b, n)
-        bi = geom.batch_index(b)
+        q_off, kv_off, bi = geom.offsets(b, n)
         grid_tiles = (seq_q + rows - 1) // rows
         # Blocks start in launch order: the last query tiles (the most key tiles when causal)
         # go first, so the short ones fill the tail of the grid instead of the long ones.

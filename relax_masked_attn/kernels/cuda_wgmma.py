@@ -114,13 +114,9 @@ def wgmma_attention_kernel(
         m_new = T.alloc_buffer((2,), "float32", scope="local")
         alpha = T.alloc_buffer((2,), "float32", scope="local")
 
-        b = bh // heads_q
-        h = bh % heads_q
-        h_kv = h // group
+        b, h, h_kv = geom.heads(bh, heads_q, group)
         n = geom.length(b)
-        q_off = geom.q_offset(b, n)
-        kv_off = geom.kv_offset(b, n)
-        bi = geom.batch_index(b)
+        q_off, kv_off, bi = geom.offsets(b, n)
         grid_tiles = (seq_q + ROWS - 1) // ROWS
         qt_first = grid_tiles - 1 - qt_launch  # the most key tiles first (causal)
         wg = tx // 128

@@ -45,6 +45,19 @@ class Rows:
     def _idx(self, value):
         return tirx.Cast(self.index_dtype, value)
 
+    @staticmethod
+    def heads(bh, heads_q: int, group: int):
+        """``(b, h, h_kv)``: the batch row, query head and KV head of task ``bh`` of a kernel's
+        ``batch * heads_q`` (GQA: ``group = heads_q // heads_kv`` query heads share a KV head).
+        Kernels bind them with a tuple assignment."""
+        h = bh % heads_q
+        return bh // heads_q, h, h // group
+
+    def offsets(self, b, n):
+        """``(q_off, kv_off, bi)`` of batch row ``b`` with ``n`` real rows: its first real query
+        row, its first real key row, its index in the 4-D buffers."""
+        return self.q_offset(b, n), self.kv_offset(b, n), self.batch_index(b)
+
     def batch_index(self, b):
         """The first index of ``b``'s rows in the 4-D buffers."""
         return tirx.const(0, self.index_dtype) if self.packed else b

@@ -1,4 +1,5 @@
-"""The portable GPU kernel of ``masked_sequence_prefill``: generic TIR, one thread per query row.
+"""The portable GPU kernel of both attention ops (padded and packed): generic TIR, one thread
+per query row.
 
 It uses only what every TVM GPU backend has (threads, shared memory, barriers), so it compiles
 for CUDA, ROCm, Metal and Vulkan alike. A block owns ``rows`` query rows of one (batch row,
@@ -50,13 +51,9 @@ def portable_gpu_kernel(
         s = T.alloc_buffer((cols,), "float32", scope="local")
         stats = T.alloc_buffer((3,), "float32", scope="local")  # row max, row sum, rescale
 
-        b = bh // heads_q
-        h = bh % heads_q
-        h_kv = h // group
+        b, h, h_kv = geom.heads(bh, heads_q, group)
         n = geom.length(b)
-        q_off = geom.q_offset(b, n)
-        kv_off = geom.kv_offset(b, n)
-        bi = geom.batch_index(b)
+        q_off, kv_off, bi = geom.offsets(b, n)
         grid_tiles = (seq_q + rows - 1) // rows
         if packed:
             # Rows of no sequence: zeros (only the first and last sequence have any). Tiles are

@@ -1,7 +1,8 @@
 """BERT-family encoders (BERT, MiniLM, bge, e5) with masked attention, as ``nn.Module``.
 
 Module and parameter names follow Hugging Face's ``BertModel`` so checkpoint weights load one to
-one. Batches are right-padded; attention runs through ``masked_sequence_prefill(mode="padded")``.
+one. Batches are right-padded; the layers run on the packed real tokens and attention through
+``packed_sequence_prefill(causal=False)``.
 """
 
 from __future__ import annotations

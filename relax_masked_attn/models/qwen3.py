@@ -1,9 +1,9 @@
 """Qwen3-family decoders (Qwen3, Qwen3-Embedding) with masked attention, as ``nn.Module``.
 
 Module and parameter names follow Hugging Face's ``Qwen3Model``. Batches are left-padded so the
-last real token of every row sits in the last column; attention runs through
-``masked_sequence_prefill(mode="causal_padded_left")`` and the embedding is the final norm's
-last row, L2-normalized.
+last real token of every row sits in the last column; the layers run on the packed real tokens,
+attention through ``packed_sequence_prefill(causal=True)``, and the embedding is the final
+norm's last row, L2-normalized.
 """
 
 from __future__ import annotations

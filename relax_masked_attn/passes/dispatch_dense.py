@@ -8,7 +8,8 @@ import dataclasses
 import tvm
 import tvm_ffi
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.backend.utils import BackendDispatcher
+from tvm.relax.expr_functor import mutator
 
 from .._ir import is_call_of, mutate_functions
 from ..kernels import cpu_dense, cuda_dense
@@ -38,6 +39,7 @@ class _Product:
     n: int
     k: int
     dtype: str
+    target: tvm.target.Target  # x's vdevice, else the current target
     bias: relax.Expr | None = None
     activation: str | None = None
     residual: relax.Expr | None = None  # [rows, n]
@@ -67,10 +69,13 @@ def _use_counts(func: relax.Function) -> collections.Counter:
 
 
 @mutator
-class _DenseDispatcher(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+class _DenseDispatcher(BackendDispatcher):
+    """The target of each product is TVM's dispatch rule (``BackendDispatcher``): x's vdevice,
+    else ``Target.current()``, else an error."""
+
+    def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        self.target = target
+        self.current = tvm.target.Target.current()
         self.products = {}  # our kernel call's output var -> _Product
         self.kernel_names = set()
         self.uses = collections.Counter()  # of the function being visited, before rewriting
@@ -109,15 +114,18 @@ class _DenseDispatcher(PyExprMutator):
         for dim in lead[1:]:
             rows = rows * dim
         x2 = x if len(lead) == 1 else relax.op.reshape(x, [rows, int(k)])
-        return _Product(x2, w, lead, int(n), int(k), x_ty.dtype.dtype)
+        return _Product(x2, w, lead, int(n), int(k), x_ty.dtype.dtype, self._get_target(x_ty))
 
     def _emit(self, product: _Product):
         """Emit our kernel's call for ``product`` (None when no kernel serves it)."""
         epilogue = product.epilogue
-        func = _dense_kernel(self.target, product.n, product.k, product.dtype, epilogue)
+        target = product.target
+        func = _dense_kernel(target, product.n, product.k, product.dtype, epilogue)
         if func is None:
             return None
         name = f"zz_dense{epilogue.name}_n{product.n}_k{product.k}_{product.dtype}"
+        if self.current is None or target != self.current:  # a vdevice's own kernel
+            name += f"_{target.kind.name}"
         func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
         gv = self.builder_.add_func(func, name)
         self.kernel_names.add(name)
@@ -191,7 +199,8 @@ class _DenseDispatcher(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="DispatchDense")
 def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Replace ``matmul(x, permute_dims(w))`` (``nn.Linear``: ``w`` a static ``[n, k]`` tensor)
-    by ``call_tir`` of our dense kernel for the current target:
+    by ``call_tir`` of our dense kernel for its target (x's vdevice, else the current target,
+    as TVM's ``BackendDispatcher`` decides):
     :mod:`~relax_masked_attn.kernels.cpu_dense` (float32 on ``llvm``) or
     :mod:`~relax_masked_attn.kernels.cuda_dense` (fp16/bf16 tensor cores, CUDA sm80+).
     Shapes and dtypes the kernels do not cover are left to TVM's own legalization.
@@ -205,10 +214,7 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     and its CUDA tensor-core matmul rule crashes in the PyPI wheel. The ``"relax_masked_attn"``
     pipeline runs this pass first; alone, run it inside ``with target:``.
     """
-    target = tvm.target.Target.current()
-    if target is None:
-        raise ValueError("DispatchDense: no target (run it inside `with tvm.target.Target(...)`)")
-    dispatcher = _DenseDispatcher(mod, target)
+    dispatcher = _DenseDispatcher(mod)
     mod = mutate_functions(dispatcher, mod, dispatcher.visit_function)
     # A product whose bias got fused is dead: drop its binding, then its kernel if unused.
     used = set()
@@ -220,3 +226,37 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for name in dispatcher.kernel_names - used:
         del mod[name]
     return mod
+
+
+def standalone_linear_module(n: int, k: int, dtype: str = "float32", bias: bool = False,
+                             rank: int = 3, activation: str | None = None,
+                             residual: bool = False, keep_product: bool = False) -> tvm.IRModule:
+    """``main(x, w[, b][, r]) = act(x @ w.T (+ b)) (+ r)`` with symbolic leading dims, as
+    nn.Linear (and BERT's gelu and residual adds) export it: x ``[b, s, k]`` (``rank`` 3) or
+    ``[m, k]`` (``rank`` 2), w ``[n, k]``; ``activation`` ``"gelu"`` or ``"gelu_tanh"``.
+    ``keep_product``: ``main`` returns the plain product too, so it has a second use. For
+    benchmarks and for checking :func:`dispatch_dense` in isolation."""
+    lead = [tvm.tirx.Var("b", "int64"), tvm.tirx.Var("s", "int64")][:rank - 1]
+    x = relax.Var("x", relax.TensorType((*lead, k), dtype))
+    w = relax.Var("w", relax.TensorType((n, k), dtype))
+    params = [x, w]
+    if bias:
+        params.append(relax.Var("bias", relax.TensorType((n,), dtype)))
+    if residual:
+        params.append(relax.Var("residual", relax.TensorType((*lead, n), dtype)))
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            wt = bb.emit(relax.op.permute_dims(w))
+            product = out = bb.emit(relax.op.matmul(x, wt))
+            if bias:
+                out = bb.emit(relax.op.add(out, params[2]))
+            if activation:
+                out = bb.emit(getattr(relax.op.nn, activation)(out))
+            if residual:
+                out = bb.emit(relax.op.add(params[-1], out))  # the residual first, as in BERT
+            if keep_product:
+                out = relax.Tuple([out, product])
+            gv = bb.emit_output(out)
+        bb.emit_func_output(gv)
+    return bb.get()
