@@ -2,8 +2,8 @@
 
 dlight's GPU ``Fallback`` rule (what apache-tvm 0.27 gives them) runs one element a thread, with
 the index arithmetic in int64 (divisions by the symbolic row length included) recomputed for
-every element: on an H100 the packing gathers of a BERT-base batch moved about 0.8 TB/s (from
-the profiled time of each call). The rule here takes the same functions when their innermost
+every element: on an H100 the packing gathers of a BERT-base batch move about 0.8 TB/s that way
+(from the profiled time of each call). The rule here takes the same functions when their innermost
 loop can be cut into 16-byte vectors (8 fp16 / bf16, 4 fp32 / int32 lanes) and runs one vector
 a thread, so every load and store is a 16-byte access and the index arithmetic is paid once
 per vector.

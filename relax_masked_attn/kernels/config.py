@@ -34,7 +34,7 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool]:
     ``ldmatrix`` feeds two ``mma``. Shared memory: Q 128 x head_dim plus K and V 64 x head_dim
     (64 KiB at head_dim 128, which sm_90 accepts as static shared memory; nvcc 13: 255 registers,
     no spills; 221 at head_dim 64). Swept on an H200 (``bench_kernel.py --sweep``, full lengths,
-    useful TFLOP/s, one run) against the earlier layouts: (32, 512, 12/12, 64) 168.6 vs 145.9
+    useful TFLOP/s, one run) against the other layouts: (32, 512, 12/12, 64) 168.6 vs 145.9
     (4 x 1 tile, 64 keys, Q in registers); (16, 1024, 16/8, 128) 213.8 vs 202.6 (4 x 2 tiles,
     32 keys); (4, 4096, 16/8, 128) bf16 285.9 vs 276.5.
 
@@ -51,10 +51,10 @@ def cpu_dense_tiles(dtype: str) -> tuple[int, int, int]:
     """(rows of x, rows of w, vector lanes) of one block of the CPU dense kernel.
 
     4 x 4 dot products of 16 float32 lanes: 16 accumulator registers of AVX-512 (32 exist),
-    8 loads per 16 fused multiply-adds. Measured on the 2-core Zen 5 machine for m = 4096 and
-    (n, k) in {(384, 384), (1536, 384), (384, 1536)}: first at 137-184 GFLOP/s, 85% of torch's;
-    in a later sweep at 253-304 GFLOP/s against torch's 205-226 in the same run, with 6x4, 8x3,
-    7x3, 10x2 and 6x3 blocks all within the run-to-run noise of this shared machine (+-15%).
+    8 loads per 16 fused multiply-adds. Measured on a 2-core Zen 5 for m = 4096 and (n, k) in
+    {(384, 384), (1536, 384), (384, 1536)}: 253-304 GFLOP/s against torch's 205-226 in the same
+    run, with 6x4, 8x3, 7x3, 10x2 and 6x3 blocks all within the run-to-run noise of that shared
+    machine (+-15%).
     """
     del dtype
     return 4, 4, 16
