@@ -38,6 +38,7 @@ from tvm.target import Target
 from ..targets import compute_capability, cuda_arch
 from .config import tensor_core_dense_tiles, wgmma_dense_tiles
 from .epilogue import Epilogue, dense_func
+from .hopper import realign_pool, swizzle128_descriptor
 
 
 def supports(target: Target, n: int, k: int, dtype: str) -> bool:
@@ -228,16 +229,6 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
         row = bm * tile_m + it * (threads * 8 // tile_n) + tx // (tile_n // 8)
         return (row * n + bn * tile_n + tx % (tile_n // 8) * 8) // 2
 
-    def descriptor(addr):
-        """Matrix descriptor of a K-major, 128-byte-swizzled tile at shared byte ``addr``:
-        start >> 4, leading offset 1 (unused), stride 1024 bytes between 8-row groups."""
-        return (
-            T.Cast("uint64", (addr & T.uint32(0x3FFFF)) >> T.uint32(4))
-            | (T.uint64(1) << T.uint64(16))
-            | (T.uint64(1024 >> 4) << T.uint64(32))
-            | (T.uint64(1) << T.uint64(62))
-        )
-
     @T.macro
     def load_stage(smem, x_flat, w_flat, offsets, fill, kt):
         """cp.async k-step ``kt`` of x's and w's tile rows into its ring slot; ``offsets`` and
@@ -264,9 +255,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
         m0 = bm * tile_m
         n0 = bn * tile_n
         wg = tx // 128
-        # base[0]: shared address of the pool; base[1]: elements skipped to align it to 1 KiB.
-        base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
-        base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
+        realign_pool(base, smem)
         pad = T.Cast("int32", base[1])
         x_flat = T.decl_buffer((m * k,), dtype, data=x.data)
         w_flat = T.decl_buffer((n * k,), dtype, data=w.data)
@@ -303,8 +292,8 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
             for kk in T.unroll(tile_k // 16):
                 T.ptx[wgmma](
                     *[acc[i] for i in range(acc_len)],
-                    descriptor(stage + T.uint32(wg * 64 * 128 + kk * 32)),
-                    descriptor(stage + T.uint32(tile_m * 128 + kk * 32)),
+                    swizzle128_descriptor(stage + T.uint32(wg * 64 * 128 + kk * 32)),
+                    swizzle128_descriptor(stage + T.uint32(tile_m * 128 + kk * 32)),
                     T.bool(True), 1, 1, 0, 0,
                 )
             T.ptx.wgmma.commit_group.sync.aligned()

@@ -33,6 +33,7 @@ from ..modes import is_causal, is_left_padded
 from ..targets import cuda_arch
 from .config import wgmma_attention_tiles
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
+from .hopper import realign_pool, swizzle128_descriptor
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 ROWS, COLS, THREADS = 128, 64, 256  # query rows a block (2 warpgroups x 64), keys a tile
@@ -43,16 +44,6 @@ def supports(target: Target, head_dim: int, dtype: str) -> bool:
     head_dim 64 or 128."""
     return (target.kind.name == "cuda" and cuda_arch(target) == "sm_90a"
             and dtype in ("float16", "bfloat16") and head_dim in SUPPORTED_HEAD_DIMS)
-
-
-def _descriptor(addr, leading_bytes: int):
-    """Matrix descriptor of a 128-byte-swizzled tile at shared byte address ``addr``."""
-    return (
-        T.Cast("uint64", (addr & T.uint32(0x3FFFF)) >> T.uint32(4))
-        | (T.uint64(leading_bytes >> 4) << T.uint64(16))
-        | (T.uint64(1024 >> 4) << T.uint64(32))
-        | (T.uint64(1) << T.uint64(62))
-    )
 
 
 def wgmma_attention_kernel(
@@ -123,16 +114,14 @@ def wgmma_attention_kernel(
         lane = tx % 32
         g = lane // 4
         t4 = lane % 4
-        # base[0]: shared address of the pool; base[1]: elements skipped to align it to 1 KiB.
-        base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
-        base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
+        realign_pool(base, smem)
         pad = T.Cast("int32", base[1])
         # The descriptors of the k-step-0 operands (Q of this warpgroup, K and V of stage 0); a
         # k-step or a stage adds to the start address field (16-byte units).
         descs = T.alloc_buffer((3,), "uint64", scope="local")
-        descs[0] = _descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
-        descs[1] = _descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
-        descs[2] = _descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
+        descs[0] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
+        descs[1] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
+        descs[2] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
                                COLS * 128)
 
         zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
