@@ -30,6 +30,7 @@ from tvm.target import Target
 from ..modes import is_causal, is_left_padded
 from ..targets import compute_capability
 from .config import tensor_core_tiles
+from .cuda_copy import row_loader
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -74,20 +75,16 @@ def tensor_core_kernel(
     q_slots = dk if q_in_regs else 1  # Q fragments held: all k-steps, or the current one
     zero_padding = padding_zeroer(dtype, d, threads)
 
+    load_rows = row_loader(threads, chunks)
+
+    def xor_swizzled(smem):
+        """Chunk ``c`` of row ``r`` at chunk ``c ^ (r % swz)`` of the 2-D tile ``smem``."""
+        return lambda r, c: smem.ptr_to([r, (c ^ (r % swz)) * 8])
+
     @T.macro
     def load_tile(smem, src, b, h, off, n, c0, end, count, tx):
-        """cp.async rows [c0, c0 + count) of head ``h``'s real block (it starts at row ``off``
-        of ``src`` and has ``n`` rows) into ``smem``; rows from ``end`` on are zero-filled."""
-        for it in T.unroll(count * chunks // threads):
-            e = it * threads + tx
-            r = e // chunks
-            c = e % chunks
-            T.ptx.cp.async_.cg.shared.global_(
-                smem.ptr_to([r, (c ^ (r % swz)) * 8]),
-                src.ptr_to([b, off + T.min(c0 + r, n - 1), h, c * 8]),
-                16,
-                T.if_then_else(c0 + r < end, T.uint32(16), T.uint32(0)),
-            )
+        """cp.async rows [c0, c0 + count) of head ``h``'s real block into ``smem``."""
+        load_rows(xor_swizzled(smem), src, b, h, off, n, c0, end, count, tx)
 
     @T.macro
     def load_q_frags(q_frag, q_smem, kk, slot, warp, lane):

@@ -32,6 +32,7 @@ from tvm.target import Target
 from ..modes import is_causal, is_left_padded
 from ..targets import cuda_arch
 from .config import wgmma_attention_tiles
+from .cuda_copy import row_loader
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
 from .hopper import realign_pool, swizzle128_descriptor
 
@@ -79,19 +80,17 @@ def wgmma_attention_kernel(
         """Element offset of 16-byte chunk ``c`` of row ``r`` in a ``count``-row tile."""
         return (c // 8) * (count * 64) + r * 64 + ((c % 8) ^ (r % 8)) * 8
 
+    load_rows = row_loader(THREADS, chunks)
+
+    def swizzled_tile(smem, region, count):
+        """Chunk ``c`` of row ``r`` of the ``count``-row tile at element ``region`` of ``smem``."""
+        return lambda r, c: smem.ptr_to([region + swizzled(count, r, c)])
+
     @T.macro
     def load_tile(smem, region, src, bi, h, off, n, c0, end, count, tx):
-        """cp.async rows [c0, c0 + count) of head ``h``'s real block (row ``off`` of ``src`` on,
-        ``n`` rows) into the swizzled tile at element ``region``; rows from ``end`` on zero."""
-        for it in T.unroll(count * chunks // THREADS):
-            r = (it * THREADS + tx) // chunks
-            c = (it * THREADS + tx) % chunks
-            T.ptx.cp.async_.cg.shared.global_(
-                smem.ptr_to([region + swizzled(count, r, c)]),
-                src.ptr_to([bi, off + T.min(c0 + r, n - 1), h, c * 8]),
-                16,
-                T.if_then_else(c0 + r < end, T.uint32(16), T.uint32(0)),
-            )
+        """cp.async rows [c0, c0 + count) of head ``h``'s real block into the swizzled tile at
+        element ``region``."""
+        load_rows(swizzled_tile(smem, region, count), src, bi, h, off, n, c0, end, count, tx)
 
     @T.macro
     def block(q, k, v, geom, out, seq_q, bh, qt_launch, tx):
