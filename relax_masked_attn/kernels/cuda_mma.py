@@ -31,6 +31,7 @@ from ..modes import is_causal, is_left_padded
 from ..targets import compute_capability
 from .config import tensor_core_tiles
 from .cuda_copy import row_loader
+from .fragment_softmax import fragment_softmax
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -74,6 +75,7 @@ def tensor_core_kernel(
     pack = f"cvt.rn.{ab}x2.f32"
     q_slots = dk if q_in_regs else 1  # Q fragments held: all k-steps, or the current one
     zero_padding = padding_zeroer(dtype, d, threads)
+    online_softmax = fragment_softmax(atoms, sn, on, qk_scale, causal)
 
     load_rows = row_loader(threads, chunks)
 
@@ -198,50 +200,11 @@ def tensor_core_kernel(
                                             s_acc[a, 2 * jj + half, 2], s_acc[a, 2 * jj + half, 3],
                                         )
 
-                        # Scale into the log2 domain; mask only tiles that cross the end of the real
-                        # keys or (causal) this warp's diagonal. c2, c3 belong to row g + 8.
-                        if c0 + cols > kv_end or (causal and c0 + cols - 1 > w0):
-                            for a in T.unroll(atoms):
-                                for j in T.unroll(sn):
-                                    for c in T.unroll(4):
-                                        s_acc[a, j, c] = T.if_then_else(
-                                            (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
-                                            and (
-                                                (not causal)
-                                                or (c0 + j * 8 + t4 * 2 + c % 2
-                                                    <= w0 + a * 16 + g + (c // 2) * 8)
-                                            ),
-                                            s_acc[a, j, c] * qk_scale,
-                                            NEG_INF,
-                                        )
-                        else:
-                            for a in T.unroll(atoms):
-                                for j in T.unroll(sn):
-                                    for c in T.unroll(4):
-                                        s_acc[a, j, c] = s_acc[a, j, c] * qk_scale
-                        # Online softmax: new row max over the tile, quad-reduced.
-                        for a in T.unroll(atoms):
-                            for i in T.unroll(2):
-                                m_new[a, i] = m_i[a, i]
-                                for j in T.unroll(sn):
-                                    m_new[a, i] = T.max(
-                                        m_new[a, i],
-                                        T.max(s_acc[a, j, 2 * i], s_acc[a, j, 2 * i + 1]),
-                                    )
-                                m_new[a, i] = T.cuda.warp_max(m_new[a, i], 4)
-                                alpha[a, i] = T.exp2(m_i[a, i] - m_new[a, i])
-                                m_i[a, i] = m_new[a, i]
-                                l_i[a, i] = l_i[a, i] * alpha[a, i]
-                                for j in T.unroll(sn):
-                                    s_acc[a, j, 2 * i] = T.exp2(s_acc[a, j, 2 * i] - m_new[a, i])
-                                    s_acc[a, j, 2 * i + 1] = T.exp2(
-                                        s_acc[a, j, 2 * i + 1] - m_new[a, i]
-                                    )
-                                    l_i[a, i] = (l_i[a, i] + s_acc[a, j, 2 * i]
-                                                 + s_acc[a, j, 2 * i + 1])
-                            for j in T.unroll(on):
-                                for c in T.unroll(4):
-                                    o_acc[a, j, c] = o_acc[a, j, c] * alpha[a, c // 2]
+                        # Scale into the log2 domain (masking only tiles that cross the end of
+                        # the real keys or, causal, this warp's diagonal), then online softmax.
+                        online_softmax(s_acc, o_acc, m_i, m_new, alpha, l_i, c0, kv_end,
+                                       c0 + cols > kv_end or (causal and c0 + cols - 1 > w0),
+                                       w0 + g, t4)
 
                     T.ptx.cp.async_.wait_group(0)
                     T.cuda.cta_sync()  # V(kt) landed; every warp is done with K(kt)

@@ -33,6 +33,7 @@ from ..modes import is_causal, is_left_padded
 from ..targets import cuda_arch
 from .config import wgmma_attention_tiles
 from .cuda_copy import row_loader
+from .fragment_softmax import fragment_softmax
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
 from .hopper import realign_pool, swizzle128_descriptor
 
@@ -75,6 +76,7 @@ def wgmma_attention_kernel(
     pack = f"cvt.rn.{ab}x2.f32"
     s_len, o_len = COLS // 2, d // 2  # fp32 accumulators a thread
     zero_padding = padding_zeroer(dtype, d, THREADS)
+    online_softmax = fragment_softmax(1, COLS // 8, d // 8, qk_scale, causal)
 
     def swizzled(count, r, c):
         """Element offset of 16-byte chunk ``c`` of row ``r`` in a ``count``-row tile."""
@@ -103,6 +105,13 @@ def wgmma_attention_kernel(
         l_i = T.alloc_buffer((2,), "float32", scope="local")  # this lane's part of the sums
         m_new = T.alloc_buffer((2,), "float32", scope="local")
         alpha = T.alloc_buffer((2,), "float32", scope="local")
+        # The same registers as fragment_softmax's [atoms = 1, tiles, 4] and [1, 2] views.
+        s_acc3 = T.decl_buffer((1, COLS // 8, 4), "float32", data=s_acc.data, scope="local")
+        o_acc3 = T.decl_buffer((1, d // 8, 4), "float32", data=o_acc.data, scope="local")
+        m_i2 = T.decl_buffer((1, 2), "float32", data=m_i.data, scope="local")
+        l_i2 = T.decl_buffer((1, 2), "float32", data=l_i.data, scope="local")
+        m_new2 = T.decl_buffer((1, 2), "float32", data=m_new.data, scope="local")
+        alpha2 = T.decl_buffer((1, 2), "float32", data=alpha.data, scope="local")
 
         b, h, h_kv = geom.heads(bh, heads_q, group)
         n = geom.length(b)
@@ -181,40 +190,12 @@ def wgmma_attention_kernel(
                             )
                         T.ptx.wgmma.commit_group.sync.aligned()
                         T.ptx.wgmma.wait_group.sync.aligned(0)
-                        # Accumulator i: key column c0 + 8 (i // 4) + 2 t4 + i % 2, row
-                        # row0 + 8 ((i % 4) // 2). Scale into the log2 domain; mask tiles that
+                        # Accumulator i is element (0, i // 4, i % 4) of the m16n8 layout
+                        # (fragment_softmax). Scale into the log2 domain, masking tiles that
                         # cross the end of the real keys or this warpgroup's diagonal.
-                        if c0 + COLS > kv_end or (causal and c0 + COLS - 1 > w0):
-                            for i in T.unroll(s_len):
-                                s_acc[i] = T.if_then_else(
-                                    (c0 + (i // 4) * 8 + t4 * 2 + i % 2 < kv_end)
-                                    and ((not causal)
-                                         or (c0 + (i // 4) * 8 + t4 * 2 + i % 2
-                                             <= row0 + ((i % 4) // 2) * 8)),
-                                    s_acc[i] * qk_scale,
-                                    NEG_INF,
-                                )
-                        else:
-                            for i in T.unroll(s_len):
-                                s_acc[i] = s_acc[i] * qk_scale
-                        # Online softmax: new row max over the tile, quad-reduced.
-                        for r in T.unroll(2):
-                            m_new[r] = m_i[r]
-                            for j in T.unroll(COLS // 8):
-                                m_new[r] = T.max(
-                                    m_new[r], T.max(s_acc[j * 4 + 2 * r], s_acc[j * 4 + 2 * r + 1])
-                                )
-                            m_new[r] = T.cuda.warp_max(m_new[r], 4)
-                            alpha[r] = T.exp2(m_i[r] - m_new[r])
-                            m_i[r] = m_new[r]
-                            l_i[r] = l_i[r] * alpha[r]
-                            for j in T.unroll(COLS // 8):
-                                for c in T.unroll(2):
-                                    s_acc[j * 4 + 2 * r + c] = T.exp2(
-                                        s_acc[j * 4 + 2 * r + c] - m_new[r])
-                                    l_i[r] = l_i[r] + s_acc[j * 4 + 2 * r + c]
-                        for i in T.unroll(o_len):
-                            o_acc[i] = o_acc[i] * alpha[(i % 4) // 2]
+                        online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0, kv_end,
+                                       c0 + COLS > kv_end or (causal and c0 + COLS - 1 > w0),
+                                       row0, t4)
 
                     if stages == 1:
                         T.ptx.cp.async_.wait_group(0)

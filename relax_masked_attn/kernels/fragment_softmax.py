@@ -1,0 +1,65 @@
+"""The masking and online softmax both tensor-core attention kernels run on their S
+accumulators, in the ``m16n8`` accumulator layout that ``mma.sync`` and ``wgmma`` share.
+
+A thread holds, for each of its ``atoms`` m16 row tiles and each 8-column n-tile ``j``, four
+fp32 values ``c = 0..3``: key column ``c0 + 8 j + 2 t4 + c % 2`` of query row
+``row_base + 16 a + 8 (c // 2)`` (``t4 = lane % 4``, ``row_base`` the thread's first row). The
+four threads of a quad share a row, so row statistics are quad-reduced.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .geometry import NEG_INF
+
+
+def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, causal: bool):
+    """A ``T.macro`` ``online_softmax(s, o, m_i, m_new, alpha, l_i, c0, kv_end, masked,
+    row_base, t4)`` over ``s [atoms, s_tiles, 4]`` (S of one key tile, raw products; it leaves
+    ``P = exp2(S * qk_scale - max)``), ``o [atoms, o_tiles, 4]`` (the output accumulators,
+    rescaled) and the running row statistics ``m_i``, ``l_i`` (with scratch ``m_new``,
+    ``alpha``), each ``[atoms, 2]`` for rows ``g`` and ``g + 8``. Where ``masked`` (a tile
+    crossing the end ``kv_end`` of the real keys, or the causal diagonal), invisible scores
+    become ``NEG_INF``."""
+
+    @T.macro
+    def online_softmax(s, o, m_i, m_new, alpha, l_i, c0, kv_end, masked, row_base, t4):
+        if masked:
+            for a in T.unroll(atoms):
+                for j in T.unroll(s_tiles):
+                    for c in T.unroll(4):
+                        s[a, j, c] = T.if_then_else(
+                            (c0 + j * 8 + t4 * 2 + c % 2 < kv_end)
+                            and (
+                                (not causal)
+                                or (c0 + j * 8 + t4 * 2 + c % 2
+                                    <= row_base + a * 16 + (c // 2) * 8)
+                            ),
+                            s[a, j, c] * qk_scale,
+                            NEG_INF,
+                        )
+        else:
+            for a in T.unroll(atoms):
+                for j in T.unroll(s_tiles):
+                    for c in T.unroll(4):
+                        s[a, j, c] = s[a, j, c] * qk_scale
+        # New row max over the tile, quad-reduced; rescale what came before.
+        for a in T.unroll(atoms):
+            for i in T.unroll(2):
+                m_new[a, i] = m_i[a, i]
+                for j in T.unroll(s_tiles):
+                    m_new[a, i] = T.max(m_new[a, i], T.max(s[a, j, 2 * i], s[a, j, 2 * i + 1]))
+                m_new[a, i] = T.cuda.warp_max(m_new[a, i], 4)
+                alpha[a, i] = T.exp2(m_i[a, i] - m_new[a, i])
+                m_i[a, i] = m_new[a, i]
+                l_i[a, i] = l_i[a, i] * alpha[a, i]
+                for j in T.unroll(s_tiles):
+                    s[a, j, 2 * i] = T.exp2(s[a, j, 2 * i] - m_new[a, i])
+                    s[a, j, 2 * i + 1] = T.exp2(s[a, j, 2 * i + 1] - m_new[a, i])
+                    l_i[a, i] = l_i[a, i] + s[a, j, 2 * i] + s[a, j, 2 * i + 1]
+            for j in T.unroll(o_tiles):
+                for c in T.unroll(4):
+                    o[a, j, c] = o[a, j, c] * alpha[a, c // 2]
+
+    return online_softmax
