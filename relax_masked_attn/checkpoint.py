@@ -32,6 +32,9 @@ class ModelSpec:
     pooling: str  # "mean", "cls" or "last"
     normalize: bool
     max_length: int  # tokens per text; longer texts are truncated
+    # sentence-transformers' prompts (config_sentence_transformers.json): name -> text
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
 
     @property
     def padding_side(self) -> str:
@@ -98,9 +101,30 @@ def _type_name(hint) -> str:
     return "null" if hint is type(None) else hint.__name__
 
 
+def resolve_checkpoint(name: str | Path) -> Path:
+    """A checkpoint folder: ``name`` itself where it is one, else a Hugging Face Hub id
+    (``"BAAI/bge-small-en-v1.5"``) fetched through ``huggingface_hub`` into its cache (offline,
+    ``HF_HUB_OFFLINE=1``, only what the cache holds)."""
+    path = Path(name)
+    if path.is_dir() or isinstance(name, Path) or str(name).count("/") != 1 or str(
+            name).startswith((".", "/", "~")):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=str(name)))
+    except ImportError:
+        raise CheckpointError(f"no checkpoint folder at {name}, and huggingface_hub is not "
+                              "installed to fetch it as a Hub id") from None
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, no network: one error
+        raise CheckpointError(f"no checkpoint folder at {name}, and the Hugging Face Hub could "
+                              f"not provide it: {type(err).__name__}: {err}") from None
+
+
 def read_spec(path: str | Path) -> ModelSpec:
-    """Read a checkpoint folder's ``config.json`` (and sentence-transformers files if any)."""
-    path = Path(path)
+    """Read a checkpoint folder's ``config.json`` (and sentence-transformers files if any);
+    ``path`` may be a Hugging Face Hub id (:func:`resolve_checkpoint`)."""
+    path = resolve_checkpoint(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}")
     if not (path / "config.json").is_file():
@@ -129,7 +153,27 @@ def read_spec(path: str | Path) -> ModelSpec:
     else:
         config = _dataclass_from(Qwen3Config, _qwen3_rope(cfg, path), path)
         pooling, normalize, max_length = "last", True, config.max_position_embeddings
-    return ModelSpec(path, model_type, config, pooling, normalize, max_length)
+    prompts, default_prompt_name = _sentence_transformers_prompts(path)
+    return ModelSpec(path, model_type, config, pooling, normalize, max_length, prompts,
+                     default_prompt_name)
+
+
+def _sentence_transformers_prompts(path: Path) -> tuple[dict[str, str], str | None]:
+    """``prompts`` and ``default_prompt_name`` of ``config_sentence_transformers.json``, if any
+    (Qwen3-Embedding: ``{"query": "Instruct: ...\\nQuery:", "document": ""}``)."""
+    file = path / "config_sentence_transformers.json"
+    if not file.is_file():
+        return {}, None
+    cfg = read_json(file)
+    prompts = cfg.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise CheckpointError(f"{file}: prompts must map names to strings, but is {prompts!r}")
+    default = cfg.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise CheckpointError(f"{file}: default_prompt_name {default!r} is not among the prompts "
+                              f"{sorted(prompts)}")
+    return dict(prompts), default
 
 
 def _qwen3_rope(cfg: dict, path: Path) -> dict:
@@ -169,4 +213,4 @@ def _sentence_transformers_pooling(path: Path) -> tuple[str, bool]:
     return pooling, normalize
 
 
-__all__ = ["CheckpointError", "ModelSpec", "read_json", "read_spec"]
+__all__ = ["CheckpointError", "ModelSpec", "read_json", "read_spec", "resolve_checkpoint"]

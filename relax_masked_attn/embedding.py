@@ -18,6 +18,7 @@ from tvm.relax.frontend import nn
 
 from . import __version__
 from .checkpoint import CheckpointError, ModelSpec, read_spec
+from .quantization import PRECISIONS, quantize_embeddings
 from .targets import device_cuda_target, host_cpu_target
 from .weights import match_parameters, read_safetensors
 
@@ -180,7 +181,9 @@ class EmbeddingModel:
                         dtype: str | None = None, use_cache: bool = True,
                         progress: bool = False,
                         max_cached_shapes: int = DEFAULT_CACHED_SHAPES) -> EmbeddingModel:
-        """Load a checkpoint folder (``config.json``, ``model.safetensors``, ``tokenizer.json``).
+        """Load a checkpoint folder (``config.json``, ``model.safetensors``, ``tokenizer.json``)
+        or a Hugging Face Hub id (``"BAAI/bge-small-en-v1.5"``, through ``huggingface_hub`` and
+        its cache).
 
         ``dtype`` defaults to float32 on CPU and float16 on GPUs.
         """
@@ -317,19 +320,23 @@ class EmbeddingModel:
         return [e.ids for e in encodings]
 
     def embed(self, texts: list[str], batch_tokens: int = DEFAULT_BATCH_TOKENS,
-              progress: bool = False) -> np.ndarray:
+              progress: bool = False, batch_size: int | None = None) -> np.ndarray:
         """Embeddings ``[len(texts), hidden]`` float32, in input order.
 
         Texts are sorted by length and batched so that a batch holds at most ``batch_tokens``
-        padded tokens; each batch is padded on the side the model needs. A text that tokenizes
-        to no token at all (an empty text, with a tokenizer that adds no special tokens) is a
-        ValueError naming its index.
+        padded tokens (and at most ``batch_size`` texts, where given); each batch is padded on
+        the side the model needs. A text that tokenizes to no token at all (an empty text, with
+        a tokenizer that adds no special tokens) is a ValueError naming its index.
+        ``progress``: a counter on stderr, or a callable given the number of texts each batch
+        finished.
         """
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts, not one string")
         texts = list(texts)
         if not texts:
             raise ValueError("embed needs at least one text")
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, but got {batch_size!r}")
         ids = self.tokenize(texts)
         empty = [i for i, x in enumerate(ids) if not x]
         if empty:
@@ -340,19 +347,120 @@ class EmbeddingModel:
         start, done = 0, 0
         while start < len(order):
             longest = len(ids[order[start]])
-            size = max(1, min(len(order) - start, batch_tokens // max(longest, 1)))
+            size = max(1, min(len(order) - start, batch_tokens // max(longest, 1),
+                              batch_size or len(order)))
             batch = order[start:start + size]
             input_ids, mask = pad_batch([ids[i] for i in batch], self.spec.padding_side,
                                         self.pad_id)
             out[batch] = self.embed_ids(input_ids, mask)
             start += size
             done += size
-            if progress:
+            if callable(progress):
+                progress(size)
+            elif progress:
                 print(f"\r[relax-masked-attn] embedded {done}/{len(ids)} texts", end="",
                       file=sys.stderr, flush=True)
-        if progress:
+        if progress is True:
             print(file=sys.stderr)
         return out
+
+    def encode(self, sentences: str | list[str], batch_size: int | None = None,
+               prompt_name: str | None = None, prompt: str | None = None,
+               normalize_embeddings: bool | None = None, truncate_dim: int | None = None,
+               precision: str = "float32", convert_to_numpy: bool = True,
+               show_progress_bar: bool | None = None):
+        """Embeddings the way ``SentenceTransformer.encode`` returns them.
+
+        One string in gives one vector ``[dim]``; a list gives ``[n, dim]`` (a list of 1-D
+        arrays with ``convert_to_numpy=False``). ``prompt`` (a text put before every sentence)
+        or ``prompt_name`` (one of :attr:`prompts`, from the checkpoint's
+        ``config_sentence_transformers.json``); with neither, its ``default_prompt_name``.
+        ``truncate_dim`` keeps the first dims (Matryoshka); ``normalize_embeddings`` then
+        L2-normalizes (the model's own ``Normalize`` module, if any, always runs first).
+        ``precision``: ``float32``, ``int8``, ``uint8``, ``binary`` or ``ubinary``
+        (:func:`relax_masked_attn.quantization.quantize_embeddings`; int8/uint8 ranges come
+        from the embeddings of this call). ``batch_size``: at most that many texts a batch
+        (batches also hold at most ``DEFAULT_BATCH_TOKENS`` padded tokens).
+        ``show_progress_bar``: a tqdm bar (default: for more than 256 texts on a terminal).
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"but got {precision!r}")
+        if truncate_dim is not None and not (isinstance(truncate_dim, int)
+                                             and 0 < truncate_dim <= self.hidden_size):
+            raise ValueError(f"truncate_dim must be an int in [1, {self.hidden_size}], "
+                             f"but got {truncate_dim!r}")
+        text = self.resolve_prompt(prompt, prompt_name)
+        if text:
+            texts = [t if not isinstance(t, str) else text + t for t in texts]
+        if show_progress_bar is None:
+            show_progress_bar = len(texts) > 256 and sys.stderr.isatty()
+        bar = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="Embedding", unit="text")
+        try:
+            emb = self.embed(texts, batch_size=batch_size,
+                             progress=bar.update if bar is not None else False)
+        finally:
+            if bar is not None:
+                bar.close()
+        if truncate_dim is not None:
+            emb = emb[:, :truncate_dim]
+        if normalize_embeddings:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = quantize_embeddings(emb, precision)
+        if single:
+            return emb[0]
+        return emb if convert_to_numpy else list(emb)
+
+    def encode_query(self, sentences, prompt_name: str | None = None, prompt: str | None = None,
+                     **kwargs):
+        """:meth:`encode` with the checkpoint's ``"query"`` prompt unless told otherwise (as
+        ``SentenceTransformer.encode_query``)."""
+        if prompt_name is None and prompt is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    def encode_document(self, sentences, prompt_name: str | None = None,
+                        prompt: str | None = None, **kwargs):
+        """:meth:`encode` with the first of the ``"document"``, ``"passage"``, ``"corpus"``
+        prompts the checkpoint has (as ``SentenceTransformer.encode_document``)."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next((n for n in ("document", "passage", "corpus")
+                                if n in self.prompts), None)
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The checkpoint's named prompts (``config_sentence_transformers.json``)."""
+        return self.spec.prompts
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """The text put before each sentence: ``prompt``, else ``prompts[prompt_name]``, else
+        the default prompt's, else None."""
+        if prompt is not None:
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name {prompt_name!r} is not among this model's "
+                                 f"prompts {sorted(self.prompts)}")
+            return self.prompts[prompt_name]
+        if self.spec.default_prompt_name is not None:
+            return self.prompts[self.spec.default_prompt_name]
+        return None
+
+    @staticmethod
+    def similarity(a, b) -> np.ndarray:
+        """Cosine similarity ``[len(a), len(b)]`` of two sets of embeddings (1-D inputs count as
+        one row each), as ``SentenceTransformer.similarity`` computes by default."""
+        a, b = (np.atleast_2d(np.asarray(x, dtype=np.float32)) for x in (a, b))
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        return a @ b.T
 
     @property
     def pad_id(self) -> int:
