@@ -138,3 +138,60 @@ def test_hub_id_through_a_prefilled_cache(minilm_path, tmp_path, monkeypatch):
 
     with pytest.raises(CheckpointError, match="Hugging Face Hub could not provide it"):
         EmbeddingModel.from_pretrained("nobody/no-such-model")
+
+
+@pytest.fixture(scope="module")
+def qwen3_st_checkpoint(tiny_qwen3, tmp_path_factory):
+    """The small random Qwen3 checkpoint made whole for sentence-transformers: a word-level
+    tokenizer, last-token pooling, Normalize, and Qwen3-Embedding-style prompts."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("qwen3_st") / "ckpt"
+    shutil.copytree(tiny_qwen3[0], path)
+    words = ("instruct given a question find passages that answer it query the cat sat on mat "
+             "stocks fell").split()
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    files = {
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
+                                  "pad_token": "<pad>", "unk_token": "<unk>",
+                                  "padding_side": "left", "model_max_length": 64},
+        "modules.json": [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling",
+             "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize",
+             "type": "sentence_transformers.models.Normalize"}],
+        "1_Pooling/config.json": {"word_embedding_dimension": 64, "pooling_mode_lasttoken": True,
+                                  "pooling_mode_mean_tokens": False},
+        "sentence_bert_config.json": {"max_seq_length": 64},
+        "config_sentence_transformers.json": {"prompts": {
+            "query": "Instruct: Given a question find passages that answer it\nQuery:",
+            "document": ""}},
+    }
+    for name, value in files.items():
+        (path / name).parent.mkdir(exist_ok=True)
+        (path / name).write_text(json.dumps(value))
+    (path / "2_Normalize").mkdir()
+    return path
+
+
+def test_qwen3_prompts_match_sentence_transformers(qwen3_st_checkpoint):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["the cat sat on the mat", "stocks fell", "cat", "the question the answer " * 5]
+    ours = EmbeddingModel.from_pretrained(qwen3_st_checkpoint, use_cache=False)
+    theirs = SentenceTransformer(str(qwen3_st_checkpoint), device="cpu")
+    assert ours.prompts == theirs.prompts and ours.spec.padding_side == "left"
+    for a, b in [(ours.encode_query(texts), theirs.encode_query(texts)),
+                 (ours.encode_document(texts), theirs.encode_document(texts)),
+                 (ours.encode(texts, truncate_dim=32, normalize_embeddings=True),
+                  theirs.encode(texts, truncate_dim=32, normalize_embeddings=True))]:
+        assert (cosine(a, b) >= 0.99999).all(), cosine(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(ours.encode(texts, precision="ubinary"),
+                                      theirs.encode(texts, precision="ubinary"))
