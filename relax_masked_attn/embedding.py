@@ -167,6 +167,10 @@ class EmbeddingModel:
                  max_cached_shapes: int = DEFAULT_CACHED_SHAPES):
         if max_cached_shapes < 0:
             raise ValueError(f"max_cached_shapes must be >= 0, but got {max_cached_shapes}")
+        if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+            # TVM's CPU thread pool takes half the logical cores unless told (it assumes SMT);
+            # read when the pool starts, so this holds unless TVM ran a parallel op before.
+            os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         self.spec, self.target, self.device, self.dtype = spec, target, device, dtype
         self.tokenizer = tokenizer
         self.max_cached_shapes = max_cached_shapes

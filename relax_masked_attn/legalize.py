@@ -16,6 +16,7 @@ The target is the one of q's virtual device if it has one, else ``Target.current
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from tvm import relax, tirx
 from tvm.relax.transform.legalize_ops.common import register_legalize
@@ -109,9 +110,32 @@ def _request(call: relax.Call) -> _Request:
     )
 
 
+_warned_baseline = False
+
+
+def warn_if_baseline_cpu(target: Target) -> None:
+    """Warn once per process when an x86 ``llvm`` target names no ``mcpu``: LLVM then compiles
+    for baseline x86-64 (SSE2, no AVX or FMA), at about half the speed."""
+    global _warned_baseline
+    if _warned_baseline or "mcpu" in target.attrs:
+        return
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return
+    _warned_baseline = True
+    warnings.warn(
+        "relax_masked_attn: the target 'llvm' names no mcpu, so LLVM compiles for baseline x86-64 "
+        "(SSE2: no AVX2, AVX-512 or FMA) and the attention kernel runs about 2x slower; compile "
+        "for this CPU with target=relax_masked_attn.targets.host_cpu_target() (and set "
+        "TVM_NUM_THREADS to the core count: TVM's thread pool takes half the cores)",
+        stacklevel=2,
+    )
+
+
 def _kernel(target: Target, request: _Request) -> tirx.PrimFunc:
     args, packed = request.kernel_args, request.packed
     if target.kind.name == "llvm":
+        warn_if_baseline_cpu(target)
         return cpu_kernel(*args, packed=packed)
     if is_gpu(target):
         from .kernels import cuda_mma, cuda_wgmma  # imported here: CPU-only users never need it

@@ -264,3 +264,19 @@ def test_pad_batch_round_trip():
     ids, mask = pad_batch([[4, 5, 6], [7]], "left", pad_id=0)
     np.testing.assert_array_equal(ids, [[4, 5, 6], [0, 0, 7]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+
+
+def test_cpu_models_use_every_core(tiny_bert):
+    """With TVM_NUM_THREADS unset, a CPU EmbeddingModel sets it to the core count before TVM's
+    thread pool starts (which otherwise takes half the logical cores)."""
+    import subprocess
+    import sys
+
+    code = ("import os, relax_masked_attn as r, sys; "
+            "r.EmbeddingModel.from_pretrained(sys.argv[1], use_cache=False); "
+            "print(os.environ['TVM_NUM_THREADS'], os.cpu_count())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_bert[0])], env=env,
+                          capture_output=True, text=True, timeout=600)
+    threads, cores = proc.stdout.split()
+    assert threads == cores, proc.stderr[-2000:]

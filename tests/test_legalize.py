@@ -178,3 +178,23 @@ def test_vectorizable_gelu_matches_exact_gelu():
     xs = np.linspace(-8, 8, 1000).astype("float32")
     ref = torch.nn.functional.gelu(torch.from_numpy(xs)).numpy()
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xs)).numpy(), ref, atol=2e-6)
+
+
+def test_plain_llvm_warns_once_and_names_host_cpu_target(monkeypatch):
+    """A target of just ``llvm`` compiles for baseline x86-64: one warning a process, naming the
+    fix; a target with an mcpu (host_cpu_target(), -mcpu=haswell) gives none."""
+    import warnings
+
+    from relax_masked_attn import legalize
+    from relax_masked_attn.targets import host_cpu_target
+
+    monkeypatch.setattr(legalize, "_warned_baseline", False)
+    mod = op_module(4, 2, 32, "float32", "padded")
+    with pytest.warns(UserWarning, match=r"names no mcpu.*host_cpu_target\(\).*TVM_NUM_THREADS"):
+        legalized(mod, "llvm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        legalized(mod, "llvm")  # once only
+        monkeypatch.setattr(legalize, "_warned_baseline", False)
+        legalized(mod, host_cpu_target())
+        legalized(mod, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
