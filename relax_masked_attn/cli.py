@@ -1,6 +1,6 @@
 """The ``relax-masked-attn`` command line (also ``python -m relax_masked_attn``).
 
-Commands: demo, embed, similarity, compile, check-op.
+Commands: demo, embed, similarity, compile, serve, check-op.
 """
 
 from __future__ import annotations
@@ -192,6 +192,28 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Serve the model over HTTP until SIGTERM / SIGINT (relax_masked_attn.server)."""
+    from . import server
+
+    model = _load(args)
+    name = args.served_model_name or (
+        "sentence-transformers/all-MiniLM-L6-v2" if args.model is None else args.model)
+    server.serve(model, name, host=args.host, port=args.port, api_key=args.api_key,
+                 max_batch_tokens=args.max_batch_tokens,
+                 max_client_batch_size=args.max_client_batch_size,
+                 max_concurrent_requests=args.max_concurrent_requests,
+                 max_body_bytes=args.max_body_bytes)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     p.add_argument("--model", required=model_required,
                    help="checkpoint folder (default: all-MiniLM-L6-v2, fetched on first use)")
@@ -223,6 +245,29 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(p, model_required=True)
     p.add_argument("--output", "-o", required=True, help="the library to write (lib.so)")
     p.set_defaults(func=compile_cmd)
+    p = sub.add_parser("serve", help="serve embeddings over HTTP (OpenAI, TEI routes)")
+    _model_args(p)
+    from .server import (
+        DEFAULT_MAX_BATCH_TOKENS,
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_CLIENT_BATCH_SIZE,
+        DEFAULT_MAX_CONCURRENT_REQUESTS,
+    )
+
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--served-model-name", default=None, help="the name /info reports")
+    p.add_argument("--max-batch-tokens", type=_positive, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help="padded tokens a batch of merged requests may hold")
+    p.add_argument("--max-client-batch-size", type=_positive,
+                   default=DEFAULT_MAX_CLIENT_BATCH_SIZE, help="inputs one request may hold")
+    p.add_argument("--max-concurrent-requests", type=_positive,
+                   default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+                   help="requests in the server at once; more get 429")
+    p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES)
+    p.set_defaults(func=serve)
     p = sub.add_parser("check-op", help="compile and check one masked attention block")
     p.add_argument("--target", default="llvm", help="llvm (default) or cuda")
     p.add_argument("--mode", default="padded", choices=MODES)

@@ -346,6 +346,11 @@ class EmbeddingModel:
         if empty:
             raise ValueError(f"text {empty[0]} ({texts[empty[0]]!r}) has no tokens: the "
                              "tokenizer turns it into nothing, which has no embedding")
+        return self.embed_tokens(ids, batch_tokens, progress, batch_size)
+
+    def embed_tokens(self, ids: list[list[int]], batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                     progress=False, batch_size: int | None = None) -> np.ndarray:
+        """:meth:`embed` of texts already tokenized (non-empty lists of token ids)."""
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = np.zeros((len(ids), self.hidden_size), dtype="float32")
         start, done = 0, 0

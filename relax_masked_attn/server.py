@@ -1,0 +1,442 @@
+"""``relax-masked-attn serve``: an embedding server over one compiled model.
+
+Routes (JSON in and out):
+
+* ``POST /v1/embeddings`` - OpenAI's contract: ``input`` (a string, a list of strings, a list
+  of token ids or a list of such lists), ``model`` (accepted whatever it says, echoed back),
+  ``encoding_format`` (``float`` or ``base64``: little-endian float32), ``dimensions`` (the first
+  dims, renormalized); errors as OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+* ``POST /embed`` - text-embeddings-inference's: ``inputs``, ``normalize`` (default true),
+  ``truncate`` (default false), ``prompt_name``, ``dimensions``; returns ``[[float]]``.
+* ``POST /tokenize``, ``GET /health``, ``GET /info``, ``GET /metrics`` (Prometheus text).
+
+Why aiohttp: it is the one asynchronous HTTP server among the packages this project's machines
+have (no FastAPI, uvicorn or pydantic on the GPU machine, and little room to carry them), and an
+event loop holds many waiting clients on one thread while one worker thread owns the model.
+
+Batching: every request's texts are tokenized on arrival and queued; the worker takes queued
+requests in arrival order while their texts fit ``max_batch_tokens`` padded tokens, runs them as
+one length-sorted call of the model and hands each request its own rows. At most
+``max_concurrent_requests`` requests are in the server at once (over it: 429, "overloaded").
+SIGTERM stops accepting connections, lets every accepted request finish, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_MAX_BATCH_TOKENS = 16384
+DEFAULT_MAX_CLIENT_BATCH_SIZE = 512
+DEFAULT_MAX_CONCURRENT_REQUESTS = 512
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status``, the field at fault, a message."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+@dataclass
+class _Job:
+    ids: list[list[int]]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Metrics:
+    """Counters for ``/metrics`` (Prometheus text format), updated from any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.values = {"requests_total": 0, "request_errors_total": 0, "tokens_total": 0,
+                       "batches_total": 0, "batch_texts_sum": 0, "queue_seconds_sum": 0.0,
+                       "compute_seconds_sum": 0.0}
+
+    def add(self, **increments) -> None:
+        with self._lock:
+            for key, value in increments.items():
+                self.values[key] += value
+
+    def text(self) -> str:
+        with self._lock:
+            values = dict(self.values)
+        lines = []
+        for key, value in values.items():
+            name = f"relax_masked_attn_{key}"
+            kind = "counter"
+            lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+class Batcher:
+    """One worker thread that owns the model and runs queued requests in token-budget batches."""
+
+    def __init__(self, model, max_batch_tokens: int, metrics: Metrics):
+        self.model, self.max_batch_tokens, self.metrics = model, max_batch_tokens, metrics
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._held: _Job | None = None  # the worker's: a job that opens the next batch
+        self._thread = threading.Thread(target=self._run, name="relax-masked-attn-worker",
+                                        daemon=True)
+        self._thread.start()
+
+    async def embed(self, ids: list[list[int]]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        job = _Job(ids, loop.create_future(), loop)
+        self._queue.put(job)
+        return await job.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch: queued jobs in arrival order while their texts, padded to the
+        longest, fit ``max_batch_tokens`` (a first job over it alone still runs); None to stop.
+        A job that does not fit is held for the next batch."""
+        first = self._held if self._held is not None else self._queue.get()
+        self._held = None
+        if first is None:
+            return None
+        jobs, longest, texts = [first], max(len(x) for x in first.ids), len(first.ids)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is None:  # close(): this batch, then stop
+                self._held = None
+                self._queue.put(None)
+                return jobs
+            grown = max(longest, max(len(x) for x in job.ids))
+            if grown * (texts + len(job.ids)) > self.max_batch_tokens:
+                self._held = job
+                return jobs
+            jobs.append(job)
+            longest, texts = grown, texts + len(job.ids)
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            start = time.perf_counter()
+            ids = [x for job in jobs for x in job.ids]
+            try:
+                emb = self.model.embed_tokens(ids, batch_tokens=self.max_batch_tokens)
+                error = None
+            except Exception as err:  # noqa: BLE001 - handed to the waiting request
+                emb, error = None, err
+            done = time.perf_counter()
+            self.metrics.add(batches_total=1, batch_texts_sum=len(ids),
+                             compute_seconds_sum=done - start,
+                             queue_seconds_sum=sum(start - job.queued for job in jobs))
+            row = 0
+            for job in jobs:
+                if error is not None:
+                    job.loop.call_soon_threadsafe(_set_exception, job.future, error)
+                else:
+                    part = emb[row:row + len(job.ids)]
+                    job.loop.call_soon_threadsafe(_set_result, job.future, part)
+                row += len(job.ids)
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class EmbeddingServer:
+    """The aiohttp application around one ``EmbeddingModel`` (see the module docstring)."""
+
+    def __init__(self, model, model_name: str, api_key: str | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 max_client_batch_size: int = DEFAULT_MAX_CLIENT_BATCH_SIZE,
+                 max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        if model.tokenizer is None:
+            raise ValueError(f"{model.spec.path} has no tokenizer.json: the server takes texts")
+        self.model, self.model_name, self.api_key = model, model_name, api_key
+        self.max_client_batch_size = max_client_batch_size
+        self.max_concurrent_requests = max_concurrent_requests
+        self.max_body_bytes = max_body_bytes
+        self.metrics = Metrics()
+        self.batcher = Batcher(model, max_batch_tokens, self.metrics)
+        self.in_flight = 0
+
+    # --- the application ----------------------------------------------------------------
+
+    def app(self):
+        from aiohttp import web
+
+        app = web.Application(client_max_size=self.max_body_bytes,
+                              middlewares=[self._middleware])
+        app.router.add_post("/v1/embeddings", self.openai_embeddings)
+        app.router.add_post("/embed", self.tei_embed)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/info", self.info)
+        app.router.add_get("/metrics", self.prometheus)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _close(self, _app) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+
+    def _openai_route(self, request) -> bool:
+        return request.path.startswith("/v1/")
+
+    async def _middleware_impl(self, request, handler):
+        from aiohttp import web
+
+        if request.path != "/health" and self.api_key is not None:
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {self.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return self._error(request, RequestError(
+                    401, "missing or wrong API key (Authorization: Bearer <key>)", None,
+                    "authentication_error"))
+        if self.in_flight >= self.max_concurrent_requests:
+            return self._error(request, RequestError(
+                429, f"overloaded: {self.in_flight} requests in flight, the limit is "
+                f"{self.max_concurrent_requests}", None, "overloaded"))
+        self.in_flight += 1
+        try:
+            return await handler(request)
+        except RequestError as err:
+            return self._error(request, err)
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(request, RequestError(
+                413, f"request body over {self.max_body_bytes} bytes", None))
+        finally:
+            self.in_flight -= 1
+
+    @property
+    def _middleware(self):
+        from aiohttp import web
+
+        @web.middleware
+        async def middleware(request, handler):
+            return await self._middleware_impl(request, handler)
+
+        return middleware
+
+    def _error(self, request, err: RequestError):
+        from aiohttp import web
+
+        self.metrics.add(request_errors_total=1)
+        if self._openai_route(request):
+            body = {"error": {"message": err.message, "type": err.kind, "param": err.param,
+                              "code": err.status}}
+        else:  # text-embeddings-inference's error shape
+            body = {"error": err.message, "error_type": err.kind}
+        return web.json_response(body, status=err.status)
+
+    # --- request parsing ------------------------------------------------------------------
+
+    async def _json(self, request) -> dict:
+        from aiohttp import web
+
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestError(413, f"request body over {self.max_body_bytes} bytes") from None
+        try:
+            value = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(400, f"the body is not valid JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise RequestError(422, "the body must be a JSON object")
+        return value
+
+    def _token_ids(self, value, field_name: str, truncate: bool) -> list[list[int]]:
+        """Texts, or token ids, of an ``input`` / ``inputs`` field as checked token id lists."""
+        if isinstance(value, str):
+            value = [value]
+        elif isinstance(value, list) and value and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value):
+            value = [value]  # one text as token ids
+        if not isinstance(value, list) or not value:
+            raise RequestError(422, f"'{field_name}' must be a string, a non-empty list of "
+                               "strings, or token ids", field_name)
+        if len(value) > self.max_client_batch_size:
+            raise RequestError(413, f"'{field_name}' holds {len(value)} inputs, over the "
+                               f"limit of {self.max_client_batch_size} a request", field_name)
+        limit, vocab = self.model.spec.max_length, self.model.spec.config.vocab_size
+        if all(isinstance(x, str) for x in value):
+            ids = [e.ids for e in self._untruncated().encode_batch(value)]
+        elif all(isinstance(x, list) for x in value):
+            ids = []
+            for i, item in enumerate(value):
+                if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                           for t in item):
+                    raise RequestError(422, f"'{field_name}[{i}]' must hold token ids in "
+                                       f"[0, {vocab})", f"{field_name}[{i}]")
+                ids.append(list(item))
+        else:
+            raise RequestError(422, f"'{field_name}' must be all strings or all token id lists",
+                               field_name)
+        for i, x in enumerate(ids):
+            if not x:
+                raise RequestError(422, f"'{field_name}[{i}]' has no tokens",
+                                   f"{field_name}[{i}]")
+            if len(x) > limit:
+                if not truncate:
+                    raise RequestError(413, f"'{field_name}[{i}]' has {len(x)} tokens, over the "
+                                       f"model limit of {limit} (ask for truncate)",
+                                       f"{field_name}[{i}]")
+                # texts: the model's own truncation (it keeps the closing special token)
+                ids[i] = (self.model.tokenizer.encode(value[i]).ids if isinstance(value[i], str)
+                          else x[:limit])
+        return ids
+
+    def _untruncated(self):
+        if not hasattr(self, "_tokenizer"):
+            import copy
+
+            self._tokenizer = copy.deepcopy(self.model.tokenizer)
+            self._tokenizer.no_truncation()
+        return self._tokenizer
+
+    def _dimensions(self, body: dict) -> int | None:
+        dims = body.get("dimensions")
+        hidden = self.model.hidden_size
+        if dims is not None and not (isinstance(dims, int) and not isinstance(dims, bool)
+                                     and 0 < dims <= hidden):
+            raise RequestError(422, f"'dimensions' must be an integer in [1, {hidden}]",
+                               "dimensions")
+        return dims
+
+    def _prompt(self, body: dict) -> str | None:
+        name = body.get("prompt_name")
+        if name is None:
+            return None
+        if not isinstance(name, str) or name not in self.model.prompts:
+            raise RequestError(422, f"'prompt_name' must be one of {sorted(self.model.prompts)}",
+                               "prompt_name")
+        return self.model.prompts[name]
+
+    async def _embed(self, ids: list[list[int]]) -> np.ndarray:
+        self.metrics.add(requests_total=1, tokens_total=sum(len(x) for x in ids))
+        return await self.batcher.embed(ids)
+
+    # --- routes ---------------------------------------------------------------------------
+
+    async def openai_embeddings(self, request):
+        from aiohttp import web
+
+        body = await self._json(request)
+        if "input" not in body:
+            raise RequestError(422, "'input' is required", "input")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise RequestError(422, "'encoding_format' must be 'float' or 'base64'",
+                               "encoding_format")
+        model = body.get("model", self.model_name)
+        if not isinstance(model, str):
+            raise RequestError(422, "'model' must be a string", "model")
+        dims = self._dimensions(body)
+        ids = self._token_ids(body["input"], "input", truncate=False)
+        emb = _shaped(await self._embed(ids), dims, normalize=True)
+        data = []
+        for i, row in enumerate(emb):
+            vector = (base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64"
+                      else row.tolist())
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(x) for x in ids)
+        return web.json_response({"object": "list", "data": data, "model": model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def tei_embed(self, request):
+        from aiohttp import web
+
+        body = await self._json(request)
+        if "inputs" not in body:
+            raise RequestError(422, "'inputs' is required", "inputs")
+        for flag in ("normalize", "truncate"):
+            if not isinstance(body.get(flag, False), bool):
+                raise RequestError(422, f"'{flag}' must be a boolean", flag)
+        prompt = self._prompt(body)
+        dims = self._dimensions(body)
+        inputs = body["inputs"]
+        if prompt and isinstance(inputs, str):
+            inputs = prompt + inputs
+        elif prompt and isinstance(inputs, list):
+            inputs = [prompt + x if isinstance(x, str) else x for x in inputs]
+        ids = self._token_ids(inputs, "inputs", truncate=body.get("truncate", False))
+        emb = _shaped(await self._embed(ids), dims, normalize=body.get("normalize", True))
+        return web.json_response(emb.tolist())
+
+    async def tokenize(self, request):
+        from aiohttp import web
+
+        body = await self._json(request)
+        inputs = body.get("inputs")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestError(422, "'inputs' must be a string or a list of strings", "inputs")
+        out = []
+        for enc in self.model.tokenizer.encode_batch(texts):
+            out.append([{"id": i, "text": t, "start": s, "stop": e}
+                        for i, t, (s, e) in zip(enc.ids, enc.tokens, enc.offsets)])
+        return web.json_response(out)
+
+    async def health(self, _request):
+        from aiohttp import web
+
+        return web.Response(text="ok")
+
+    async def info(self, _request):
+        from aiohttp import web
+
+        spec = self.model.spec
+        return web.json_response({
+            "model_id": self.model_name, "model_path": str(spec.path),
+            "model_type": spec.model_type, "dimensions": self.model.hidden_size,
+            "max_input_length": spec.max_length, "dtype": self.model.dtype,
+            "target": str(self.model.target), "pooling": spec.pooling,
+            "prompts": sorted(spec.prompts), "max_client_batch_size": self.max_client_batch_size,
+            "max_batch_tokens": self.batcher.max_batch_tokens,
+            "max_concurrent_requests": self.max_concurrent_requests,
+        })
+
+    async def prometheus(self, _request):
+        from aiohttp import web
+
+        return web.Response(text=self.metrics.text(), content_type="text/plain")
+
+
+def _shaped(emb: np.ndarray, dims: int | None, normalize: bool) -> np.ndarray:
+    """The first ``dims`` dimensions, L2-normalized when ``normalize``."""
+    if dims is not None:
+        emb = emb[:, :dims]
+    if normalize:
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
+def serve(model, model_name: str, host: str = "127.0.0.1", port: int = 8080, **options) -> None:
+    """Run the server until SIGTERM or SIGINT (then finish what was accepted and return)."""
+    from aiohttp import web
+
+    server = EmbeddingServer(model, model_name, **options)
+    print(f"[relax-masked-attn] serving {model_name} on http://{host}:{port}", flush=True)
+    web.run_app(server.app(), host=host, port=port, print=None, shutdown_timeout=120)
