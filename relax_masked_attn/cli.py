@@ -1,6 +1,6 @@
 """The ``relax-masked-attn`` command line (also ``python -m relax_masked_attn``).
 
-Commands: demo, embed, similarity, compile, serve, check-op.
+Commands: demo, embed, similarity, compile, serve, embed-dataset, check-op.
 """
 
 from __future__ import annotations
@@ -207,6 +207,27 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def embed_dataset_cmd(args: argparse.Namespace) -> int:
+    """Embed a Parquet / JSONL corpus with Ray Data (relax_masked_attn.ray)."""
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("relax-masked-attn embed-dataset: Ray is not installed "
+                         "(pip install 'relax_masked_attn[ray]')") from None
+    from .ray import embed_dataset
+
+    if not os.path.exists(args.input):
+        raise SystemExit(f"relax-masked-attn embed-dataset: no input at {args.input}")
+    model = args.model or default_model_path()
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False)
+    embed_dataset(args.input, args.output, model, text_column=args.text_column,
+                  actors=args.actors, target=args.target, dtype=args.dtype,
+                  batch_size=args.batch_size)
+    print(f"wrote {args.output} (Parquet parts: every input column and 'embedding')")
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -268,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests in the server at once; more get 429")
     p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES)
     p.set_defaults(func=serve)
+    p = sub.add_parser("embed-dataset", help="embed a Parquet/JSONL corpus with Ray Data")
+    _model_args(p)
+    p.add_argument("input", help="a Parquet file or folder, or JSON Lines")
+    p.add_argument("output", help="the folder to write Parquet parts into")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--actors", type=_positive, default=1,
+                   help="model replicas (one GPU each on cuda)")
+    p.add_argument("--batch-size", type=_positive, default=256, help="rows a batch of an actor")
+    p.add_argument("--address", default=None, help="a Ray cluster to join (default: local)")
+    p.set_defaults(func=embed_dataset_cmd)
     p = sub.add_parser("check-op", help="compile and check one masked attention block")
     p.add_argument("--target", default="llvm", help="llvm (default) or cuda")
     p.add_argument("--mode", default="padded", choices=MODES)

@@ -81,13 +81,7 @@ def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
     process.
     """
     mod, params = export(spec, dtype)
-    key = hashlib.sha256(json.dumps({
-        "config": (spec.path / "config.json").read_text(),
-        "pooling": [spec.pooling, spec.normalize],
-        "target": str(target), "dtype": dtype, "version": __version__,
-        "tvm": tvm.__version__, "source": _source_digest(),
-    }, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir() / f"{spec.model_type}-{key}.so"
+    path = cached_library_path(spec, target, dtype)
     if use_cache and path.is_file():
         lib = _load_cached(path, log)
         if lib is not None:
@@ -103,6 +97,19 @@ def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
         _store_cached(ex, path)
         return tvm.runtime.load_module(str(path)), params
     return ex, params
+
+
+def cached_library_path(spec: ModelSpec, target: tvm.target.Target, dtype: str) -> Path:
+    """Where the compile cache keeps the library of ``spec`` for ``target`` and ``dtype``: keyed by
+    the checkpoint's config, pooling, target, dtype, this package's version and source, and TVM's
+    version."""
+    key = hashlib.sha256(json.dumps({
+        "config": (spec.path / "config.json").read_text(),
+        "pooling": [spec.pooling, spec.normalize],
+        "target": str(target), "dtype": dtype, "version": __version__,
+        "tvm": tvm.__version__, "source": _source_digest(),
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / f"{spec.model_type}-{key}.so"
 
 
 def _checksum_path(path: Path) -> Path:
@@ -184,12 +191,16 @@ class EmbeddingModel:
     def from_pretrained(cls, path: str | Path, target: str | tvm.target.Target = "llvm",
                         dtype: str | None = None, use_cache: bool = True,
                         progress: bool = False,
-                        max_cached_shapes: int = DEFAULT_CACHED_SHAPES) -> EmbeddingModel:
+                        max_cached_shapes: int = DEFAULT_CACHED_SHAPES,
+                        library: str | Path | None = None) -> EmbeddingModel:
         """Load a checkpoint folder (``config.json``, ``model.safetensors``, ``tokenizer.json``)
         or a Hugging Face Hub id (``"BAAI/bge-small-en-v1.5"``, through ``huggingface_hub`` and
         its cache).
 
-        ``dtype`` defaults to float32 on CPU and float16 on GPUs.
+        ``dtype`` defaults to float32 on CPU and float16 on GPUs. ``library``: a library this
+        package compiled for the same checkpoint, target and dtype (``relax-masked-attn compile``,
+        or :func:`cached_library_path`), loaded instead of compiling (how Ray actors share the
+        driver's build).
         """
         log = _stderr_log if progress else None
         spec = read_spec(path)
@@ -201,7 +212,10 @@ class EmbeddingModel:
         if log:
             log(f"reading weights from {spec.path}")
         tensors = read_safetensors(spec.path)
-        lib, named = compile_model(spec, tgt, dtype, use_cache, log)
+        if library is not None:
+            lib, named = tvm.runtime.load_module(str(library)), export(spec, dtype)[1]
+        else:
+            lib, named = compile_model(spec, tgt, dtype, use_cache, log)
         params = match_parameters([(n, tuple(int(d) for d in p.shape)) for n, p in named],
                                   tensors, dtype)
         return cls(spec, lib, params, tgt, dev, dtype, tokenizer, max_cached_shapes)
