@@ -105,7 +105,11 @@ def embed_dataset(input_path: str, output_dir: str, model: str, text_column: str
     # Actors reserve all CPUs but one between them (and use ``threads`` each): the read and write
     # tasks need a free CPU, and without one the job waits forever.
     reserved = max((cpus - 1) / actors, 0.1)
-    ds = read_dataset(input_path).map_batches(
+    # at least a few blocks an actor: one Parquet file of one row group is one block, which
+    # would give all the work to one actor
+    ds = read_dataset(input_path)
+    ds = ds.repartition(4 * actors)
+    ds = ds.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={"model": str(model), "text_column": text_column,
                                "target": target, "dtype": dtype, "library": library,
