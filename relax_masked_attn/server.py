@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hmac
 import json
 import queue
@@ -180,15 +181,21 @@ class EmbeddingServer:
         self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
         self.batcher = Batcher(model, max_batch_tokens, self.metrics)
-        self.in_flight = 0
+        self.in_flight = 0  # touched by the event loop only
+        # the model's tokenizer truncates at its limit; requests must see their full length
+        self._full_length = copy.deepcopy(model.tokenizer)
+        self._full_length.no_truncation()
 
     # --- the application ----------------------------------------------------------------
 
     def app(self):
         from aiohttp import web
 
-        app = web.Application(client_max_size=self.max_body_bytes,
-                              middlewares=[self._middleware])
+        @web.middleware
+        async def guard(request, handler):
+            return await self._guard(request, handler)
+
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[guard])
         app.router.add_post("/v1/embeddings", self.openai_embeddings)
         app.router.add_post("/embed", self.tei_embed)
         app.router.add_post("/tokenize", self.tokenize)
@@ -204,7 +211,8 @@ class EmbeddingServer:
     def _openai_route(self, request) -> bool:
         return request.path.startswith("/v1/")
 
-    async def _middleware_impl(self, request, handler):
+    async def _guard(self, request, handler):
+        """Every request: the API key, the in-flight limit, refusals as error bodies."""
         from aiohttp import web
 
         if request.path != "/health" and self.api_key is not None:
@@ -228,16 +236,6 @@ class EmbeddingServer:
                 413, f"request body over {self.max_body_bytes} bytes", None))
         finally:
             self.in_flight -= 1
-
-    @property
-    def _middleware(self):
-        from aiohttp import web
-
-        @web.middleware
-        async def middleware(request, handler):
-            return await self._middleware_impl(request, handler)
-
-        return middleware
 
     def _error(self, request, err: RequestError):
         from aiohttp import web
@@ -282,7 +280,7 @@ class EmbeddingServer:
                                f"limit of {self.max_client_batch_size} a request", field_name)
         limit, vocab = self.model.spec.max_length, self.model.spec.config.vocab_size
         if all(isinstance(x, str) for x in value):
-            ids = [e.ids for e in self._untruncated().encode_batch(value)]
+            ids = [e.ids for e in self._full_length.encode_batch(value)]
         elif all(isinstance(x, list) for x in value):
             ids = []
             for i, item in enumerate(value):
@@ -307,14 +305,6 @@ class EmbeddingServer:
                 ids[i] = (self.model.tokenizer.encode(value[i]).ids if isinstance(value[i], str)
                           else x[:limit])
         return ids
-
-    def _untruncated(self):
-        if not hasattr(self, "_tokenizer"):
-            import copy
-
-            self._tokenizer = copy.deepcopy(self.model.tokenizer)
-            self._tokenizer.no_truncation()
-        return self._tokenizer
 
     def _dimensions(self, body: dict) -> int | None:
         dims = body.get("dimensions")
