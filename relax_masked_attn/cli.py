@@ -31,10 +31,11 @@ def check_op(args: argparse.Namespace) -> int:
     from tvm import relax
 
     from . import reference
+    from .embedding import default_dtype
     from .op import standalone_module
 
     target, dev = _target(args.target)
-    dtype = "float32" if target.kind.name == "llvm" else "float16"
+    dtype = default_dtype(target)
     batch, seq, heads_q, heads_kv, head_dim = 8, 256, 8, 2, 64
     print(f"target: {target}")
     print(f"block: batch {batch}, seq {seq}, heads {heads_q}/{heads_kv}, head_dim {head_dim}, "
@@ -166,7 +167,7 @@ def similarity(args: argparse.Namespace) -> int:
 
 def compile_cmd(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, read_spec
-    from .embedding import compile_model
+    from .embedding import compile_model, default_dtype
 
     output = _output_path(args.output, "compile")
     try:
@@ -174,7 +175,7 @@ def compile_cmd(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise SystemExit(f"relax-masked-attn: {err}") from None
     target, _ = _target(args.target)
-    dtype = args.dtype or ("float32" if target.kind.name == "llvm" else "float16")
+    dtype = args.dtype or default_dtype(target)
     lib, _ = compile_model(spec, target, dtype, use_cache=False, log=_log)
     lib.export_library(output)
     print(f"wrote {output}: functions forward / hidden_states(input_ids, attention_mask, "

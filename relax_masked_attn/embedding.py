@@ -205,7 +205,7 @@ class EmbeddingModel:
         log = _stderr_log if progress else None
         spec = read_spec(path)
         tgt, dev = resolve_target(target)
-        dtype = dtype or ("float32" if tgt.kind.name == "llvm" else "float16")
+        dtype = dtype or default_dtype(tgt)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, but got {dtype!r}")
         tokenizer = load_tokenizer(spec)
@@ -431,11 +431,8 @@ class EmbeddingModel:
         finally:
             if bar is not None:
                 bar.close()
-        if truncate_dim is not None:
-            emb = emb[:, :truncate_dim]
-        if normalize_embeddings:
-            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        emb = quantize_embeddings(emb, precision)
+        emb = quantize_embeddings(truncate_and_normalize(emb, truncate_dim,
+                                                         bool(normalize_embeddings)), precision)
         if single:
             return emb[0]
         return emb if convert_to_numpy else list(emb)
@@ -480,9 +477,8 @@ class EmbeddingModel:
     def similarity(a, b) -> np.ndarray:
         """Cosine similarity ``[len(a), len(b)]`` of two sets of embeddings (1-D inputs count as
         one row each), as ``SentenceTransformer.similarity`` computes by default."""
-        a, b = (np.atleast_2d(np.asarray(x, dtype=np.float32)) for x in (a, b))
-        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        a, b = (truncate_and_normalize(np.atleast_2d(np.asarray(x, dtype=np.float32)))
+                for x in (a, b))
         return a @ b.T
 
     @property
@@ -493,6 +489,22 @@ class EmbeddingModel:
                 if tid is not None:
                     return tid
         return 0
+
+
+def truncate_and_normalize(emb: np.ndarray, dims: int | None = None,
+                           normalize: bool = True) -> np.ndarray:
+    """``[n, d]`` embeddings cut to their first ``dims`` (Matryoshka), then L2-normalized per row
+    when ``normalize`` (``x / max(||x||, 1e-12)``, torch's ``normalize``)."""
+    if dims is not None:
+        emb = emb[:, :dims]
+    if normalize:
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
+def default_dtype(target: tvm.target.Target) -> str:
+    """float32 on CPU (``llvm``), float16 on GPUs."""
+    return "float32" if target.kind.name == "llvm" else "float16"
 
 
 def load_tokenizer(spec: ModelSpec):

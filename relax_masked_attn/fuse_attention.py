@@ -171,13 +171,11 @@ def _mask_bias(g: _Graph, expr) -> tuple[relax.Var, bool] | None:
     if where is None:
         return None
     cond, on_true, on_false = where.args
-    zero = _scalar_const(g.resolve(on_true)[1] if isinstance(on_true, relax.Var) else on_true)
+    zero = _const_of(g, on_true)
     full = g.call(on_true, "relax.full")
     if zero is None and full is not None:
         zero = _scalar_const(full.args[1])
-    neg_val = g.resolve(on_false)[1] if isinstance(on_false, relax.Var) else on_false
-    neg = _scalar_const(neg_val)
-    if zero != 0.0 or neg is None or neg > -1e4:
+    if zero != 0.0 or not _very_negative(g, on_false):
         return None
     mask_param, causal = None, False
     for call in _ancestors(g, cond):

@@ -25,11 +25,11 @@ def shared_library(model: str | Path, target: str = "llvm", dtype: str | None = 
     import ray
 
     from .checkpoint import read_spec
-    from .embedding import cached_library_path, compile_model, resolve_target
+    from .embedding import cached_library_path, compile_model, default_dtype, resolve_target
 
     spec = read_spec(model)
     tgt, _ = resolve_target(target)
-    dtype = dtype or ("float32" if tgt.kind.name == "llvm" else "float16")
+    dtype = dtype or default_dtype(tgt)
     compile_model(spec, tgt, dtype)  # fills the cache (or checks the entry there)
     return ray.put(cached_library_path(spec, tgt, dtype).read_bytes())
 

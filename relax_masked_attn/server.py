@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .embedding import truncate_and_normalize
+
 DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_MAX_CLIENT_BATCH_SIZE = 512
 DEFAULT_MAX_CONCURRENT_REQUESTS = 512
@@ -345,7 +347,7 @@ class EmbeddingServer:
             raise RequestError(422, "'model' must be a string", "model")
         dims = self._dimensions(body)
         ids = self._token_ids(body["input"], "input", truncate=False)
-        emb = _shaped(await self._embed(ids), dims, normalize=True)
+        emb = truncate_and_normalize(await self._embed(ids), dims)
         data = []
         for i, row in enumerate(emb):
             vector = (base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64"
@@ -372,7 +374,7 @@ class EmbeddingServer:
         elif prompt and isinstance(inputs, list):
             inputs = [prompt + x if isinstance(x, str) else x for x in inputs]
         ids = self._token_ids(inputs, "inputs", truncate=body.get("truncate", False))
-        emb = _shaped(await self._embed(ids), dims, normalize=body.get("normalize", True))
+        emb = truncate_and_normalize(await self._embed(ids), dims, body.get("normalize", True))
         return web.json_response(emb.tolist())
 
     async def tokenize(self, request):
@@ -412,15 +414,6 @@ class EmbeddingServer:
         from aiohttp import web
 
         return web.Response(text=self.metrics.text(), content_type="text/plain")
-
-
-def _shaped(emb: np.ndarray, dims: int | None, normalize: bool) -> np.ndarray:
-    """The first ``dims`` dimensions, L2-normalized when ``normalize``."""
-    if dims is not None:
-        emb = emb[:, :dims]
-    if normalize:
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return emb
 
 
 def serve(model, model_name: str, host: str = "127.0.0.1", port: int = 8080, **options) -> None:
