@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import copy
 import hmac
 import json
+import os
 import queue
 import threading
 import time
@@ -41,6 +43,45 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_MAX_CLIENT_BATCH_SIZE = 512
 DEFAULT_MAX_CONCURRENT_REQUESTS = 512
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+_POW10 = 10.0 ** np.arange(-64, 65)  # _POW10[64 + e] = 10 ** e
+_FOUR_DIGITS = np.array([list(f"{i:04d}".encode()) for i in range(10000)], dtype=np.uint8)
+
+
+def json_float_rows(rows: np.ndarray) -> list[str]:
+    """Each row of a float matrix as the text of a JSON array of its float32 values.
+
+    Every number is written as ``-d.dddddddde-dd`` (a space for the plus sign): nine significant
+    digits, which parse back to the same float32 (its spacing is at least 6e-8 relative, theirs
+    at most 1e-8). Built with array operations, about 5x faster than ``json.dumps`` of
+    ``tolist()``, whose float64 reprs of float32 values are long; a server's float responses
+    are mostly numbers. Non-finite values are refused (JSON has no NaN or infinity).
+    """
+    x = np.asarray(rows, dtype=np.float32)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise ValueError("json_float_rows takes a 2-D array of finite values")
+    n, d = x.shape
+    mag = np.abs(x).astype(np.float64)
+    exp = np.floor(np.log10(np.where(mag > 0, mag, 1.0))).astype(np.int64)
+    mant = np.rint(mag * _POW10[72 - exp]).astype(np.int64)  # 9 digits: [1e8, 1e9)
+    low, high = (mant < 10**8) & (mag > 0), mant >= 10**9  # log10 rounded, or a carry
+    exp += high.astype(np.int64) - low
+    redo = low | high
+    if redo.any():
+        mant[redo] = np.rint(mag[redo] * _POW10[72 - exp[redo]])
+    out = np.empty((n, d, 16), dtype=np.uint8)
+    out[..., 0] = np.where(np.signbit(x), ord("-"), ord(" "))
+    out[..., 1] = mant // 10**8 + ord("0")
+    out[..., 2] = ord(".")
+    out[..., 3:7] = _FOUR_DIGITS[(mant // 10**4) % 10**4]
+    out[..., 7:11] = _FOUR_DIGITS[mant % 10**4]
+    out[..., 11] = ord("e")
+    out[..., 12] = np.where(exp < 0, ord("-"), ord("+"))
+    out[..., 13:15] = _FOUR_DIGITS[np.abs(exp)][..., 2:]
+    out[..., 15] = ord(",")
+    text = out.reshape(n, d * 16)[:, :-1]
+    return ["[" + row.tobytes().decode("ascii") + "]" for row in text]
 
 
 class RequestError(Exception):
@@ -187,6 +228,8 @@ class EmbeddingServer:
         # the model's tokenizer truncates at its limit; requests must see their full length
         self._full_length = copy.deepcopy(model.tokenizer)
         self._full_length.no_truncation()
+        self._tokenizer_threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="relax-masked-attn-tok")
 
     # --- the application ----------------------------------------------------------------
 
@@ -209,6 +252,7 @@ class EmbeddingServer:
 
     async def _close(self, _app) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+        self._tokenizer_threads.shutdown()
 
     def _openai_route(self, request) -> bool:
         return request.path.startswith("/v1/")
@@ -267,8 +311,10 @@ class EmbeddingServer:
             raise RequestError(422, "the body must be a JSON object")
         return value
 
-    def _token_ids(self, value, field_name: str, truncate: bool) -> list[list[int]]:
-        """Texts, or token ids, of an ``input`` / ``inputs`` field as checked token id lists."""
+    async def _token_ids(self, value, field_name: str, truncate: bool) -> list[list[int]]:
+        """Texts, or token ids, of an ``input`` / ``inputs`` field as checked token id lists.
+        Texts are tokenized on the tokenizer threads (the tokenizer releases the GIL), not on
+        the event loop."""
         if isinstance(value, str):
             value = [value]
         elif isinstance(value, list) and value and all(
@@ -282,7 +328,7 @@ class EmbeddingServer:
                                f"limit of {self.max_client_batch_size} a request", field_name)
         limit, vocab = self.model.spec.max_length, self.model.spec.config.vocab_size
         if all(isinstance(x, str) for x in value):
-            ids = [e.ids for e in self._full_length.encode_batch(value)]
+            ids = [e.ids for e in await self._tokenize(self._full_length, value)]
         elif all(isinstance(x, list) for x in value):
             ids = []
             for i, item in enumerate(value):
@@ -294,6 +340,7 @@ class EmbeddingServer:
         else:
             raise RequestError(422, f"'{field_name}' must be all strings or all token id lists",
                                field_name)
+        too_long = []
         for i, x in enumerate(ids):
             if not x:
                 raise RequestError(422, f"'{field_name}[{i}]' has no tokens",
@@ -303,10 +350,21 @@ class EmbeddingServer:
                     raise RequestError(413, f"'{field_name}[{i}]' has {len(x)} tokens, over the "
                                        f"model limit of {limit} (ask for truncate)",
                                        f"{field_name}[{i}]")
-                # texts: the model's own truncation (it keeps the closing special token)
-                ids[i] = (self.model.tokenizer.encode(value[i]).ids if isinstance(value[i], str)
-                          else x[:limit])
+                too_long.append(i)
+        texts = [i for i in too_long if isinstance(value[i], str)]
+        # texts: the model's own truncation (it keeps the closing special token)
+        cut = await self._tokenize(self.model.tokenizer, [value[i] for i in texts])
+        for i, encoding in zip(texts, cut):
+            ids[i] = encoding.ids
+        for i in too_long:
+            ids[i] = ids[i][:limit]
         return ids
+
+    async def _tokenize(self, tokenizer, texts: list[str]) -> list:
+        if not texts:
+            return []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_threads, tokenizer.encode_batch, texts)
 
     def _dimensions(self, body: dict) -> int | None:
         dims = body.get("dimensions")
@@ -346,16 +404,19 @@ class EmbeddingServer:
         if not isinstance(model, str):
             raise RequestError(422, "'model' must be a string", "model")
         dims = self._dimensions(body)
-        ids = self._token_ids(body["input"], "input", truncate=False)
+        ids = await self._token_ids(body["input"], "input", truncate=False)
         emb = truncate_and_normalize(await self._embed(ids), dims)
-        data = []
-        for i, row in enumerate(emb):
-            vector = (base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64"
-                      else row.tolist())
-            data.append({"object": "embedding", "index": i, "embedding": vector})
+        if fmt == "base64":
+            vectors = [f'"{base64.b64encode(row.astype("<f4").tobytes()).decode()}"'
+                       for row in emb]
+        else:
+            vectors = json_float_rows(emb)
+        data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{vector}}}'
+                        for i, vector in enumerate(vectors))
         tokens = sum(len(x) for x in ids)
-        return web.json_response({"object": "list", "data": data, "model": model,
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
+        return web.Response(text=f'{{"object":"list","data":[{data}],"model":{json.dumps(model)},'
+                            f'"usage":{usage}}}', content_type="application/json")
 
     async def tei_embed(self, request):
         from aiohttp import web
@@ -373,9 +434,10 @@ class EmbeddingServer:
             inputs = prompt + inputs
         elif prompt and isinstance(inputs, list):
             inputs = [prompt + x if isinstance(x, str) else x for x in inputs]
-        ids = self._token_ids(inputs, "inputs", truncate=body.get("truncate", False))
+        ids = await self._token_ids(inputs, "inputs", truncate=body.get("truncate", False))
         emb = truncate_and_normalize(await self._embed(ids), dims, body.get("normalize", True))
-        return web.json_response(emb.tolist())
+        return web.Response(text="[" + ",".join(json_float_rows(emb)) + "]",
+                            content_type="application/json")
 
     async def tokenize(self, request):
         from aiohttp import web
@@ -386,7 +448,7 @@ class EmbeddingServer:
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise RequestError(422, "'inputs' must be a string or a list of strings", "inputs")
         out = []
-        for enc in self.model.tokenizer.encode_batch(texts):
+        for enc in await self._tokenize(self.model.tokenizer, texts):
             out.append([{"id": i, "text": t, "start": s, "stop": e}
                         for i, t, (s, e) in zip(enc.ids, enc.tokens, enc.offsets)])
         return web.json_response(out)

@@ -121,6 +121,33 @@ def test_base64_is_little_endian_float32(server, minilm):
     assert cosine(vector, minilm.encode("one text")) >= 0.99999
 
 
+def test_float_and_base64_responses_hold_the_same_float32_values(server):
+    texts = _texts(3, 7)
+    got = {}
+    for fmt in ("float", "base64"):
+        status, body = server.request("/v1/embeddings", {"input": texts, "encoding_format": fmt})
+        assert status == 200
+        got[fmt] = [d["embedding"] for d in body["data"]]
+    as_float = np.array(got["float"], dtype=np.float32)
+    as_base64 = np.stack([np.frombuffer(base64.b64decode(v), "<f4") for v in got["base64"]])
+    np.testing.assert_array_equal(as_float, as_base64)
+
+
+def test_json_float_rows_round_trips_float32_through_the_json_parser():
+    from relax_masked_attn.server import json_float_rows
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 300)) * 10.0 ** rng.integers(-45, 39, (6, 300)))
+    x = x.astype(np.float32)  # magnitudes from denormals to the largest float32
+    x[0, :7] = [0.0, -0.0, 1e-45, -3.4028235e38, 0.1, 9.9999999e-5, 1.0]
+    text = "[" + ",".join(json_float_rows(x)) + "]"
+    back = np.array(json.loads(text), dtype=np.float32)
+    np.testing.assert_array_equal(back, x)
+    assert (np.signbit(back) == np.signbit(x)).all()
+    with pytest.raises(ValueError, match="finite"):
+        json_float_rows(np.array([[1.0, np.nan]]))
+
+
 def test_token_id_input(server, minilm):
     ids = minilm.tokenize(["tokens given directly"])[0]
     status, body = server.request("/v1/embeddings", {"input": ids})
