@@ -15,7 +15,8 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 
-VECTOR = 16  # float32 lanes of one AVX-512 register
+from .targets import cpu_vector_lanes
+
 CHUNK = 4096  # elements a parallel task takes when the loop nest is flattened
 
 
@@ -33,7 +34,9 @@ def injective_block(func: tirx.PrimFunc):
 class CPUInjective(ScheduleRule):
     """Functions of injective blocks only (elementwise chains, broadcasts, gathers): inline into
     the last block, run its outer loops in parallel and vectorize the innermost when its static
-    extent is a multiple of 8; a nest without one is flattened and split into parallel chunks."""
+    extent is a multiple of the target's float32 vector (``targets.cpu_vector_lanes``: 16 with
+    AVX-512, 8 with AVX2, 4 with NEON or baseline x86-64), in steps of two vectors where they
+    divide it; a nest without one is flattened and split into parallel chunks."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -46,10 +49,11 @@ class CPUInjective(ScheduleRule):
         if not loops:
             return None
         extent = sch.get(loops[-1]).extent
-        if len(loops) >= 2 and isinstance(extent, tirx.IntImm) and extent.value % 8 == 0:
+        lanes = cpu_vector_lanes(target)
+        if len(loops) >= 2 and isinstance(extent, tirx.IntImm) and extent.value % lanes == 0:
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-            lanes = VECTOR if extent.value % VECTOR == 0 else 8
-            sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+            step = 2 * lanes if extent.value % (2 * lanes) == 0 else lanes
+            sch.vectorize(sch.split(loops[-1], [None, step])[1])
         else:
             flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             sch.parallel(sch.split(flat, [None, CHUNK])[0])

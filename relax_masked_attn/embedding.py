@@ -90,7 +90,8 @@ def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
         log(f"compiling {spec.model_type} for {target.kind.name} ({dtype}); "
             "the compiled library is cached for the next start")
     start = time.perf_counter()
-    ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+    pipeline = relax.get_pipeline("relax_masked_attn", prepack_weights=True)
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     if log:
         log(f"compiled in {time.perf_counter() - start:.1f} s")
     if use_cache:
@@ -184,6 +185,9 @@ class EmbeddingModel:
         self._lib = lib
         self._vm = relax.VirtualMachine(lib, device)
         self._params = [tvm.runtime.tensor(p, device=device) for p in params]
+        if self._vm.module.implements_function("transform_params"):
+            # weight layouts the kernels read (prepack_weights), computed once here
+            self._params = list(self._vm["transform_params"](self._params))
         self._lock = threading.Lock()
         self._shapes: dict[tuple[int, int, int], None] = {}  # buckets the pool holds, oldest first
 

@@ -15,8 +15,10 @@ from .passes.vectorizable_gelu import vectorizable_gelu
 PIPELINE_NAME = "relax_masked_attn"
 
 
-def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """The target's default build passes, with our legalization and :func:`dispatch_dense` first;
+def pipeline_passes(target: tvm.target.Target,
+                    prepack_weights: bool = False) -> list[tvm.transform.Pass]:
+    """The target's default build passes, with our legalization and :func:`dispatch_dense` first
+    (then, with ``prepack_weights``, ``LiftTransformParams``: see :func:`_pipeline`);
     on GPUs :func:`disable_dlight_tensorize` before every dlight scheduling pass; on CPUs
     :func:`vectorizable_gelu` and, after ``FuseTIR``, the CPU schedules of
     :mod:`relax_masked_attn.cpu_schedule`; on CUDA the vector schedule of
@@ -30,6 +32,8 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     rp = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
     passes = [LegalizeMaskedPrefill(), *rp.library_dispatch_passes(target)]
     passes.append(dispatch_dense)
+    if prepack_weights:
+        passes.append(relax.transform.LiftTransformParams(shared_transform=True))
     if kind == "llvm":
         passes.append(vectorizable_gelu)
     for p in rp.legalize_passes(target):
@@ -41,8 +45,17 @@ def pipeline_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     return passes + [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
 
 
-def _pipeline(target: tvm.target.Target | str | None = None, **_kwargs) -> tvm.transform.Pass:
-    """``tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))``."""
+def _pipeline(target: tvm.target.Target | str | None = None, prepack_weights: bool = False,
+              **_kwargs) -> tvm.transform.Pass:
+    """``tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("relax_masked_attn"))``.
+
+    ``get_pipeline("relax_masked_attn", prepack_weights=True)``: the weight layouts our kernels
+    read (the CPU dense kernel's panels) are computed once, by a function ``transform_params``
+    that ``LiftTransformParams`` builds from every function with a ``"num_input"`` attribute
+    (what ``nn.Module.export_tvm`` writes): call ``vm["transform_params"](params)`` once and pass
+    its results in place of the parameters. Without it the layouts are computed in every call
+    (a copy of each weight: small next to the product at hundreds of rows, not at a few).
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="relax_masked_attn_pipeline")
     def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
@@ -50,7 +63,7 @@ def _pipeline(target: tvm.target.Target | str | None = None, **_kwargs) -> tvm.t
         if tgt is None:
             raise ValueError("relax_masked_attn pipeline: no target (pass one to tvm.compile)")
         with tgt:
-            return tvm.transform.Sequential(pipeline_passes(tgt))(mod)
+            return tvm.transform.Sequential(pipeline_passes(tgt, prepack_weights))(mod)
 
     return run
 

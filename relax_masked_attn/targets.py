@@ -27,6 +27,27 @@ def host_cpu_target() -> Target:
     return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
 
 
+def cpu_isa(target: Target) -> str:
+    """The float32 vector ISA an ``llvm`` target compiles for: ``"avx512"`` (``avx512f``),
+    ``"avx2"`` (``avx2`` and ``fma``), ``"neon"`` (aarch64), else ``"sse"`` (baseline x86-64:
+    what a plain ``llvm`` target with no ``mcpu`` gets). Read from the target's CPU features, never
+    from the machine that compiles."""
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    if llvm_cpu_has_features("avx512f", target):
+        return "avx512"
+    if llvm_cpu_has_features(["avx2", "fma"], target):
+        return "avx2"
+    if llvm_cpu_has_features("neon", target):
+        return "neon"
+    return "sse"
+
+
+def cpu_vector_lanes(target: Target) -> int:
+    """float32 lanes of one vector register of :func:`cpu_isa`: 16, 8, or 4 (NEON, SSE)."""
+    return {"avx512": 16, "avx2": 8}.get(cpu_isa(target), 4)
+
+
 def device_cuda_target(device_id: int = 0) -> Target:
     """The CUDA target of a visible GPU, as ``Target.from_device``, except that compute
     capability 9.0 (H100, H200) gets arch ``sm_90a``: the Hopper-only instructions (``wgmma``)

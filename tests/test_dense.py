@@ -9,6 +9,8 @@ from relax_masked_attn.kernels import cuda_dense
 from relax_masked_attn.kernels.epilogue import Epilogue
 from relax_masked_attn.passes.dispatch_dense import dispatch_dense, standalone_linear_module
 
+from relax_masked_attn.targets import host_cpu_target
+
 from .conftest import SM90, cuda_available
 
 SM90A = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
@@ -53,9 +55,33 @@ EPILOGUES = [(False, None, False), (True, None, False), (True, "gelu", False),
 # --- CPU (float32) ---------------------------------------------------------------------------
 
 
+CPU_TARGETS = {"baseline x86-64 (sse)": tvm.target.Target("llvm"), "this CPU": host_cpu_target()}
+
+
+@pytest.mark.parametrize("target", CPU_TARGETS.values(), ids=CPU_TARGETS.keys())
+@pytest.mark.parametrize("bias,activation,residual", EPILOGUES)
+@pytest.mark.parametrize("rows,k", [(1, 70), (13, 600), (100, 64)])
+def test_cpu_dense_matches_numpy(target, bias, activation, residual, rows, k):
+    """Our CPU dense kernel with each epilogue fused, for the ISA of the target: row counts
+    under, at and over a register block and a task (tails), k unsliced (70, 64) and in three
+    slices (600)."""
+    n = 96  # a multiple of every ISA's register block width
+    mod = standalone_linear_module(n, k, bias=bias, activation=activation, residual=residual,
+                                   rank=2)
+    name = f"zz_dense{Epilogue(bias, activation, residual).name}_n{n}_k{k}_float32"
+    assert kernels_of(dispatched(mod, target)) == [name]
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, k)).astype("float32")
+    w = rng.standard_normal((n, k)).astype("float32")
+    b = rng.standard_normal(n).astype("float32") if bias else None
+    r = rng.standard_normal((rows, n)).astype("float32") if residual else None
+    np.testing.assert_allclose(run_linear(mod, target, tvm.cpu(), x, w, b, r),
+                               reference(x, w, b, activation, r), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("batch,seq", [(1, 1), (3, 7), (2, 33)])
 def test_cpu_dense_dispatch_matches_numpy(batch, seq):
-    """nn.Linear-shaped matmuls go to our CPU dense kernel (any row count, tails included)."""
+    """nn.Linear-shaped matmuls with leading dims go to our CPU dense kernel."""
     mod = standalone_linear_module(48, 64)
     assert kernels_of(dispatched(mod, "llvm")) == ["zz_dense_n48_k64_float32"]
     rng = np.random.default_rng(0)
@@ -65,19 +91,25 @@ def test_cpu_dense_dispatch_matches_numpy(batch, seq):
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("n,k,dtype",
-                         [(50, 64, "float32"), (48, 60, "float32"), (48, 64, "float16")])
+@pytest.mark.parametrize("n,k,dtype", [(50, 64, "float32"), (48, 64, "float16")])
 def test_cpu_dense_dispatch_leaves_other_shapes_alone(n, k, dtype):
     assert kernels_of(dispatched(standalone_linear_module(n, k, dtype), "llvm")) == []
 
 
-def test_cpu_keeps_the_bias_add_separate_and_right():
-    mod = standalone_linear_module(48, 64, bias=True)
-    assert kernels_of(dispatched(mod, "llvm")) == ["zz_dense_n48_k64_float32"]
-    rng = np.random.default_rng(1)
-    x, w, b = (rng.standard_normal(s).astype("float32") for s in ((2, 5, 64), (48, 64), (48,)))
-    np.testing.assert_allclose(run_linear(mod, "llvm", tvm.cpu(), x, w, b), x @ w.T + b,
-                               rtol=1e-5, atol=1e-4)
+def test_prepacked_weights_run_once_in_transform_params():
+    """With ``prepack_weights``, the panel layout moves to ``transform_params``: ``main`` takes
+    its outputs and reads no [n, k] weight any more."""
+    mod = standalone_linear_module(96, 64, bias=True, rank=2)
+    mod["main"] = mod["main"].with_attr("num_input", 1)
+    pipeline = relax.get_pipeline("relax_masked_attn", prepack_weights=True)
+    ex = tvm.compile(mod, target="llvm", relax_pipeline=pipeline)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(3)
+    x, w, b = (rng.standard_normal(s).astype("float32") for s in ((5, 64), (96, 64), (96,)))
+    params = vm["transform_params"]([tvm.runtime.tensor(w), tvm.runtime.tensor(b)])
+    assert tuple(params[0].shape) != (96, 64)  # the packed panels
+    out = vm["main"](tvm.runtime.tensor(x), *params).numpy()
+    np.testing.assert_allclose(out, x @ w.T + b, rtol=1e-5, atol=1e-4)
 
 
 def test_dispatch_needs_a_target():
@@ -228,11 +260,12 @@ def test_a_product_used_twice_keeps_its_epilogue_apart(target):
     assert "R.add" in script and "R.nn.gelu" in script
 
 
-def test_cpu_keeps_gelu_and_residual_apart():
+def test_cpu_fuses_bias_gelu_and_residual():
     linear = standalone_linear_module(48, 64, bias=True, activation="gelu", residual=True)
     mod = dispatched(linear, "llvm")
-    assert kernels_of(mod) == ["zz_dense_n48_k64_float32"]
-    assert mod["main"].script().count("R.add") == 2
+    assert kernels_of(mod) == ["zz_dense_bias_gelu_residual_n48_k64_float32"]
+    script = mod["main"].script()
+    assert "R.add" not in script and "R.nn.gelu" not in script
 
 
 # --- CUDA on a real GPU ---------------------------------------------------------------------

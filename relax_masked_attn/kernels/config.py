@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 
 def cpu_tiles(head_dim: int, dtype: str) -> tuple[int, int]:
     """(query rows, key columns) of one CPU tile.
@@ -47,17 +49,38 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool]:
     return 4, 1, 64, True
 
 
-def cpu_dense_tiles(dtype: str) -> tuple[int, int, int]:
-    """(rows of x, rows of w, vector lanes) of one block of the CPU dense kernel.
+@dataclasses.dataclass(frozen=True)
+class CpuDenseTiles:
+    """The blocking of the CPU dense kernel (``kernels/cpu_dense.py``).
 
-    4 x 4 dot products of 16 float32 lanes: 16 accumulator registers of AVX-512 (32 exist),
-    8 loads per 16 fused multiply-adds. Measured on a 2-core Zen 5 for m = 4096 and (n, k) in
-    {(384, 384), (1536, 384), (384, 1536)}: 253-304 GFLOP/s against torch's 205-226 in the same
-    run, with 6x4, 8x3, 7x3, 10x2 and 6x3 blocks all within the run-to-run noise of that shared
-    machine (+-15%).
+    ``rows x cols`` outputs are one register block (``rows * cols / lanes`` accumulators);
+    ``depth`` is the most ``k`` a block runs before its partial sums go back to ``out`` (one
+    weight panel of ``depth x cols`` floats stays in L1); a parallel task owns ``task_rows``
+    rows and ``task_cols`` columns.
     """
-    del dtype
-    return 4, 4, 16
+
+    rows: int
+    cols: int
+    lanes: int
+    depth: int = 256
+    task_rows: int = 48
+    task_cols: int = 256
+
+
+def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
+    """The CPU dense kernel's blocking for a vector ISA (``targets.cpu_isa``).
+
+    The register block is what BLIS's single-precision micro-kernels hold, given as x rows
+    (broadcast) by weight columns (vector loads): ``avx2`` 6 x 16 (12 of the 16 ymm registers
+    accumulate, 2 hold the weight row, 1 the broadcast); ``avx512`` 12 x 32 (24 of 32 zmm);
+    ``neon`` 6 x 16 (24 of 32 q registers); ``sse`` (baseline x86-64) 6 x 8 (12 of 16 xmm).
+    Measured for ``avx2`` on a 2-core Zen 3 (``bench_dense.py --device cpu``); the other ISAs
+    are not measured here (no AVX-512 or ARM machine), their blocks follow the same register
+    count.
+    """
+    rows, cols, lanes = {"avx512": (12, 32, 16), "avx2": (6, 16, 8), "neon": (6, 16, 4),
+                         "sse": (6, 8, 4)}[isa]
+    return CpuDenseTiles(rows, cols, lanes, task_rows=rows * 8)
 
 
 def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:

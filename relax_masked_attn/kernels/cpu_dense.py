@@ -1,56 +1,100 @@
-"""A CPU dense kernel, ``out[m, n] = sum_k x[m, k] * w[n, k]`` (``x @ w.T``, nn.Linear's layout).
+"""The CPU dense kernel, ``out[m, n] = epilogue(x[m, k] @ w[n, k].T)``, on a packed weight.
 
 apache-tvm 0.27 has no CPU matmul schedule (dlight's CPU rules cover GEMV and reductions only),
-so a legalized ``nn.Linear`` runs as plain loops, about 100x slower than PyTorch. This kernel
-computes blocks of ``rows x cols`` outputs as dot products vectorized over ``k``: the
-``rows * cols`` accumulators stay in vector registers, each step loads ``rows + cols`` vectors
-for ``rows * cols`` fused multiply-adds. Parallel over row blocks.
+so a legalized ``nn.Linear`` runs as plain loops. This kernel is shaped like the BLAS
+micro-kernels of BLIS, oneDNN and MLAS: a block of ``rows x cols`` outputs lives in vector
+registers; each step over ``k`` broadcasts one x value a row and loads ``cols`` weights as whole
+vectors, for ``rows * cols / lanes`` fused multiply-adds and no horizontal sums. The weight is
+read in panels ``wp[n / cols, k, cols]`` (:func:`pack_weight`), so each step's ``cols`` weights
+are one contiguous run; :func:`pack_weight` is a Relax expression on the parameter, which
+``LiftTransformParams`` moves out of ``forward`` to run once at load time.
+
+Blocking (``kernels.config.cpu_dense_tiles``, per vector ISA): ``k`` in slices of at most
+``depth`` (a ``depth x cols`` panel stays in L1 while ``task_rows / rows`` register blocks
+reuse it); parallel tasks of ``task_rows`` rows by ``task_cols`` columns, numbered row block
+first so that a thread's consecutive tasks share their x rows in L2. The epilogue (bias, gelu,
+residual) runs on the last slice's registers, before the one store.
 """
 
 from __future__ import annotations
 
-from tvm import tirx
+import tvm
+from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from .config import cpu_dense_tiles
-from .epilogue import dense_func
+from ..targets import cpu_isa
+from .config import CpuDenseTiles, cpu_dense_tiles
+from .epilogue import Epilogue, dense_func, polynomial_erf
 
 
-def supports(n: int, k: int, dtype: str) -> bool:
-    rows, cols, lanes = cpu_dense_tiles(dtype)
-    return dtype == "float32" and n % cols == 0 and k % lanes == 0
+def tiles_for(target: tvm.target.Target) -> CpuDenseTiles:
+    return cpu_dense_tiles(cpu_isa(target))
 
 
-def dense_kernel(n: int, k: int, dtype: str = "float32") -> tirx.PrimFunc:
-    """PrimFunc ``(x [m, k], w [n, k], out [m, n])``, ``m`` symbolic."""
-    rows, cols, lanes = cpu_dense_tiles(dtype)
+def supports(target: tvm.target.Target, n: int, k: int, dtype: str) -> bool:
+    return dtype == "float32" and n % tiles_for(target).cols == 0 and k > 0
 
-    def lane_sum(acc, i, j):
-        total = acc[i, j, 0]
-        for lane in range(1, lanes):
-            total = total + acc[i, j, lane]
-        return total
+
+def pack_weight(w: relax.Expr, cols: int) -> relax.Expr:
+    """``wp[p, kk, j] = w[p * cols + j, kk]``: the ``[n, k]`` weight as ``n / cols`` panels."""
+    n, k = (int(v) for v in w.ty.shape.values)
+    panels = relax.op.reshape(w, [n // cols, cols, k])
+    return relax.op.permute_dims(panels, [0, 2, 1])
+
+
+def _divisor_at_most(value: int, limit: int, floor: int) -> int:
+    """The largest divisor of ``value`` not above ``limit``; ``value`` itself when that divisor
+    would be under ``floor`` (a prime ``k`` runs unsliced)."""
+    best = max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
+    return best if best >= floor or best == value else value
+
+
+def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
+                 tiles: CpuDenseTiles) -> tirx.PrimFunc:
+    """PrimFunc ``(x [m, k], wp [n / cols, k, cols], [bias,] [residual,] out [m, n])``, ``m``
+    symbolic; ``wp`` as :func:`pack_weight` lays it out."""
+    rows, cols = tiles.rows, tiles.cols
+    depth = _divisor_at_most(k, tiles.depth, 32)
+    slices = k // depth
+    task_cols = _divisor_at_most(n, tiles.task_cols, cols) // cols * cols
+    panels = task_cols // cols  # panels a task
+    col_tasks = n // task_cols
+    blocks = tiles.task_rows // rows  # register blocks a task, along m
+
+    def finish(value, bias, residual, row, col):
+        return epilogue.store(dtype, value, None if bias is None else bias[col],
+                              None if residual is None else residual[row, col], polynomial_erf)
 
     @T.macro
-    def body(x, w, _bias, _residual, out, m):
-        for mo in T.parallel((m + rows - 1) // rows):
-            acc = T.alloc_buffer((rows, cols, lanes), "float32", scope="local")
-            for no in T.serial(n // cols):
-                for i in T.unroll(rows):
-                    for j in T.unroll(cols):
-                        for lane in T.vectorized(lanes):
-                            acc[i, j, lane] = T.float32(0)
-                for ks in T.serial(k // lanes):
-                    for i in T.unroll(rows):
-                        for j in T.unroll(cols):
-                            for lane in T.vectorized(lanes):
-                                acc[i, j, lane] = acc[i, j, lane] + (
-                                    x[T.min(mo * rows + i, m - 1), ks * lanes + lane]
-                                    * w[no * cols + j, ks * lanes + lane]
-                                )
-                for i in T.unroll(rows):
-                    for j in T.unroll(cols):
-                        if mo * rows + i < m:
-                            out[mo * rows + i, no * cols + j] = lane_sum(acc, i, j)
+    def body(x, wp, bias, residual, out, m):
+        for task in T.parallel(((m + tiles.task_rows - 1) // tiles.task_rows) * col_tasks):
+            acc = T.alloc_buffer((rows, cols), "float32", scope="local")
+            for s in T.serial(slices):
+                for p in T.serial(panels):
+                    for b in T.serial(blocks):
+                        row0 = task // col_tasks * tiles.task_rows + b * rows
+                        col0 = (task % col_tasks * panels + p) * cols
+                        if row0 < m:
+                            for i in T.unroll(rows):
+                                for j in T.vectorized(cols):
+                                    acc[i, j] = T.if_then_else(
+                                        s == 0, T.float32(0),
+                                        out[T.min(row0 + i, m - 1), col0 + j])
+                            for kk in T.serial(depth):
+                                for i in T.unroll(rows):
+                                    for j in T.vectorized(cols):
+                                        acc[i, j] = acc[i, j] + x[
+                                            T.min(row0 + i, m - 1), s * depth + kk
+                                        ] * wp[col0 // cols, s * depth + kk, j]
+                            for i in T.unroll(rows):
+                                if row0 + i < m:
+                                    if s < slices - 1:
+                                        for j in T.vectorized(cols):
+                                            out[row0 + i, col0 + j] = acc[i, j]
+                                    else:
+                                        for j in T.vectorized(cols):
+                                            out[row0 + i, col0 + j] = finish(
+                                                acc[i, j], bias, residual, row0 + i, col0 + j)
 
-    return dense_func(n, k, dtype, body, index_dtype="int64")
+    return dense_func(n, k, dtype, body, epilogue, index_dtype="int64",
+                      w_shape=(n // cols, k, cols))

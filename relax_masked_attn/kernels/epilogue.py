@@ -33,24 +33,25 @@ class Epilogue:
         parts = (["bias"] if self.bias else []) + ([self.activation] if self.activation else [])
         return "".join(f"_{p}" for p in parts + (["residual"] if self.residual else []))
 
-    def value(self, acc, bias_value):
+    def value(self, acc, bias_value, erf=None):
         """The float32 value before the residual: ``activation(acc + bias)``."""
-        return self.activate(acc + T.Cast("float32", bias_value) if self.bias else acc)
+        return self.activate(acc + T.Cast("float32", bias_value) if self.bias else acc, erf)
 
-    def store(self, dtype: str, acc, bias_value, residual_value):
+    def store(self, dtype: str, acc, bias_value, residual_value, erf=None):
         """The output element: :meth:`value` rounded to ``dtype``, plus the residual (rounded
-        again) when there is one."""
-        out = T.Cast(dtype, self.value(acc, bias_value))
+        again) when there is one. ``erf``: how gelu computes erf (default ``T.erf``)."""
+        out = T.Cast(dtype, self.value(acc, bias_value, erf))
         return self.add_residual(dtype, out, residual_value) if self.residual else out
 
     @staticmethod
     def add_residual(dtype: str, out, residual_value):
         return T.Cast(dtype, T.Cast("float32", out) + T.Cast("float32", residual_value))
 
-    def activate(self, value):
+    def activate(self, value, erf=None):
         """``activation(value)`` for a float32 PrimExpr."""
         if self.activation == "gelu":  # x / 2 (1 + erf(x / sqrt 2))
-            return value * T.float32(0.5) * (T.float32(1) + T.erf(value * T.float32(SQRT_HALF)))
+            erf = erf or T.erf
+            return value * T.float32(0.5) * (T.float32(1) + erf(value * T.float32(SQRT_HALF)))
         if self.activation == "gelu_tanh":  # x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
             cube = value * value * value
             inner = T.float32(SQRT_2_OVER_PI) * (value + T.float32(0.044715) * cube)
@@ -59,16 +60,38 @@ class Epilogue:
 
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+# erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4] (float32 erf is +-1 beyond): the rational fit that
+# Eigen's and TVM's ``fast_erf`` use, max error a few float32 ulp.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def polynomial_erf(value):
+    """erf of a float32 PrimExpr with multiplies, adds and one divide, which LLVM vectorizes
+    (``T.erf`` becomes a libm call a lane at a time on CPUs)."""
+    x = T.max(T.min(value, T.float32(4)), T.float32(-4))
+    x2 = x * x
+    p, q = T.float32(_ERF_P[0]), T.float32(_ERF_Q[0])
+    for c in _ERF_P[1:]:
+        p = p * x2 + T.float32(c)
+    for c in _ERF_Q[1:]:
+        q = q * x2 + T.float32(c)
+    return x * p / q
 SQRT_HALF = math.sqrt(0.5)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def dense_func(
     n: int, k: int, dtype: str, body, epilogue: Epilogue | None = None,
-    index_dtype: str = "int32", scheduled: bool = True,
+    index_dtype: str = "int32", scheduled: bool = True, w_shape: tuple | None = None,
 ) -> tirx.PrimFunc:
     """The dense PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``
-    around a kernel body; ``bias`` and ``residual`` are there when ``epilogue`` has them.
+    around a kernel body; ``bias`` and ``residual`` are there when ``epilogue`` has them, and
+    ``w`` has ``w_shape`` where the kernel takes the weight in another layout.
 
     ``body`` is a ``T.macro`` called as ``body(x, w, bias, residual, out, m)`` (``bias`` and
     ``residual`` None when absent); ``m`` is a symbolic variable of ``index_dtype``.
@@ -84,7 +107,7 @@ def dense_func(
         T.func_attr(attrs)
         m = index_var()
         x = T.match_buffer(x_handle, (m, k), dtype)
-        w = T.match_buffer(w_handle, (n, k), dtype)
+        w = T.match_buffer(w_handle, w_shape or (n, k), dtype)
         bias = T.match_buffer(bias_handle, (n,), dtype)
         residual = T.match_buffer(residual_handle, (m, n), dtype)
         out = T.match_buffer(out_handle, (m, n), dtype)

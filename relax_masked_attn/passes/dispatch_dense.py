@@ -19,9 +19,9 @@ from ..kernels.epilogue import Epilogue
 def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
     """Our dense kernel for ``x[m, k] @ w[n, k].T`` with ``epilogue`` on ``target``, or None."""
     if target.kind.name == "llvm":
-        if epilogue != Epilogue() or not cpu_dense.supports(n, k, dtype):
+        if not cpu_dense.supports(target, n, k, dtype):
             return None
-        return cpu_dense.dense_kernel(n, k, dtype)
+        return cpu_dense.dense_kernel(n, k, dtype, epilogue, cpu_dense.tiles_for(target))
     if not cuda_dense.supports(target, n, k, dtype):
         return None
     if cuda_dense.has_wgmma(target):
@@ -133,7 +133,10 @@ class _DenseDispatcher(BackendDispatcher):
         if not isinstance(x2, relax.Var):
             x2 = self.builder_.emit(x2)
             product = dataclasses.replace(product, x2=x2)
-        args = [x2, product.w, *(e for e in (product.bias, product.residual) if e is not None)]
+        w = product.w
+        if target.kind.name == "llvm":  # the CPU kernel reads the weight in panels
+            w = self.builder_.emit(cpu_dense.pack_weight(w, cpu_dense.tiles_for(target).cols))
+        args = [x2, w, *(e for e in (product.bias, product.residual) if e is not None)]
         rows = x2.ty.shape.values[0]
         out = self.builder_.emit(
             relax.call_tir(gv, args, out_ty=relax.TensorType([rows, product.n], product.dtype))
