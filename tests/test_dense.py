@@ -8,7 +8,6 @@ from tvm import relax, tirx
 from relax_masked_attn.kernels import cuda_dense
 from relax_masked_attn.kernels.epilogue import Epilogue
 from relax_masked_attn.passes.dispatch_dense import dispatch_dense, standalone_linear_module
-
 from relax_masked_attn.targets import host_cpu_target
 
 from .conftest import SM90, cuda_available
