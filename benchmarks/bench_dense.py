@@ -141,7 +141,6 @@ def bench_cpu(args) -> None:
     """float32 on the CPU: our dense kernel for each ``--mcpu`` build (the weight prepacked once,
     as the models run it) next to ``torch.nn.functional.linear`` (oneDNN / MKL), GFLOP/s."""
     import numpy as np
-
     from bench_models import cpu_target
 
     torch.set_num_threads(os.cpu_count())
