@@ -52,11 +52,18 @@ def ort_session(path: str, folder: str):
     import onnxruntime as ort
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path).eval()
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     ids = torch.ones((2, 16), dtype=torch.int64)
     onnx_path = os.path.join(folder, "model.onnx")
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    torch.onnx.export(model, (ids, ids), onnx_path, input_names=["input_ids", "attention_mask"],
+    torch.onnx.export(Encoder(), (ids, ids), onnx_path, input_names=["input_ids", "attention_mask"],
                       output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count()

@@ -25,6 +25,7 @@ from tvm.target import Target
 from .kernels.cpu import cpu_kernel
 from .kernels.gpu import portable_gpu_kernel
 from .op import OP_NAME, PACKED_OP_NAME, call_causal, call_mode, call_sm_scale
+from .targets import cpu_isa
 
 
 def target_of(call: relax.Call) -> Target:
@@ -136,7 +137,7 @@ def _kernel(target: Target, request: _Request) -> tirx.PrimFunc:
     args, packed = request.kernel_args, request.packed
     if target.kind.name == "llvm":
         warn_if_baseline_cpu(target)
-        return cpu_kernel(*args, packed=packed)
+        return cpu_kernel(*args, packed=packed, isa=cpu_isa(target))
     if is_gpu(target):
         from .kernels import cuda_mma, cuda_wgmma  # imported here: CPU-only users never need it
 

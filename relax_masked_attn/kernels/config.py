@@ -5,16 +5,44 @@ from __future__ import annotations
 import dataclasses
 
 
-def cpu_tiles(head_dim: int, dtype: str) -> tuple[int, int]:
-    """(query rows, key columns) of one CPU tile.
+@dataclasses.dataclass(frozen=True)
+class CpuAttentionTiles:
+    """The blocking of the CPU attention kernel (``kernels/cpu.py``).
 
-    16 key columns fill one AVX-512 register of float32 scores; 32 query rows reuse each key and
-    value tile 32 times from L1. Swept on the 2-core Zen 5 machine (full length, ms for
-    (8, 512, 12, 64) padded / (4, 512, 16/8, 128) causal_padded_left): 8x16 70/40, 16x16 54/31,
-    16x32 47/28, 32x16 45/25, 32x32 56/27, 64x16 46/29.
+    A query tile of ``rows`` rows walks key tiles of ``keys`` keys. Scores are held transposed
+    (``[keys, rows]``) so that the softmax statistics, the exponentials and the rescaling run as
+    vectors across rows. ``S^T = K Q^T`` is computed ``key_block`` keys at a time (that many
+    rows of ``rows / lanes`` vector accumulators); ``O += P V`` ``row_block`` query rows by
+    ``col_block`` output columns at a time (``row_block * col_block / lanes`` accumulators).
     """
-    del head_dim, dtype  # accumulation is float32 for every input dtype
-    return 32, 16
+
+    rows: int
+    keys: int
+    key_block: int
+    row_block: int
+    col_block: int
+
+
+def cpu_tiles(isa: str, head_dim: int) -> CpuAttentionTiles:
+    """The CPU attention kernel's blocking for a vector ISA (``targets.cpu_isa``).
+
+    Register budgets: 12 accumulators of the 16 vector registers of AVX2 and SSE, 24 of the 32
+    of AVX-512 and NEON; ``rows`` is two AVX2/AVX-512 vectors or four NEON/SSE ones (a power of
+    two: LLVM splits a 24-lane vector into shuffles), ``col_block`` a power of two too. 48 keys a
+    tile amortize each tile's per-row work (maximum, rescale) and divide into key blocks of 2,
+    3, 4, 6 or 12. Measured on a
+    2-core Zen 3 (AVX2) for all-MiniLM-L6-v2's attention (40 rows of 100-176 tokens, 12 heads of
+    32): see docs/performance.md; the other ISAs follow the same register counts, unmeasured.
+    """
+    lanes, budget, rows = {"avx512": (16, 24, 32), "avx2": (8, 12, 16), "neon": (4, 24, 16),
+                           "sse": (4, 12, 16)}[isa]
+    keys = 48
+    row_regs = rows // lanes
+    key_block = max(b for b in range(1, keys + 1) if keys % b == 0 and b * row_regs <= budget)
+    col_block = max(c for c in (1, 2, 4, 8, 16, 32, 64) if head_dim % c == 0 and c <= 4 * lanes)
+    col_regs = max(1, col_block // lanes)
+    row_block = max(b for b in range(1, rows + 1) if rows % b == 0 and b * col_regs <= budget)
+    return CpuAttentionTiles(rows, keys, key_block, row_block, col_block)
 
 
 def portable_gpu_tiles(head_dim: int, dtype: str) -> tuple[int, int]:

@@ -8,10 +8,12 @@ key tile and over ``head_dim``), accumulation is float32 whatever the input dtyp
 
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 from ..modes import is_causal, is_left_padded
+from ..targets import cpu_isa
 from .config import cpu_tiles
 from .geometry import LOG2E, NEG_INF, attention_func
 
@@ -45,14 +47,21 @@ def fast_exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def cpu_kernel(
     heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
-    packed: bool = False,
+    packed: bool = False, isa: str | None = None,
 ) -> tirx.PrimFunc:
     """PrimFunc ``(q, k, v, valid_len, out)`` for the CPU, batch and lengths symbolic; with
     ``packed``, the packed op's ``(q, k, v, seq_start, max_len, out)`` (``mode`` then says only
-    whether attention is causal; see :func:`~relax_masked_attn.kernels.geometry.attention_func`)."""
+    whether attention is causal; see :func:`~relax_masked_attn.kernels.geometry.attention_func`).
+    ``isa``: the vector ISA the tiles are sized for (``targets.cpu_isa``; default that of the
+    current target, else ``avx2``)."""
+    if isa is None:
+        current = tvm.target.Target.current()
+        isa = cpu_isa(current) if current is not None and current.kind.name == "llvm" else "avx2"
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
-    tq, tk = cpu_tiles(head_dim, dtype)
+    tiles = cpu_tiles(isa, head_dim)
+    tq, tk = tiles.rows, tiles.keys
+    kb, rb, jb = tiles.key_block, tiles.row_block, tiles.col_block
     qk_scale = float(sm_scale * LOG2E)  # scores live in the log2 domain: exp2 is cheaper than exp
     d = head_dim
     # TVM 0.27's LLVM lowering of bfloat16 cannot store bf16 vectors; store those lane by lane.
@@ -62,15 +71,18 @@ def cpu_kernel(
     def body(q, k, v, rows, out, batch, seq_q, seq_kv):
 
         for bh in T.parallel(batch * heads_q):
-            q_tile = T.alloc_buffer((tq, d), "float32", scope="local")
-            # transposed: the scores vectorize over keys
-            k_tile_t = T.alloc_buffer((d, tk), "float32", scope="local")
+            # Q transposed and scores transposed: the softmax runs as vectors across query rows
+            q_t = T.alloc_buffer((d, tq), "float32", scope="local")
+            k_tile = T.alloc_buffer((tk, d), "float32", scope="local")
             v_tile = T.alloc_buffer((tk, d), "float32", scope="local")
-            scores = T.alloc_buffer((tq, tk), "float32", scope="local")
+            s_t = T.alloc_buffer((tk, tq), "float32", scope="local")
             acc = T.alloc_buffer((tq, d), "float32", scope="local")
             row_max = T.alloc_buffer((tq,), "float32", scope="local")
+            new_max = T.alloc_buffer((tq,), "float32", scope="local")
             row_sum = T.alloc_buffer((tq,), "float32", scope="local")
             rescale = T.alloc_buffer((tq,), "float32", scope="local")
+            s_blk = T.alloc_buffer((kb, tq), "float32", scope="local")
+            o_blk = T.alloc_buffer((rb, jb), "float32", scope="local")
 
             b, h, h_kv = rows.heads(bh, heads_q, group)
             n = rows.length(b)
@@ -93,15 +105,16 @@ def cpu_kernel(
             for qt in T.serial((n + tq - 1) // tq):
                 r0 = qt * tq
                 for i in T.serial(tq):
-                    for j in T.vectorized(d):
-                        q_tile[i, j] = T.if_then_else(
+                    for j in T.serial(d):
+                        q_t[j, i] = T.if_then_else(
                             r0 + i < n,
                             T.Cast("float32", q[bi, q_off + T.min(r0 + i, n - 1), h, j]) * qk_scale,
                             T.float32(0),
                         )
-                for i in T.serial(tq):
+                for i in T.vectorized(tq):
                     row_max[i] = NEG_INF
                     row_sum[i] = T.float32(0)
+                for i in T.serial(tq):
                     for j in T.vectorized(d):
                         acc[i, j] = T.float32(0)
 
@@ -111,45 +124,62 @@ def cpu_kernel(
                     c0 = kt * tk
                     for c in T.serial(tk):
                         for j in T.vectorized(d):
+                            k_tile[c, j] = T.if_then_else(
+                                c0 + c < kv_end,
+                                T.Cast("float32", k[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                                T.float32(0),
+                            )
                             v_tile[c, j] = T.if_then_else(
                                 c0 + c < kv_end,
                                 T.Cast("float32", v[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
                                 T.float32(0),
                             )
+                    # S^T = K Q^T, kb keys at a time in registers; masked scores get NEG_INF
+                    for cb in T.serial(tk // kb):
+                        for c in T.unroll(kb):
+                            for i in T.vectorized(tq):
+                                s_blk[c, i] = T.float32(0)
                         for j in T.serial(d):
-                            k_tile_t[j, c] = T.if_then_else(
-                                c0 + c < kv_end,
-                                T.Cast("float32", k[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
-                                T.float32(0),
-                            )
-                    for i in T.unroll(tq):
-                        for c in T.vectorized(tk):
-                            scores[i, c] = T.float32(0)
-                    for j in T.serial(d):
-                        for i in T.unroll(tq):
-                            for c in T.vectorized(tk):
-                                scores[i, c] = scores[i, c] + q_tile[i, j] * k_tile_t[j, c]
-                    for i in T.serial(tq):
-                        for c in T.vectorized(tk):
-                            scores[i, c] = T.if_then_else(
-                                (c0 + c < kv_end) and ((not causal) or (c0 + c <= r0 + i)),
-                                scores[i, c],
-                                NEG_INF,
-                            )
-                        rescale[i] = row_max[i]
-                        for c in T.serial(tk):
-                            row_max[i] = T.max(row_max[i], scores[i, c])
-                        rescale[i] = T.exp2(rescale[i] - row_max[i])
-                        for c in T.vectorized(tk):
-                            scores[i, c] = fast_exp2(scores[i, c] - row_max[i])
+                            for c in T.unroll(kb):
+                                for i in T.vectorized(tq):
+                                    s_blk[c, i] = s_blk[c, i] + k_tile[cb * kb + c, j] * q_t[j, i]
+                        for c in T.unroll(kb):
+                            for i in T.vectorized(tq):
+                                s_t[cb * kb + c, i] = T.if_then_else(
+                                    (c0 + cb * kb + c < kv_end)
+                                    and ((not causal) or (c0 + cb * kb + c <= r0 + i)),
+                                    s_blk[c, i],
+                                    NEG_INF,
+                                )
+                    # online softmax, vectors across the tile's query rows
+                    for i in T.vectorized(tq):
+                        new_max[i] = row_max[i]
+                    for c in T.serial(tk):
+                        for i in T.vectorized(tq):
+                            new_max[i] = T.max(new_max[i], s_t[c, i])
+                    for i in T.vectorized(tq):
+                        rescale[i] = fast_exp2(row_max[i] - new_max[i])
+                        row_max[i] = new_max[i]
                         row_sum[i] = row_sum[i] * rescale[i]
-                        for c in T.serial(tk):
-                            row_sum[i] = row_sum[i] + scores[i, c]
-                        for j in T.vectorized(d):
-                            acc[i, j] = acc[i, j] * rescale[i]
-                        for c in T.serial(tk):
-                            for j in T.vectorized(d):
-                                acc[i, j] = acc[i, j] + scores[i, c] * v_tile[c, j]
+                    for c in T.serial(tk):
+                        for i in T.vectorized(tq):
+                            s_t[c, i] = fast_exp2(s_t[c, i] - new_max[i])
+                            row_sum[i] = row_sum[i] + s_t[c, i]
+                    # O = O * rescale + P V, rb rows by jb columns at a time in registers
+                    for ob in T.serial(d // jb):
+                        for ib in T.serial(tq // rb):
+                            for r in T.unroll(rb):
+                                for j in T.vectorized(jb):
+                                    o_blk[r, j] = (acc[ib * rb + r, ob * jb + j]
+                                                   * rescale[ib * rb + r])
+                            for c in T.serial(tk):
+                                for r in T.unroll(rb):
+                                    for j in T.vectorized(jb):
+                                        o_blk[r, j] = o_blk[r, j] + s_t[c, ib * rb + r] * v_tile[
+                                            c, ob * jb + j]
+                            for r in T.unroll(rb):
+                                for j in T.vectorized(jb):
+                                    acc[ib * rb + r, ob * jb + j] = o_blk[r, j]
 
                 for i in T.serial(T.min(tq, n - r0)):
                     for j in store_loop(d):
