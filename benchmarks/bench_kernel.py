@@ -29,6 +29,7 @@ import relax_masked_attn as rma
 from relax_masked_attn.reference import masked_sequence_prefill as numpy_reference
 
 CPU_CONFIGS = [  # batch, seq, heads_q, heads_kv, head_dim, dtype, mode
+    (32, 256, 12, 12, 32, "float32", "padded"),  # all-MiniLM-L6-v2
     (8, 512, 12, 12, 64, "float32", "padded"),
     (4, 512, 16, 8, 128, "float32", "causal_padded_left"),
 ]
@@ -99,23 +100,26 @@ def upstream(target, heads_q, heads_kv, head_dim, dtype, mode):
 
 
 def bench_cpu(args) -> None:
-    target = tvm.target.Target(
-        {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
-    )
-    print(f"CPU: torch {torch.get_num_threads()} threads, TVM {os.environ['TVM_NUM_THREADS']} "
-          f"threads, target {target}")
-    print(f"{'config':44} {'lengths':7} {'ours ms':>9} {'torch ms':>9} {'numpy ms':>9} "
-          f"{'vs torch':>9} {'vs numpy':>9}")
+    """Ours for each ``--mcpu`` build (``native``: this CPU) next to torch SDPA with a boolean
+    mask and the NumPy reference."""
+    from bench_models import cpu_target
+
+    builds = [cpu_target(m) for m in args.mcpu.split(",")]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+    print(f"CPU: {cpu}; torch {torch.get_num_threads()} threads, TVM "
+          f"{os.environ['TVM_NUM_THREADS']} threads")
+    print(f"{'config':44} {'lengths':7} {'torch ms':>9} {'numpy ms':>9}",
+          *(f"{label:>30} {'vs torch':>8}" for _, label in builds))
     rng = np.random.default_rng(0)
     for batch, seq, hq, hkv, d, dtype, mode in CPU_CONFIGS:
-        run = ours(target, hq, hkv, d, dtype, mode, tvm.cpu())
+        runs = [ours(target, hq, hkv, d, dtype, mode, tvm.cpu()) for target, _ in builds]
         q, k, v = (rng.standard_normal((batch, seq, h, d)).astype(dtype) for h in (hq, hkv, hkv))
         qt, kt, vt = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
         for kind in ("full", "mixed", "short"):
             valid_len = draw_lengths(kind, batch, seq, rng)
             tvm_args = [tvm.runtime.tensor(x) for x in (q, k, v, valid_len)]
             mask = torch_mask(torch.from_numpy(valid_len), seq, mode)
-            t_ours = median_time(lambda: run(*tvm_args), lambda: None)
             t_torch = median_time(
                 lambda: torch.nn.functional.scaled_dot_product_attention(
                     qt, kt, vt, attn_mask=mask, enable_gqa=hq != hkv
@@ -125,9 +129,12 @@ def bench_cpu(args) -> None:
             t_np = median_time(
                 lambda: numpy_reference(q, k, v, valid_len, mode), lambda: None, repeats=1
             )
+            cells = []
+            for run in runs:
+                t_ours = median_time(lambda: run(*tvm_args), lambda: None)  # noqa: B023
+                cells.append(f"{t_ours * 1e3:27.2f} ms {t_torch / t_ours:7.2f}x")
             cfg = f"({batch}, {seq}, {hq}/{hkv}, {d}, {mode})"
-            print(f"{cfg:44} {kind:7} {t_ours*1e3:9.2f} {t_torch*1e3:9.2f} {t_np*1e3:9.1f} "
-                  f"{t_torch/t_ours:8.2f}x {t_np/t_ours:8.1f}x")
+            print(f"{cfg:44} {kind:7} {t_torch*1e3:9.2f} {t_np*1e3:9.1f}", *cells, flush=True)
 
 
 def bench_cuda(args) -> None:
@@ -252,6 +259,8 @@ def sweep_cuda(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--mcpu", default="native",
+                        help="CPU: our builds, comma-separated (native, haswell, ...)")
     parser.add_argument("--skip-upstream", action="store_true", help="CUDA: skip the slow baseline")
     parser.add_argument("--max-seq", type=int, default=0,
                         help="CUDA: skip configs longer than this")
