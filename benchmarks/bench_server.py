@@ -61,7 +61,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "relax_masked_attn", "serve", "--port", str(port),
-           "--target", args.target, "--max-concurrent-requests", "4096"]
+           "--target", args.target, "--max-concurrent-requests", "4096",
+           "--workers", str(args.workers)]
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=1024)
     parser.add_argument("--per-request", type=int, default=4)
     parser.add_argument("--clients", default="1,16,64")
+    parser.add_argument("--workers", type=int, default=1, help="the server's front processes")
     parser.add_argument("--format", choices=["float", "base64"], default="float",
                         help="encoding_format of the requests (the openai client asks base64)")
     parser.add_argument("--client-processes", type=int, default=max(1, (os.cpu_count() or 2) // 4),
@@ -148,6 +150,7 @@ def main() -> None:
     offline = tokens / (time.perf_counter() - start)
     del model  # the server process takes the cores from here on
     print(f"{args.texts} texts ({tokens} tokens), {args.per_request} a request, {args.format}, "
+          f"{args.workers} front process(es), "
           f"clients in {args.client_processes} process(es); offline encode: {offline:.0f} tok/s")
     proc, url = start_server(args)
     try:

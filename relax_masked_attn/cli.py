@@ -200,7 +200,8 @@ def serve(args: argparse.Namespace) -> int:
     model = _load(args)
     name = args.served_model_name or (
         "sentence-transformers/all-MiniLM-L6-v2" if args.model is None else args.model)
-    server.serve(model, name, host=args.host, port=args.port, api_key=args.api_key,
+    server.serve(model, name, host=args.host, port=args.port, workers=args.workers,
+                 api_key=args.api_key,
                  max_batch_tokens=args.max_batch_tokens,
                  max_client_batch_size=args.max_client_batch_size,
                  max_concurrent_requests=args.max_concurrent_requests,
@@ -289,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                    default=DEFAULT_MAX_CONCURRENT_REQUESTS,
                    help="requests in the server at once; more get 429")
     p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="HTTP front processes sharing the port (parse, tokenize, write JSON) "
+                        "around the one model process; more than 1 pays on GPUs")
     p.set_defaults(func=serve)
     p = sub.add_parser("embed-dataset", help="embed a Parquet/JSONL corpus with Ray Data")
     _model_args(p)

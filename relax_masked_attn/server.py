@@ -33,6 +33,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,8 +97,7 @@ class RequestError(Exception):
 @dataclass
 class _Job:
     ids: list[list[int]]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    done: Callable[[np.ndarray | None, Exception | None], None]  # called on the worker thread
     queued: float = field(default_factory=time.perf_counter)
 
 
@@ -139,9 +139,17 @@ class Batcher:
 
     async def embed(self, ids: list[list[int]]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        job = _Job(ids, loop.create_future(), loop)
-        self._queue.put(job)
-        return await job.future
+        future = loop.create_future()
+        self.submit(ids, lambda rows, error: loop.call_soon_threadsafe(
+            _settle, future, rows, error))
+        return await future
+
+    def submit(self, ids: list[list[int]], done) -> None:
+        """Queue ``ids``; ``done(rows, error)`` is called on the worker thread with its rows."""
+        self._queue.put(_Job(ids, done))
+
+    async def metrics_text(self) -> str:
+        return self.metrics.text()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -190,22 +198,17 @@ class Batcher:
                              queue_seconds_sum=sum(start - job.queued for job in jobs))
             row = 0
             for job in jobs:
-                if error is not None:
-                    job.loop.call_soon_threadsafe(_set_exception, job.future, error)
-                else:
-                    part = emb[row:row + len(job.ids)]
-                    job.loop.call_soon_threadsafe(_set_result, job.future, part)
+                job.done(None if error is not None else emb[row:row + len(job.ids)], error)
                 row += len(job.ids)
 
 
-def _set_result(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, error: Exception) -> None:
-    if not future.done():
+def _settle(future: asyncio.Future, value, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
         future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 class EmbeddingServer:
@@ -215,15 +218,18 @@ class EmbeddingServer:
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  max_client_batch_size: int = DEFAULT_MAX_CLIENT_BATCH_SIZE,
                  max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, batcher=None, metrics=None):
+        """``batcher`` and ``metrics``: where requests and counts go (default: a
+        :class:`Batcher` over ``model`` in this process; a front process of ``serve(workers=N)``
+        passes the proxies of ``server_fronts``)."""
         if model.tokenizer is None:
             raise ValueError(f"{model.spec.path} has no tokenizer.json: the server takes texts")
         self.model, self.model_name, self.api_key = model, model_name, api_key
         self.max_client_batch_size = max_client_batch_size
         self.max_concurrent_requests = max_concurrent_requests
         self.max_body_bytes = max_body_bytes
-        self.metrics = Metrics()
-        self.batcher = Batcher(model, max_batch_tokens, self.metrics)
+        self.metrics = metrics or Metrics()
+        self.batcher = batcher or Batcher(model, max_batch_tokens, self.metrics)
         self.in_flight = 0  # touched by the event loop only
         # the model's tokenizer truncates at its limit; requests must see their full length
         self._full_length = copy.deepcopy(model.tokenizer)
@@ -475,11 +481,22 @@ class EmbeddingServer:
     async def prometheus(self, _request):
         from aiohttp import web
 
-        return web.Response(text=self.metrics.text(), content_type="text/plain")
+        return web.Response(text=await self.batcher.metrics_text(), content_type="text/plain")
 
 
-def serve(model, model_name: str, host: str = "127.0.0.1", port: int = 8080, **options) -> None:
-    """Run the server until SIGTERM or SIGINT (then finish what was accepted and return)."""
+def serve(model, model_name: str, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
+          **options) -> None:
+    """Run the server until SIGTERM or SIGINT (then finish what was accepted and return).
+
+    ``workers`` > 1: that many HTTP front processes share the port (``SO_REUSEPORT``), each
+    parsing, tokenizing and formatting, and hand token ids to this process, whose one worker
+    thread batches them on the model (``relax_masked_attn.server_fronts``): one Python process
+    serves about a thousand requests a second, which a GPU outruns."""
+    if workers > 1:
+        from .server_fronts import serve_with_fronts
+
+        serve_with_fronts(model, model_name, host, port, workers, **options)
+        return
     from aiohttp import web
 
     server = EmbeddingServer(model, model_name, **options)

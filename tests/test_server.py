@@ -263,3 +263,74 @@ def test_overload_is_429_and_sigterm_loses_nothing():
     assert srv.proc.wait(timeout=120) == 0
     srv.proc.stdout.close()
     assert set(outcome) <= {200, "refused"} and outcome.count(200) > 0, outcome
+
+
+# --- serve --workers N: front processes around one model process ------------------------------
+
+
+@pytest.fixture(scope="module")
+def fronts():
+    srv = Server("--workers", "2", "--api-key", KEY, "--max-batch-tokens", "2048")
+    yield srv
+    srv.stop()
+
+
+def test_fronts_give_encode_vectors_to_many_clients(fronts, minilm):
+    """The openai client through two front processes, then 24 clients at once (spread over
+    both fronts by the kernel): every row is the one `encode` gives for its own text."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=fronts.url + "/v1", api_key=KEY)
+    texts = _texts(5, 3)
+    resp = client.embeddings.create(model="m", input=texts, encoding_format="float")
+    got = np.array([d.embedding for d in resp.data], dtype=np.float32)
+    assert (cosine(got, minilm.encode(texts)) >= 0.99999).all()
+
+    jobs = [_texts(1 + i % 9, 500 + i) for i in range(96)]
+    unique = sorted({t for j in jobs for t in j})
+    reference = dict(zip(unique, minilm.encode(unique)))
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda t: fronts.request("/v1/embeddings", {"input": t}), jobs))
+    for texts, (status, body) in zip(jobs, results):
+        assert status == 200, body
+        got = np.array([d["embedding"] for d in body["data"]])
+        expected = np.stack([reference[t] for t in texts])
+        assert len(got) == len(texts) and (cosine(got, expected) >= 0.99999).all()
+
+
+def test_fronts_count_in_one_place_and_refuse_like_one_server(fronts):
+    def count():
+        status, text = fronts.request("/metrics")
+        assert status == 200
+        return int(next(line.split()[1] for line in text.splitlines()
+                        if line.startswith("relax_masked_attn_requests_total")))
+
+    before = count()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: fronts.request("/embed", {"inputs": f"text {i}"}), range(40)))
+    assert count() - before == 40  # whichever front answered each request and each scrape
+    assert fronts.request("/v1/embeddings", {"input": "x"}, key="wrong")[0] == 401
+    assert fronts.request("/v1/embeddings", {"input": 3})[0] == 422
+    status, info = fronts.request("/info")
+    assert status == 200 and info["dimensions"] == 384
+
+
+def test_fronts_finish_accepted_requests_on_sigterm():
+    srv = Server("--workers", "2")
+    outcome = []
+
+    def call(i):
+        try:
+            outcome.append(srv.request("/v1/embeddings", {"input": _texts(12, i)}, key=None)[0])
+        except OSError:
+            outcome.append("refused")
+
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(call, i) for i in range(48)]
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        for f in futures:
+            f.result()
+    assert srv.proc.wait(timeout=180) == 0
+    srv.proc.stdout.close()
+    assert set(outcome) <= {200, "refused"} and outcome.count(200) > 0, outcome
