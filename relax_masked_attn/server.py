@@ -14,11 +14,14 @@ Why aiohttp: it is the one asynchronous HTTP server among the packages this proj
 have (no FastAPI, uvicorn or pydantic on the GPU machine, and little room to carry them), and an
 event loop holds many waiting clients on one thread while one worker thread owns the model.
 
-Batching: every request's texts are tokenized on arrival and queued; the worker takes queued
-requests in arrival order while their texts fit ``max_batch_tokens`` padded tokens, runs them as
-one length-sorted call of the model and hands each request its own rows. At most
-``max_concurrent_requests`` requests are in the server at once (over it: 429, "overloaded").
+Batching: every request's texts are tokenized on arrival (on tokenizer threads) and queued; the
+worker takes queued requests in arrival order while their texts fit ``max_batch_tokens`` padded
+tokens, runs them as one length-sorted call of the model and hands each request its own rows.
+At most ``max_concurrent_requests`` requests are in the server at once (over it: 429,
+"overloaded").
 SIGTERM stops accepting connections, lets every accepted request finish, then exits 0.
+``serve(workers=N)`` puts N HTTP front processes around the model's process
+(:mod:`relax_masked_attn.server_fronts`).
 """
 
 from __future__ import annotations
