@@ -152,6 +152,7 @@ def bench_cpu(args) -> None:
     print(f"{'n':>5} {'k':>5} {'torch':>7}", *(f"{label:>34} {'ratio':>6}" for _, label in builds),
           " what")
     rng = np.random.default_rng(0)
+    rows = {}
     for n, k, what in CPU_SHAPES:
         x = rng.standard_normal((args.rows, k)).astype("float32")
         w = (rng.standard_normal((n, k)) / k**0.5).astype("float32")
@@ -159,7 +160,8 @@ def bench_cpu(args) -> None:
         t_torch = median_time(lambda: torch.nn.functional.linear(tx, tw), lambda: None)
         flops = 2.0 * args.rows * n * k
         cells = []
-        for target, _ in builds:
+        rows[f"{n} x {k}\n{what}"] = {"torch linear": flops / t_torch / 1e9}
+        for target, label in builds:
             mod = standalone_linear_module(n, k, "float32", rank=2)
             mod["main"] = mod["main"].with_attr("num_input", 1)
             pipeline = relax.get_pipeline("relax_masked_attn", prepack_weights=True)
@@ -172,7 +174,13 @@ def bench_cpu(args) -> None:
             assert err < 1e-3, err
             t_ours = median_time(lambda: run(tx_tvm, *params), lambda: None)
             cells.append(f"{flops / t_ours / 1e9:34.1f} {t_torch / t_ours:5.2f}x")
+            rows[f"{n} x {k}\n{what}"][label] = flops / t_ours / 1e9
         print(f"{n:5} {k:5} {flops / t_torch / 1e9:7.1f}", *cells, f" {what}", flush=True)
+    if args.plot:
+        from bench_models import plot
+
+        plot(rows, args.plot, f"nn.Linear on {cpu}, {os.cpu_count()} threads, float32, "
+             f"{args.rows} rows", "GFLOP/s (higher is better)")
 
 
 def main() -> None:
@@ -181,6 +189,7 @@ def main() -> None:
     parser.add_argument("--mcpu", default="native",
                         help="CPU: our builds, comma-separated (native, haswell, ...)")
     parser.add_argument("--rows", type=int, default=8192, help="rows of x (tokens)")
+    parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
     parser.add_argument("--epilogue-sweep", action="store_true",

@@ -99,9 +99,38 @@ def upstream(target, heads_q, heads_kv, head_dim, dtype, mode):
     return tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
 
 
+def ort_attention(folder: str, head_dim: int):
+    """torch's SDPA with a boolean mask, exported with ``torch.onnx.export`` into ``folder`` and
+    loaded in ONNX Runtime (MatMul, Where, Softmax, MatMul) with the machine's cores; grouped
+    query attention takes K and V with their heads repeated, as ONNX has no grouped form."""
+    import onnxruntime as ort
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    x = torch.zeros(1, 2, 4, head_dim)
+    path = os.path.join(folder, f"attention_d{head_dim}.onnx")
+    axes = {0: "batch", 1: "heads", 2: "seq"}
+    torch.onnx.export(Attention(), (x, x, x, torch.ones(1, 1, 4, 4, dtype=torch.bool)), path,
+                      input_names=["q", "k", "v", "mask"], output_names=["out"],
+                      dynamic_axes={"q": axes, "k": axes, "v": axes, "out": axes,
+                                    "mask": {0: "batch", 2: "seq", 3: "seq_k"}}, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(q, k, v, mask):
+        return session.run(None, {"q": q, "k": k, "v": v, "mask": mask})[0]
+
+    return run
+
+
 def bench_cpu(args) -> None:
     """Ours for each ``--mcpu`` build (``native``: this CPU) next to torch SDPA with a boolean
-    mask and the NumPy reference."""
+    mask, ONNX Runtime running the same SDPA graph, and the NumPy reference."""
+    import tempfile
+
     from bench_models import cpu_target
 
     builds = [cpu_target(m) for m in args.mcpu.split(",")]
@@ -109,10 +138,13 @@ def bench_cpu(args) -> None:
                 if line.startswith("model name")), "unknown CPU")
     print(f"CPU: {cpu}; torch {torch.get_num_threads()} threads, TVM "
           f"{os.environ['TVM_NUM_THREADS']} threads")
-    print(f"{'config':44} {'lengths':7} {'torch ms':>9} {'numpy ms':>9}",
-          *(f"{label:>30} {'vs torch':>8}" for _, label in builds))
+    print(f"{'config':44} {'lengths':7} {'torch ms':>9} {'ORT ms':>9} {'numpy ms':>9}",
+          *(f"{label:>30} {'vs torch':>8} {'vs ORT':>7}" for _, label in builds))
     rng = np.random.default_rng(0)
+    rows = {}
     for batch, seq, hq, hkv, d, dtype, mode in CPU_CONFIGS:
+        with tempfile.TemporaryDirectory() as folder:
+            ort_run = ort_attention(folder, d)
         runs = [ours(target, hq, hkv, d, dtype, mode, tvm.cpu()) for target, _ in builds]
         q, k, v = (rng.standard_normal((batch, seq, h, d)).astype(dtype) for h in (hq, hkv, hkv))
         qt, kt, vt = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
@@ -129,12 +161,25 @@ def bench_cpu(args) -> None:
             t_np = median_time(
                 lambda: numpy_reference(q, k, v, valid_len, mode), lambda: None, repeats=1
             )
-            cells = []
-            for run in runs:
-                t_ours = median_time(lambda: run(*tvm_args), lambda: None)  # noqa: B023
-                cells.append(f"{t_ours * 1e3:27.2f} ms {t_torch / t_ours:7.2f}x")
+            heads = (qt.numpy(), *(np.repeat(x.numpy(), hq // hkv, axis=1) for x in (kt, vt)))
+            ort_args = (*(np.ascontiguousarray(x) for x in heads), mask.numpy())
+            t_ort = median_time(lambda: ort_run(*ort_args), lambda: None)
             cfg = f"({batch}, {seq}, {hq}/{hkv}, {d}, {mode})"
-            print(f"{cfg:44} {kind:7} {t_torch*1e3:9.2f} {t_np*1e3:9.1f}", *cells, flush=True)
+            times = {"torch SDPA": t_torch, "ONNX Runtime": t_ort}
+            cells = []
+            for (_, label), run in zip(builds, runs):
+                t_ours = median_time(lambda: run(*tvm_args), lambda: None)  # noqa: B023
+                times[label] = t_ours
+                cells.append(f"{t_ours * 1e3:27.2f} ms {t_torch / t_ours:7.2f}x "
+                             f"{t_ort / t_ours:6.2f}x")
+            rows[f"{batch}x{seq}, d{d}\n{mode}\n{kind}"] = {k: 1 / v for k, v in times.items()}
+            print(f"{cfg:44} {kind:7} {t_torch*1e3:9.2f} {t_ort*1e3:9.2f} {t_np*1e3:9.1f}",
+                  *cells, flush=True)
+    if args.plot:
+        from bench_models import plot
+
+        plot(rows, args.plot, f"attention on {cpu}, {os.cpu_count()} threads, float32",
+             "calls / s (higher is better)", log=True)
 
 
 def bench_cuda(args) -> None:
@@ -261,6 +306,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--mcpu", default="native",
                         help="CPU: our builds, comma-separated (native, haswell, ...)")
+    parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
     parser.add_argument("--skip-upstream", action="store_true", help="CUDA: skip the slow baseline")
     parser.add_argument("--max-seq", type=int, default=0,
                         help="CUDA: skip configs longer than this")

@@ -146,25 +146,29 @@ def bench_cpu(args) -> None:
         plot(results, args.plot, f"all-MiniLM-L6-v2 on {cpu}, {os.cpu_count()} threads")
 
 
-def plot(results: dict[str, dict[str, float]], filename: str, title: str) -> None:
-    """Grouped bars of tokens/s: one group a workload, one bar a system."""
+def plot(results: dict[str, dict[str, float]], filename: str, title: str,
+         ylabel: str = "real tokens / s (higher is better)", log: bool = False) -> None:
+    """Grouped bars: one group a workload (a key of ``results``), one bar a system."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     systems = list(next(iter(results.values())))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.6 * len(results)), 4.5))
     width = 0.8 / len(systems)
     for i, system in enumerate(systems):
         values = [results[w][system] for w in results]
         bars = ax.bar([g + i * width for g in range(len(results))], values, width, label=system)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        if len(results) <= 6:
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(results))],
-                  list(results))
-    ax.set_ylabel("real tokens / s (higher is better)")
+                  list(results), fontsize=7 if len(results) > 4 else 10)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.2)
+    ax.set_ylim(top=ax.get_ylim()[1] * (3 if log else 1.2))
     ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(filename, dpi=110)
