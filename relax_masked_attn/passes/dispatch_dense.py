@@ -215,10 +215,12 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     :mod:`~relax_masked_attn.kernels.cuda_dense` (fp16/bf16 tensor cores, CUDA sm80+).
     Shapes and dtypes the kernels do not cover are left to TVM's own legalization.
 
-    On CUDA, what follows the product joins its kernel's epilogue, in this order, each step only
-    where the value before it has no other use: ``+ bias`` (a ``[n]`` vector), ``nn.gelu`` or
+    What follows the product joins its kernel's epilogue, in this order, each step only where
+    the value before it has no other use: ``+ bias`` (a ``[n]`` vector), ``nn.gelu`` or
     ``nn.gelu_tanh``, ``+ residual`` (a tensor of the product's shape): BERT's
-    ``gelu(x W1^T + b1)`` and ``x W^T + b + x`` are one kernel each.
+    ``gelu(x W1^T + b1)`` and ``x W^T + b + x`` are one kernel each. On CPUs the kernel reads
+    the weight in panels: the call gets ``pack_weight(w)``, which ``prepack_weights`` in the
+    pipeline lifts out to run once.
 
     apache-tvm 0.27 has no CPU matmul schedule (a legalized ``nn.Linear`` runs as plain loops)
     and its CUDA tensor-core matmul rule crashes in the PyPI wheel. The ``"relax_masked_attn"``
