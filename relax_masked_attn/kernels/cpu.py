@@ -17,6 +17,8 @@ from ..targets import cpu_isa
 from .config import cpu_tiles
 from .geometry import LOG2E, NEG_INF, attention_func
 
+PARTS = 256  # parallel parts; (batch row, head) pairs go to them in turn
+
 # 2**f on [-0.5, 0.5], Cephes exp2f's minimax polynomial (relative error about 1e-7).
 _EXP2_POLY = (
     1.535336188319500e-4,
@@ -70,7 +72,7 @@ def cpu_kernel(
     @T.macro
     def body(q, k, v, rows, out, batch, seq_q, seq_kv):
 
-        for bh in T.parallel(batch * heads_q):
+        for part in T.parallel(T.min(batch * heads_q, PARTS)):
             # Q transposed and scores transposed: the softmax runs as vectors across query rows
             q_t = T.alloc_buffer((d, tq), "float32", scope="local")
             k_tile = T.alloc_buffer((tk, d), "float32", scope="local")
@@ -84,106 +86,117 @@ def cpu_kernel(
             s_blk = T.alloc_buffer((kb, tq), "float32", scope="local")
             o_blk = T.alloc_buffer((rb, jb), "float32", scope="local")
 
-            b, h, h_kv = rows.heads(bh, heads_q, group)
-            n = rows.length(b)
-            q_off, kv_off, bi = rows.offsets(b, n)
+            # buffers once a part, not once a (row, head): short rows cost little else
+            for step in T.serial((batch * heads_q - part + PARTS - 1) // PARTS):
+                bh = part + step * PARTS
+                b, h, h_kv = rows.heads(bh, heads_q, group)
+                n = rows.length(b)
+                q_off, kv_off, bi = rows.offsets(b, n)
 
-            # Padding queries (packed: rows of no sequence): exact zeros.
-            if packed:
-                head_end, tail_begin = rows.uncovered(b)
-                for r in T.serial(head_end):
-                    for j in store_loop(d):
-                        out[bi, r, h, j] = T.Cast(dtype, T.float32(0))
-                for r in T.serial(rows.total - tail_begin):
-                    for j in store_loop(d):
-                        out[bi, tail_begin + r, h, j] = T.Cast(dtype, T.float32(0))
-            else:
-                for r in T.serial(seq_q - n):
-                    for j in store_loop(d):
-                        out[b, T.if_then_else(left, r, n + r), h, j] = T.Cast(dtype, T.float32(0))
+                # Padding queries (packed: rows of no sequence): exact zeros.
+                if packed:
+                    head_end, tail_begin = rows.uncovered(b)
+                    for r in T.serial(head_end):
+                        for j in store_loop(d):
+                            out[bi, r, h, j] = T.Cast(dtype, T.float32(0))
+                    for r in T.serial(rows.total - tail_begin):
+                        for j in store_loop(d):
+                            out[bi, tail_begin + r, h, j] = T.Cast(dtype, T.float32(0))
+                else:
+                    for r in T.serial(seq_q - n):
+                        for j in store_loop(d):
+                            out[b, T.if_then_else(left, r, n + r), h, j] = T.Cast(
+                                dtype, T.float32(0))
 
-            for qt in T.serial((n + tq - 1) // tq):
-                r0 = qt * tq
-                for i in T.serial(tq):
-                    for j in T.serial(d):
-                        q_t[j, i] = T.if_then_else(
-                            r0 + i < n,
-                            T.Cast("float32", q[bi, q_off + T.min(r0 + i, n - 1), h, j]) * qk_scale,
-                            T.float32(0),
-                        )
-                for i in T.vectorized(tq):
-                    row_max[i] = NEG_INF
-                    row_sum[i] = T.float32(0)
-                for i in T.serial(tq):
-                    for j in T.vectorized(d):
-                        acc[i, j] = T.float32(0)
-
-                # Keys this query tile can see: all n, or up to its last row when causal.
-                kv_end = T.if_then_else(causal, T.min(n, r0 + tq), n)
-                for kt in T.serial((kv_end + tk - 1) // tk):
-                    c0 = kt * tk
-                    for c in T.serial(tk):
-                        for j in T.vectorized(d):
-                            k_tile[c, j] = T.if_then_else(
-                                c0 + c < kv_end,
-                                T.Cast("float32", k[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
-                                T.float32(0),
-                            )
-                            v_tile[c, j] = T.if_then_else(
-                                c0 + c < kv_end,
-                                T.Cast("float32", v[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
-                                T.float32(0),
-                            )
-                    # S^T = K Q^T, kb keys at a time in registers; masked scores get NEG_INF
-                    for cb in T.serial(tk // kb):
-                        for c in T.unroll(kb):
-                            for i in T.vectorized(tq):
-                                s_blk[c, i] = T.float32(0)
+                for qt in T.serial((n + tq - 1) // tq):
+                    r0 = qt * tq
+                    for i in T.serial(tq):
                         for j in T.serial(d):
+                            q_t[j, i] = T.if_then_else(
+                                r0 + i < n,
+                                T.Cast("float32", q[bi, q_off + T.min(r0 + i, n - 1), h, j])
+                                * qk_scale,
+                                T.float32(0),
+                            )
+                    for i in T.vectorized(tq):
+                        row_max[i] = NEG_INF
+                        row_sum[i] = T.float32(0)
+                    for i in T.serial(tq):
+                        for j in T.vectorized(d):
+                            acc[i, j] = T.float32(0)
+
+                    # Keys this query tile can see: all n, or up to its last row when causal.
+                    kv_end = T.if_then_else(causal, T.min(n, r0 + tq), n)
+                    for kt in T.serial((kv_end + tk - 1) // tk):
+                        c0 = kt * tk
+                        # the tile's keys that exist (a sequence's last tile is partial): only those
+                        # are loaded, scored and summed, in whole key blocks for the scores
+                        kc = T.min(tk, kv_end - c0)
+                        for c in T.serial((kc + kb - 1) // kb * kb):
+                            for j in T.vectorized(d):
+                                k_tile[c, j] = T.if_then_else(
+                                    c0 + c < kv_end,
+                                    T.Cast("float32",
+                                           k[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                                    T.float32(0),
+                                )
+                                v_tile[c, j] = T.if_then_else(
+                                    c0 + c < kv_end,
+                                    T.Cast("float32",
+                                           v[bi, kv_off + T.min(c0 + c, n - 1), h_kv, j]),
+                                    T.float32(0),
+                                )
+                        # S^T = K Q^T, kb keys at a time in registers; masked scores get NEG_INF
+                        for cb in T.serial((kc + kb - 1) // kb):
                             for c in T.unroll(kb):
                                 for i in T.vectorized(tq):
-                                    s_blk[c, i] = s_blk[c, i] + k_tile[cb * kb + c, j] * q_t[j, i]
-                        for c in T.unroll(kb):
+                                    s_blk[c, i] = T.float32(0)
+                            for j in T.serial(d):
+                                for c in T.unroll(kb):
+                                    for i in T.vectorized(tq):
+                                        s_blk[c, i] = (s_blk[c, i]
+                                                       + k_tile[cb * kb + c, j] * q_t[j, i])
+                            for c in T.unroll(kb):
+                                for i in T.vectorized(tq):
+                                    s_t[cb * kb + c, i] = T.if_then_else(
+                                        (c0 + cb * kb + c < kv_end)
+                                        and ((not causal) or (c0 + cb * kb + c <= r0 + i)),
+                                        s_blk[c, i],
+                                        NEG_INF,
+                                    )
+                        # online softmax, vectors across the tile's query rows
+                        for i in T.vectorized(tq):
+                            new_max[i] = row_max[i]
+                        for c in T.serial(kc):
                             for i in T.vectorized(tq):
-                                s_t[cb * kb + c, i] = T.if_then_else(
-                                    (c0 + cb * kb + c < kv_end)
-                                    and ((not causal) or (c0 + cb * kb + c <= r0 + i)),
-                                    s_blk[c, i],
-                                    NEG_INF,
-                                )
-                    # online softmax, vectors across the tile's query rows
-                    for i in T.vectorized(tq):
-                        new_max[i] = row_max[i]
-                    for c in T.serial(tk):
+                                new_max[i] = T.max(new_max[i], s_t[c, i])
                         for i in T.vectorized(tq):
-                            new_max[i] = T.max(new_max[i], s_t[c, i])
-                    for i in T.vectorized(tq):
-                        rescale[i] = fast_exp2(row_max[i] - new_max[i])
-                        row_max[i] = new_max[i]
-                        row_sum[i] = row_sum[i] * rescale[i]
-                    for c in T.serial(tk):
-                        for i in T.vectorized(tq):
-                            s_t[c, i] = fast_exp2(s_t[c, i] - new_max[i])
-                            row_sum[i] = row_sum[i] + s_t[c, i]
-                    # O = O * rescale + P V, rb rows by jb columns at a time in registers
-                    for ob in T.serial(d // jb):
-                        for ib in T.serial(tq // rb):
-                            for r in T.unroll(rb):
-                                for j in T.vectorized(jb):
-                                    o_blk[r, j] = (acc[ib * rb + r, ob * jb + j]
-                                                   * rescale[ib * rb + r])
-                            for c in T.serial(tk):
+                            rescale[i] = fast_exp2(row_max[i] - new_max[i])
+                            row_max[i] = new_max[i]
+                            row_sum[i] = row_sum[i] * rescale[i]
+                        for c in T.serial(kc):
+                            for i in T.vectorized(tq):
+                                s_t[c, i] = fast_exp2(s_t[c, i] - new_max[i])
+                                row_sum[i] = row_sum[i] + s_t[c, i]
+                        # O = O * rescale + P V, rb rows by jb columns at a time in registers
+                        for ob in T.serial(d // jb):
+                            for ib in T.serial(tq // rb):
                                 for r in T.unroll(rb):
                                     for j in T.vectorized(jb):
-                                        o_blk[r, j] = o_blk[r, j] + s_t[c, ib * rb + r] * v_tile[
-                                            c, ob * jb + j]
-                            for r in T.unroll(rb):
-                                for j in T.vectorized(jb):
-                                    acc[ib * rb + r, ob * jb + j] = o_blk[r, j]
+                                        o_blk[r, j] = (acc[ib * rb + r, ob * jb + j]
+                                                       * rescale[ib * rb + r])
+                                for c in T.serial(kc):
+                                    for r in T.unroll(rb):
+                                        for j in T.vectorized(jb):
+                                            o_blk[r, j] = (o_blk[r, j] + s_t[c, ib * rb + r]
+                                                           * v_tile[c, ob * jb + j])
+                                for r in T.unroll(rb):
+                                    for j in T.vectorized(jb):
+                                        acc[ib * rb + r, ob * jb + j] = o_blk[r, j]
 
-                for i in T.serial(T.min(tq, n - r0)):
-                    for j in store_loop(d):
-                        out[bi, q_off + r0 + i, h, j] = T.Cast(dtype, acc[i, j] / row_sum[i])
+                    for i in T.serial(T.min(tq, n - r0)):
+                        for j in store_loop(d):
+                            out[bi, q_off + r0 + i, h, j] = T.Cast(dtype, acc[i, j] / row_sum[i])
 
     return attention_func(
         heads_q, heads_kv, head_dim, dtype, body, index_dtype="int64", scheduled=False,
