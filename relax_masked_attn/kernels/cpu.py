@@ -17,7 +17,18 @@ from ..targets import cpu_isa
 from .config import cpu_tiles
 from .geometry import LOG2E, NEG_INF, attention_func
 
-PARTS = 256  # parallel parts; (batch row, head) pairs go to them in turn
+PARTS = 256  # parallel parts; (batch row, head) pairs go to them in turn (a power of two)
+
+
+def _bit_reversed(part: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``part``'s bits in reverse order, over log2(PARTS) bits (an int64)."""
+    bits = PARTS.bit_length() - 1
+    x = tirx.Cast("int64", part)
+    out = tirx.const(0, "int64")
+    for i in range(bits):
+        bit = tirx.bitwise_and(tirx.shift_right(x, tirx.const(i, "int64")), tirx.const(1, "int64"))
+        out = out + tirx.shift_left(bit, tirx.const(bits - 1 - i, "int64"))
+    return out
 
 # 2**f on [-0.5, 0.5], Cephes exp2f's minimax polynomial (relative error about 1e-7).
 _EXP2_POLY = (
@@ -72,7 +83,7 @@ def cpu_kernel(
     @T.macro
     def body(q, k, v, rows, out, batch, seq_q, seq_kv):
 
-        for part in T.parallel(T.min(batch * heads_q, PARTS)):
+        for part in T.parallel(PARTS):
             # Q transposed and scores transposed: the softmax runs as vectors across query rows
             q_t = T.alloc_buffer((d, tq), "float32", scope="local")
             k_tile = T.alloc_buffer((tk, d), "float32", scope="local")
@@ -86,9 +97,12 @@ def cpu_kernel(
             s_blk = T.alloc_buffer((kb, tq), "float32", scope="local")
             o_blk = T.alloc_buffer((rb, jb), "float32", scope="local")
 
-            # buffers once a part, not once a (row, head): short rows cost little else
-            for step in T.serial((batch * heads_q - part + PARTS - 1) // PARTS):
-                bh = part + step * PARTS
+            # buffers once a part, not once a (row, head): short rows cost little else. Part p
+            # takes the pairs bit_reversed(p) + PARTS * step, so that whichever contiguous range
+            # of parts a thread runs, it gets as many pairs, and rows of every length.
+            for step in T.serial(
+                    T.max(batch * heads_q - _bit_reversed(part) + PARTS - 1, 0) // PARTS):
+                bh = _bit_reversed(part) + step * PARTS
                 b, h, h_kv = rows.heads(bh, heads_q, group)
                 n = rows.length(b)
                 q_off, kv_off, bi = rows.offsets(b, n)
