@@ -141,12 +141,11 @@ def bench_cpu(args) -> None:
     """float32 on the CPU: our dense kernel for each ``--mcpu`` build (the weight prepacked once,
     as the models run it) next to ``torch.nn.functional.linear`` (oneDNN / MKL), GFLOP/s."""
     import numpy as np
-    from bench_models import cpu_target
+    from bench_models import cpu_name, cpu_target
 
     torch.set_num_threads(os.cpu_count())
     builds = [cpu_target(m) for m in args.mcpu.split(",")]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} threads, float32, {args.rows} rows; GFLOP/s, "
           "ratio = torch time / ours")
     print(f"{'n':>5} {'k':>5} {'torch':>7}", *(f"{label:>34} {'ratio':>6}" for _, label in builds),

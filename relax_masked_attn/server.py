@@ -214,6 +214,12 @@ def _settle(future: asyncio.Future, value, error: Exception | None) -> None:
         future.set_result(value)
 
 
+def require_tokenizer(model) -> None:
+    """The server takes texts: refuse a model whose checkpoint has no tokenizer.json."""
+    if model.tokenizer is None:
+        raise ValueError(f"{model.spec.path} has no tokenizer.json: the server takes texts")
+
+
 class EmbeddingServer:
     """The aiohttp application around one ``EmbeddingModel`` (see the module docstring)."""
 
@@ -225,8 +231,7 @@ class EmbeddingServer:
         """``batcher`` and ``metrics``: where requests and counts go (default: a
         :class:`Batcher` over ``model`` in this process; a front process of ``serve(workers=N)``
         passes the proxies of ``server_fronts``)."""
-        if model.tokenizer is None:
-            raise ValueError(f"{model.spec.path} has no tokenizer.json: the server takes texts")
+        require_tokenizer(model)
         self.model, self.model_name, self.api_key = model, model_name, api_key
         self.max_client_batch_size = max_client_batch_size
         self.max_concurrent_requests = max_concurrent_requests

@@ -24,7 +24,15 @@ import signal
 import sys
 import threading
 
-from .server import DEFAULT_MAX_CONCURRENT_REQUESTS, Batcher, EmbeddingServer, Metrics, _settle
+from .server import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    Batcher,
+    EmbeddingServer,
+    Metrics,
+    _settle,
+    require_tokenizer,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,16 +165,12 @@ def _serve_front(conn, batcher: Batcher, metrics: Metrics) -> None:
 
 
 def serve_with_fronts(model, model_name: str, host: str, port: int, workers: int,
-                      max_batch_tokens: int | None = None,
+                      max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                       max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
                       **options) -> None:
     """``serve`` with ``workers`` front processes (see the module docstring). The limit on
     requests in the server is shared out evenly among the fronts."""
-    from .server import DEFAULT_MAX_BATCH_TOKENS
-
-    if model.tokenizer is None:
-        raise ValueError(f"{model.spec.path} has no tokenizer.json: the server takes texts")
-    max_batch_tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
+    require_tokenizer(model)  # here, before any front starts and fails on it
     metrics = Metrics()
     batcher = Batcher(model, max_batch_tokens, metrics)
     info = ModelInfo(str(model.spec.path), model.hidden_size, model.dtype, str(model.target))

@@ -27,6 +27,10 @@ def host_cpu_target() -> Target:
     return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
 
 
+# float32 lanes of one vector register of each ISA :func:`cpu_isa` names
+VECTOR_LANES = {"avx512": 16, "avx2": 8, "neon": 4, "sse": 4}
+
+
 def cpu_isa(target: Target) -> str:
     """The float32 vector ISA an ``llvm`` target compiles for: ``"avx512"`` (``avx512f``),
     ``"avx2"`` (``avx2`` and ``fma``), ``"neon"`` (aarch64), else ``"sse"`` (baseline x86-64:
@@ -45,7 +49,7 @@ def cpu_isa(target: Target) -> str:
 
 def cpu_vector_lanes(target: Target) -> int:
     """float32 lanes of one vector register of :func:`cpu_isa`: 16, 8, or 4 (NEON, SSE)."""
-    return {"avx512": 16, "avx2": 8}.get(cpu_isa(target), 4)
+    return VECTOR_LANES[cpu_isa(target)]
 
 
 def device_cuda_target(device_id: int = 0) -> Target:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..targets import VECTOR_LANES
+
+
+def largest_divisor(value: int, limit: int) -> int:
+    """The largest divisor of ``value`` that is at most ``limit`` (1 at least)."""
+    return max(d for d in range(1, max(1, min(value, limit)) + 1) if value % d == 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class CpuAttentionTiles:
@@ -34,14 +41,12 @@ def cpu_tiles(isa: str, head_dim: int) -> CpuAttentionTiles:
     2-core Zen 3 (AVX2) for all-MiniLM-L6-v2's attention (40 rows of 100-176 tokens, 12 heads of
     32): see docs/performance.md; the other ISAs follow the same register counts, unmeasured.
     """
-    lanes, budget, rows = {"avx512": (16, 24, 32), "avx2": (8, 12, 16), "neon": (4, 24, 16),
-                           "sse": (4, 12, 16)}[isa]
+    lanes = VECTOR_LANES[isa]
+    budget, rows = {"avx512": (24, 32), "avx2": (12, 16), "neon": (24, 16), "sse": (12, 16)}[isa]
     keys = 48
-    row_regs = rows // lanes
-    key_block = max(b for b in range(1, keys + 1) if keys % b == 0 and b * row_regs <= budget)
+    key_block = largest_divisor(keys, budget // (rows // lanes))
     col_block = max(c for c in (1, 2, 4, 8, 16, 32, 64) if head_dim % c == 0 and c <= 4 * lanes)
-    col_regs = max(1, col_block // lanes)
-    row_block = max(b for b in range(1, rows + 1) if rows % b == 0 and b * col_regs <= budget)
+    row_block = largest_divisor(rows, budget // max(1, col_block // lanes))
     return CpuAttentionTiles(rows, keys, key_block, row_block, col_block)
 
 
@@ -106,9 +111,8 @@ def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
     are not measured here (no AVX-512 or ARM machine), their blocks follow the same register
     count.
     """
-    rows, cols, lanes = {"avx512": (12, 32, 16), "avx2": (6, 16, 8), "neon": (6, 16, 4),
-                         "sse": (6, 8, 4)}[isa]
-    return CpuDenseTiles(rows, cols, lanes, task_rows=rows * 8)
+    rows, cols = {"avx512": (12, 32), "avx2": (6, 16), "neon": (6, 16), "sse": (6, 8)}[isa]
+    return CpuDenseTiles(rows, cols, VECTOR_LANES[isa], task_rows=rows * 8)
 
 
 def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:

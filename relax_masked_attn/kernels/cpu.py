@@ -100,9 +100,9 @@ def cpu_kernel(
             # buffers once a part, not once a (row, head): short rows cost little else. Part p
             # takes the pairs bit_reversed(p) + PARTS * step, so that whichever contiguous range
             # of parts a thread runs, it gets as many pairs, and rows of every length.
-            for step in T.serial(
-                    T.max(batch * heads_q - _bit_reversed(part) + PARTS - 1, 0) // PARTS):
-                bh = _bit_reversed(part) + step * PARTS
+            first = _bit_reversed(part)
+            for step in T.serial(T.max(batch * heads_q - first + PARTS - 1, 0) // PARTS):
+                bh = first + step * PARTS
                 b, h, h_kv = rows.heads(bh, heads_q, group)
                 n = rows.length(b)
                 q_off, kv_off, bi = rows.offsets(b, n)

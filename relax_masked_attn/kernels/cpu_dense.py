@@ -23,7 +23,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from ..targets import cpu_isa
-from .config import CpuDenseTiles, cpu_dense_tiles
+from .config import CpuDenseTiles, cpu_dense_tiles, largest_divisor
 from .epilogue import Epilogue, dense_func, polynomial_erf
 
 
@@ -45,8 +45,8 @@ def pack_weight(w: relax.Expr, cols: int) -> relax.Expr:
 def _divisor_at_most(value: int, limit: int, floor: int) -> int:
     """The largest divisor of ``value`` not above ``limit``; ``value`` itself when that divisor
     would be under ``floor`` (a prime ``k`` runs unsliced)."""
-    best = max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
-    return best if best >= floor or best == value else value
+    best = largest_divisor(value, limit)
+    return best if best >= floor else value
 
 
 def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,

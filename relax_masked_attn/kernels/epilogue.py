@@ -60,6 +60,8 @@ class Epilogue:
 
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
+SQRT_HALF = math.sqrt(0.5)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 # erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4] (float32 erf is +-1 beyond): the rational fit that
 # Eigen's and TVM's ``fast_erf`` use, max error a few float32 ulp.
@@ -81,8 +83,6 @@ def polynomial_erf(value):
     for c in _ERF_Q[1:]:
         q = q * x2 + T.float32(c)
     return x * p / q
-SQRT_HALF = math.sqrt(0.5)
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def dense_func(
