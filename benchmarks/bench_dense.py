@@ -41,13 +41,12 @@ SHAPES = [  # (n, k, bias, what)
 
 
 SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
-    (128, 128, 32, 2, 4, 3),
-    (128, 128, 32, 2, 2, 3),
-    (128, 128, 32, 2, 4, 4),
-    (128, 128, 32, 2, 2, 4),
-    (128, 128, 64, 2, 4, 3),
     (128, 128, 64, 2, 2, 3),
-    (128, 256, 32, 2, 4, 4),
+    (128, 128, 64, 2, 2, 4),
+    (128, 128, 32, 2, 2, 4),
+    (128, 128, 32, 2, 4, 4),
+    (128, 256, 64, 2, 4, 3),
+    (256, 128, 64, 4, 2, 3),
 ]
 
 
@@ -56,10 +55,12 @@ WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]
 
 
 def sweep(args, dev, target, tdtype) -> None:
-    """Time the raw kernels under each tile configuration of SWEEP and WGMMA_SWEEP (no bias)."""
-    configs = [(cuda_dense.dense_kernel, tiles, target) for tiles in SWEEP]
+    """Time the raw kernels under each tile configuration of SWEEP (``mma.sync``) and
+    WGMMA_SWEEP (no bias), as ``--sweep`` names them."""
+    configs = [(cuda_dense.dense_kernel, tiles, target) for tiles in SWEEP
+               if args.sweep in ("mma", "both")]
     hopper = device_cuda_target()
-    if cuda_dense.has_wgmma(hopper):
+    if cuda_dense.has_wgmma(hopper) and args.sweep in ("wgmma", "both"):
         configs += [(cuda_dense.wgmma_dense_kernel, tiles, hopper) for tiles in WGMMA_SWEEP]
     print("tile sweep (ms, raw kernel):", "  ".join(str(c[1]) for c in configs))
     for n, k, _, what in SHAPES:
@@ -190,7 +191,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8192, help="rows of x (tokens)")
     parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
+    parser.add_argument("--sweep", choices=["mma", "wgmma", "both"],
+                        help="also time the tile configurations of these kernels")
     parser.add_argument("--epilogue-sweep", action="store_true",
                         help="only time BERT's fused epilogues under each wgmma configuration")
     args = parser.parse_args()

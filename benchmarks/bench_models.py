@@ -1,7 +1,7 @@
 """Model benchmark: embedding throughput of our compiled models next to PyTorch, in one run.
 
     python benchmarks/bench_models.py --device cpu --mcpu native,haswell --plot cpu.png
-    python benchmarks/bench_models.py --device cuda   # BERT-base / Qwen3-0.6B vs transformers
+    python benchmarks/bench_models.py --device cuda --arch sm_90a,sm_80  # vs transformers
 
 CPU: all-MiniLM-L6-v2 through our build for each ``--mcpu`` (``native`` is this CPU; an AVX2
 build, ``haswell``, runs on an AVX-512 machine too), sentence-transformers and ONNX Runtime (the
@@ -25,8 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+import tvm
 
 from relax_masked_attn.embedding import EmbeddingModel, kernel_kind, pad_batch
+from relax_masked_attn.targets import device_cuda_target
 
 WORDS = ["the", "model", "compiles", "attention", "kernels", "for", "padded", "batches", "of",
          "text", "on", "every", "target", "with", "masks", "skipping", "work"]
@@ -213,51 +215,71 @@ def profile(model: EmbeddingModel, input_ids: np.ndarray, mask: np.ndarray) -> N
         f"{name.removesuffix('_kernel')} {sum(t):.3f} ms/{len(t)}" for name, t in slowest))
 
 
-def random_checkpoint(kind: str, folder: str) -> None:
+def random_checkpoint(kind: str, folder: str, vocab: int = 151669) -> None:
+    """A checkpoint of BERT-base's or Qwen3-0.6B's shape with random weights (``vocab``: Qwen3's
+    vocabulary, its real 151669 by default; the lookup is cheap, the file is not)."""
     from transformers import BertConfig, BertModel, Qwen3Config, Qwen3Model
 
     torch.manual_seed(0)
     if kind == "bert-base":
         model = BertModel(BertConfig())  # 12 layers, 768 hidden, 12 heads
-    else:  # Qwen3-0.6B shape (vocabulary cut to 32000: the lookup costs nothing, the file less)
+    else:
         model = Qwen3Model(Qwen3Config(
-            vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+            vocab_size=vocab, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
             num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
         ))
     model.save_pretrained(folder)
 
 
+# (rows, shortest, longest) of each batch: what the GPU issues measure (a long and a short mixed
+# batch per model, and BERT's one-text latency).
+CUDA_BATCHES = {
+    "bert-base": [(32, 64, 512), (128, 16, 128), (8, 16, 64), (1, 32, 32)],
+    "qwen3-0.6b": [(16, 128, 1024), (64, 32, 256)],
+}
+
+
 def bench_cuda(args) -> None:
     from transformers import AutoModel
 
-    rng = np.random.default_rng(0)
-    print(f"CUDA: {torch.cuda.get_device_name()}, fp16, batches of {args.batch} mixed lengths "
-          f"in [16, {args.seq}]")
-    for kind in ("bert-base", "qwen3-0.6b"):
+    print(f"CUDA: {torch.cuda.get_device_name()}, fp16, ours built for {args.arch} (ratio = "
+          "transformers time / ours); lengths uniform in [shortest, longest]")
+    for kind, batches in CUDA_BATCHES.items():
         with tempfile.TemporaryDirectory() as folder:
-            random_checkpoint(kind, folder)
-            ours = EmbeddingModel.from_pretrained(folder, target="cuda", dtype="float16")
+            random_checkpoint(kind, folder, args.qwen_vocab)
             hf = AutoModel.from_pretrained(folder, dtype=torch.float16,
                                            attn_implementation="sdpa").cuda().eval()
-        side = ours.spec.padding_side
-        lengths = rng.integers(16, args.seq + 1, args.batch)
-        ids = [list(rng.integers(1, 1000, n)) for n in lengths]
-        input_ids, mask = pad_batch(ids, side)
-        t_ids, t_mask = torch.from_numpy(input_ids).cuda(), torch.from_numpy(mask).cuda()
+            ours = {}
+            for arch in args.arch.split(","):
+                start = time.perf_counter()
+                target = tvm.target.Target({**dict(device_cuda_target().export()), "arch": arch})
+                ours[arch] = EmbeddingModel.from_pretrained(folder, target=target, dtype="float16")
+                print(f"{kind}: {arch} build loaded in {time.perf_counter() - start:.1f} s",
+                      flush=True)
+        side = next(iter(ours.values())).spec.padding_side
+        for rows, shortest, longest in batches:
+            rng = np.random.default_rng(rows)
+            lengths = rng.integers(shortest, longest + 1, rows)
+            ids = [list(rng.integers(1, 1000, n)) for n in lengths]
+            input_ids, mask = pad_batch(ids, side)
+            t_ids, t_mask = torch.from_numpy(input_ids).cuda(), torch.from_numpy(mask).cuda()
 
-        def run_hf():
-            with torch.no_grad():
-                hf(input_ids=t_ids, attention_mask=t_mask)
-            torch.cuda.synchronize()
+            def run_hf():
+                with torch.no_grad():
+                    hf(input_ids=t_ids, attention_mask=t_mask)
+                torch.cuda.synchronize()
 
-        t_ours = median_of(lambda: ours.embed_ids(input_ids, mask), 5)
-        t_hf = median_of(run_hf, 5)
-        tokens = int(lengths.sum())
-        print(f"{kind:12} ours {t_ours * 1e3:8.2f} ms ({tokens / t_ours:9.0f} tok/s)  "
-              f"transformers {t_hf * 1e3:8.2f} ms ({tokens / t_hf:9.0f} tok/s)  "
-              f"ratio {t_hf / t_ours:.2f}x", flush=True)
-        if args.profile:
-            profile(ours, input_ids, mask)
+            t_hf = median_of(run_hf, 9)
+            tokens = int(lengths.sum())
+            cells = []
+            for arch, model in ours.items():
+                t_ours = median_of(lambda: model.embed_ids(input_ids, mask), 9)
+                cells.append(f"{arch} {t_ours * 1e3:7.2f} ms {t_hf / t_ours:5.2f}x")
+            print(f"{kind:11} {rows:3} rows in [{shortest:3}, {longest:4}] ({tokens:6} tokens)  "
+                  f"transformers {t_hf * 1e3:7.2f} ms  " + "  ".join(cells), flush=True)
+            if args.profile:
+                for model in ours.values():
+                    profile(model, input_ids, mask)
 
 
 def main() -> None:
@@ -270,8 +292,10 @@ def main() -> None:
     parser.add_argument("--no-ort", dest="ort", action="store_false",
                         help="CPU: leave ONNX Runtime out")
     parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
-    parser.add_argument("--batch", type=int, default=32, help="CUDA: batch size")
-    parser.add_argument("--seq", type=int, default=512, help="CUDA: longest sequence")
+    parser.add_argument("--arch", default="sm_90a",
+                        help="CUDA: our builds, comma-separated (sm_90a, sm_80, ...)")
+    parser.add_argument("--qwen-vocab", type=int, default=151669,
+                        help="CUDA: Qwen3's vocabulary (real: 151669)")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 
-from relax_masked_attn.kernels import cuda_dense
+from relax_masked_attn.kernels import cpu_dense, cuda_dense
 from relax_masked_attn.kernels.epilogue import Epilogue
 from relax_masked_attn.passes.dispatch_dense import dispatch_dense, standalone_linear_module
 from relax_masked_attn.targets import host_cpu_target
@@ -303,3 +304,45 @@ def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kerne
         ref = reference(x, w, b, activation, r)
         tol = 2e-2 if dtype == "float16" else 6e-2
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("target", [SM90, SM90A, {"kind": "llvm", "mcpu": "haswell"}])
+def test_each_kernel_is_generated_once_per_model(target):
+    """A model asks for the same kernel at every layer: four layers parse as many kernels as one,
+    and the module holds one copy."""
+    from tvm.relax.frontend import nn
+
+    class Layers(nn.Module):
+        def __init__(self, count):
+            self.linears = nn.ModuleList([nn.Linear(128, 256) for _ in range(count)])
+
+        def forward(self, x: nn.Tensor):
+            return tuple(linear(x) for linear in self.linears)
+
+    target = tvm.target.Target(target)
+    dtype = "float32" if target.kind.name == "llvm" else "float16"
+    generator = (cpu_dense.dense_kernel if target.kind.name == "llvm"
+                 else cuda_dense.wgmma_dense_kernel if cuda_dense.has_wgmma(target)
+                 else cuda_dense.dense_kernel)
+    generated = []
+    for count in (1, 4):
+        model = Layers(count)
+        model.to(dtype)
+        mod, _ = model.export_tvm({"forward": {"x": nn.spec.Tensor(["m", 128], dtype)}})
+        generator.cache_clear()
+        mod = dispatched(mod, target)
+        assert kernels_of(mod) == [f"zz_dense_bias_n256_k128_{dtype}"]
+        generated.append(generator.cache_info().misses)
+    assert generated[0] == generated[1] >= 1
+
+
+def test_cpu_kernels_of_different_isas_stay_apart():
+    """The attention kernel's cache is keyed by the ISA that the current target resolves to."""
+    from relax_masked_attn.kernels.cpu import cpu_kernel
+
+    kernels = []
+    for mcpu in ("haswell", "skylake-avx512", "haswell"):
+        with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
+            kernels.append(cpu_kernel(4, 4, 64, "float32", "padded", 0.125))
+    assert kernels[0] is kernels[2]
+    assert not tvm_ffi.structural_equal(kernels[0], kernels[1])

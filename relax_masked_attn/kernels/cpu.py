@@ -16,6 +16,7 @@ from ..modes import is_causal, is_left_padded
 from ..targets import cpu_isa
 from .config import cpu_tiles
 from .geometry import LOG2E, NEG_INF, attention_func
+from .memo import memoized
 
 PARTS = 256  # parallel parts; (batch row, head) pairs go to them in turn (a power of two)
 
@@ -70,6 +71,12 @@ def cpu_kernel(
     if isa is None:
         current = tvm.target.Target.current()
         isa = cpu_isa(current) if current is not None and current.kind.name == "llvm" else "avx2"
+    return _cpu_kernel(heads_q, heads_kv, head_dim, dtype, mode, sm_scale, packed, isa)
+
+
+@memoized
+def _cpu_kernel(heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str,
+                sm_scale: float, packed: bool, isa: str) -> tirx.PrimFunc:
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
     tiles = cpu_tiles(isa, head_dim)

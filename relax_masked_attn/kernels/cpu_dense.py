@@ -25,6 +25,7 @@ from tvm.script import tirx as T
 from ..targets import cpu_isa
 from .config import CpuDenseTiles, cpu_dense_tiles, largest_divisor
 from .epilogue import Epilogue, dense_func, polynomial_erf
+from .memo import memoized
 
 
 def tiles_for(target: tvm.target.Target) -> CpuDenseTiles:
@@ -49,6 +50,7 @@ def _divisor_at_most(value: int, limit: int, floor: int) -> int:
     return best if best >= floor else value
 
 
+@memoized
 def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                  tiles: CpuDenseTiles) -> tirx.PrimFunc:
     """PrimFunc ``(x [m, k], wp [n / cols, k, cols], [bias,] [residual,] out [m, n])``, ``m``

@@ -39,6 +39,7 @@ from ..targets import compute_capability, cuda_arch
 from .config import tensor_core_dense_tiles, wgmma_dense_tiles
 from .epilogue import Epilogue, dense_func
 from .hopper import realign_pool, swizzle128_descriptor
+from .memo import memoized
 
 
 def supports(target: Target, n: int, k: int, dtype: str) -> bool:
@@ -53,6 +54,7 @@ def supports(target: Target, n: int, k: int, dtype: str) -> bool:
     )
 
 
+@memoized
 def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                  tiles=None) -> tirx.PrimFunc:
     """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``; ``m``
@@ -77,6 +79,8 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
     rows_per_line = 8 // chunks  # shared rows in one 128-byte line
     num_kt = k // tile_k
     b_base = tile_m // rows_per_line
+    pool_elems = stages * (tile_m + tile_n) * tile_k
+    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems, scope)
     ab = "f16" if dtype == "float16" else "bf16"
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
 
@@ -166,21 +170,79 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                             b_frag[j // 2, (j % 2) * 2], b_frag[j // 2, (j % 2) * 2 + 1],
                             acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3],
                         )
-        # Epilogue: c0, c1 are (row g, cols 2t, 2t + 1); c2, c3 the same of row g + 8.
+        # Epilogue through shared memory (staged_store): c0, c1 of acc[i, j] are (row g,
+        # columns 2 t, 2 t + 1) of the warp's m16 tile i and n8 tile j, c2, c3 the same of row
+        # g + 8; each pair goes to the staging tile in the output dtype, bias and activation
+        # applied.
+        T.ptx.cp.async_.wait_group(0)
+        T.cuda.cta_sync()  # every warp is done reading the ring
+        staging = T.decl_buffer((pool_elems,), dtype, data=smem.data, scope=scope)
+        pair = T.alloc_buffer((2,), dtype, scope="local")
         for i in T.unroll(fm):
             for h in T.unroll(2):
-                row = m0 + wm * warp_m + i * 16 + g + h * 8
-                if row < m:
-                    for j in T.unroll(fn):
-                        for c in T.unroll(2):
-                            col = n0 + wn * warp_n + j * 8 + t4 * 2 + c
-                            out[row, col] = epilogue.store(
-                                dtype, acc[i, j, h * 2 + c],
-                                bias_buf[col] if epilogue.bias else None,
-                                residual[row, col] if epilogue.residual else None,
-                            )
+                r = wm * warp_m + i * 16 + g + h * 8
+                for j in T.unroll(fn):
+                    col = wn * warp_n + j * 8 + t4 * 2
+                    for c in T.unroll(2):
+                        pair[c] = T.Cast(dtype, epilogue.value(
+                            acc[i, j, h * 2 + c],
+                            bias_buf[n0 + col + c] if epilogue.bias else None,
+                        ))
+                    staging[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+        T.cuda.cta_sync()
+        store(smem, residual, out, m, bm, bn, tx)
 
     return dense_func(n, k, dtype, body, epilogue)
+
+
+def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: int,
+                 threads: int, pool_elems: int, scope: str):
+    """The second half of both kernels' epilogue: the block's output tile, staged in the shared
+    pool as ``tile_m`` rows of ``tile_n + 8`` elements (the value before the residual, in the
+    output dtype), written to ``out`` in whole 16-byte vectors, the residual's 16 bytes read and
+    added on the way. Returns ``(row stride of the staging tile, macro)``; the macro is called
+    as ``store(smem, residual, out, m, bm, bn, tx)`` after a barrier that follows the writes.
+
+    The staging rows are padded by 16 bytes, so the 8 rows of an ``mma`` fragment that a warp
+    writes at once fall in distinct banks. Each thread moves 8 columns of a row as four 4-byte
+    shared loads and one 16-byte global store (word views of the pool, of ``out`` and of the
+    residual, whose halves are read as ``dtype``). Nsight Compute had shown the direct 2-byte
+    stores of the fragments using 8 of every 32 bytes sent.
+    """
+    out_stride = tile_n + 8
+    per_row = tile_n // 8  # threads a row
+    assert tile_m * out_stride <= pool_elems and threads * 8 % tile_n == 0
+
+    def out_word(bm, bn, it, tx):
+        """Index of the first 32-bit word of the 8 output columns thread ``tx`` moves in step
+        ``it`` (written out in thread and loop variables, whose multiple of 4 the code generator
+        must see to emit one 16-byte access, not four)."""
+        row = bm * tile_m + it * (threads // per_row) + tx // per_row
+        return (row * n + bn * tile_n + tx % per_row * 8) // 2
+
+    @T.macro
+    def store(smem, residual, out, m, bm, bn, tx):
+        smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data, scope=scope)
+        out_words = T.decl_buffer((m * (n // 2),), "uint32", data=out.data)
+        words = T.alloc_buffer((4,), "uint32", scope="local")
+        halves = T.decl_buffer((8,), dtype, data=words.data, scope="local")
+        if epilogue.residual:
+            res_words = T.decl_buffer((m * (n // 2),), "uint32", data=residual.data)
+            res = T.alloc_buffer((4,), "uint32", scope="local")
+            res_halves = T.decl_buffer((8,), dtype, data=res.data, scope="local")
+        for it in T.unroll(tile_m * per_row // threads):
+            r = it * (threads // per_row) + tx // per_row
+            col = tx % per_row * 8
+            if bm * tile_m + r < m:
+                for q in T.unroll(4):
+                    words[q] = smem_words[(r * out_stride + col) // 2 + q]
+                if epilogue.residual:
+                    res[T.Ramp(0, 1, 4)] = res_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)]
+                    for e in T.unroll(8):
+                        halves[e] = epilogue.add_residual(dtype, halves[e], res_halves[e])
+                out_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)] = words[T.Ramp(0, 1, 4)]
+
+    return out_stride, store
 
 
 def has_wgmma(target: Target) -> bool:
@@ -188,6 +250,7 @@ def has_wgmma(target: Target) -> bool:
     return target.kind.name == "cuda" and cuda_arch(target) == "sm_90a"
 
 
+@memoized
 def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                        tiles=None) -> tirx.PrimFunc:
     """The same PrimFunc as :func:`dense_kernel` for ``sm_90a``, on ``wgmma.mma_async``.
@@ -220,14 +283,8 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
     acc_len = tile_n // 2  # fp32 accumulators a thread
     loads = rows * 8 // threads  # 16-byte cp.async a thread a stage
     x_loads = tile_m * 8 // threads  # of which copy x's rows (each copy: 32 rows, 8 chunks)
-    out_stride = tile_n + 8  # elements a row of the output staging tile (the pool's start)
-    assert tile_m * out_stride <= pool_elems
-
-    def out_word(bm, bn, it, tx):
-        """Index of the first 32-bit word of the 8 output columns thread ``tx`` moves in step
-        ``it`` of the epilogue (the row ``m0 + r`` and column ``n0 + col`` below)."""
-        row = bm * tile_m + it * (threads * 8 // tile_n) + tx // (tile_n // 8)
-        return (row * n + bn * tile_n + tx % (tile_n // 8) * 8) // 2
+    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems,
+                                     "shared.dyn")
 
     @T.macro
     def load_stage(smem, x_flat, w_flat, offsets, fill, kt):
@@ -299,10 +356,9 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
             T.ptx.wgmma.commit_group.sync.aligned()
             T.ptx.wgmma.wait_group.sync.aligned(1)
         T.ptx.wgmma.wait_group.sync.aligned(0)
-        # Epilogue through shared memory, so that global stores are whole 16-byte vectors.
-        # Accumulator i of a thread: n8 tile i // 4, row g (+ 8 for i % 4 >= 2), column 2 t
-        # (+ 1); the pair goes to the staging tile (rows padded by 16 bytes: the 8 rows a warp
-        # writes at once fall in distinct banks), in the output dtype, bias added.
+        # Epilogue through shared memory (staged_store). Accumulator i of a thread: n8 tile
+        # i // 4, row g (+ 8 for i % 4 >= 2), column 2 t (+ 1); the pair goes to the staging
+        # tile in the output dtype, bias and activation applied.
         T.cuda.cta_sync()  # every warpgroup is done reading the ring
         lane = tx % 32
         pair = T.alloc_buffer((2,), dtype, scope="local")
@@ -316,29 +372,6 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
                     ))
                 smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
         T.cuda.cta_sync()
-        # Out: each thread moves 8 columns of a row, as four 4-byte shared loads and one 16-byte
-        # global store (word views of the pool, of out and of the residual, whose 16 bytes are
-        # added here, the halves of the words viewed as `dtype`).
-        smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data, scope="shared.dyn")
-        out_words = T.decl_buffer((m * (n // 2),), "uint32", data=out.data)
-        words = T.alloc_buffer((4,), "uint32", scope="local")
-        halves = T.decl_buffer((8,), dtype, data=words.data, scope="local")
-        if epilogue.residual:
-            res_words = T.decl_buffer((m * (n // 2),), "uint32", data=residual.data)
-            res = T.alloc_buffer((4,), "uint32", scope="local")
-            res_halves = T.decl_buffer((8,), dtype, data=res.data, scope="local")
-        for it in T.unroll(tile_m * tile_n // 8 // threads):
-            r = it * (threads * 8 // tile_n) + tx // (tile_n // 8)
-            col = tx % (tile_n // 8) * 8
-            if m0 + r < m:
-                for q in T.unroll(4):
-                    words[q] = smem_words[(r * out_stride + col) // 2 + q]
-                if epilogue.residual:
-                    # (the word index written out in thread and loop variables, whose multiple
-                    # of 4 the code generator must see to emit one 16-byte load, not four)
-                    res[T.Ramp(0, 1, 4)] = res_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)]
-                    for e in T.unroll(8):
-                        halves[e] = epilogue.add_residual(dtype, halves[e], res_halves[e])
-                out_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)] = words[T.Ramp(0, 1, 4)]
+        store(smem, residual, out, m, bm, bn, tx)
 
     return dense_func(n, k, dtype, body, epilogue)

@@ -33,6 +33,7 @@ from .config import tensor_core_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
+from .memo import memoized
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -46,6 +47,7 @@ def supports(target: Target, head_dim: int, dtype: str) -> bool:
     return compute_capability(target) >= 80  # unknown (0): stay portable
 
 
+@memoized
 def tensor_core_kernel(
     heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
     tiles=None, packed: bool = False,

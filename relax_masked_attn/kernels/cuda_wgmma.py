@@ -36,6 +36,7 @@ from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
 from .hopper import realign_pool, swizzle128_descriptor
+from .memo import memoized
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 ROWS, COLS, THREADS = 128, 64, 256  # query rows a block (2 warpgroups x 64), keys a tile
@@ -48,6 +49,7 @@ def supports(target: Target, head_dim: int, dtype: str) -> bool:
             and dtype in ("float16", "bfloat16") and head_dim in SUPPORTED_HEAD_DIMS)
 
 
+@memoized
 def wgmma_attention_kernel(
     heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
     packed: bool = False, tiles=None,

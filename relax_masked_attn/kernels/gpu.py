@@ -16,8 +16,10 @@ from tvm.script import tirx as T
 from ..modes import is_causal, is_left_padded
 from .config import portable_gpu_tiles
 from .geometry import LOG2E, NEG_INF, attention_func
+from .memo import memoized
 
 
+@memoized
 def portable_gpu_kernel(
     heads_q: int, heads_kv: int, head_dim: int, dtype: str, mode: str, sm_scale: float,
     packed: bool = False,
