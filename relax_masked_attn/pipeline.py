@@ -8,6 +8,7 @@ from tvm import relax
 from .cpu_schedule import cpu_default_schedule
 from .gpu_schedule import gpu_default_schedule
 from .passes.dispatch_dense import dispatch_dense
+from .passes.dispatch_norm import dispatch_norm
 from .passes.dlight_workaround import disable_dlight_tensorize
 from .passes.legalize_prefill import LegalizeMaskedPrefill
 from .passes.vectorizable_gelu import vectorizable_gelu
@@ -17,7 +18,8 @@ PIPELINE_NAME = "relax_masked_attn"
 
 def pipeline_passes(target: tvm.target.Target,
                     prepack_weights: bool = False) -> list[tvm.transform.Pass]:
-    """The target's default build passes, with our legalization and :func:`dispatch_dense` first
+    """The target's default build passes, with our legalization, :func:`dispatch_dense` and
+    :func:`dispatch_norm` first
     (then, with ``prepack_weights``, ``LiftTransformParams``: see :func:`_pipeline`);
     on GPUs :func:`disable_dlight_tensorize` before every dlight scheduling pass; on CPUs
     :func:`vectorizable_gelu` and, after ``FuseTIR``, the CPU schedules of
@@ -31,7 +33,7 @@ def pipeline_passes(target: tvm.target.Target,
         raise ValueError(f"relax_masked_attn pipeline: unsupported target kind {kind!r}")
     rp = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
     passes = [LegalizeMaskedPrefill(), *rp.library_dispatch_passes(target)]
-    passes.append(dispatch_dense)
+    passes += [dispatch_dense, dispatch_norm]
     if prepack_weights:
         passes.append(relax.transform.LiftTransformParams(shared_transform=True))
     if kind == "llvm":
