@@ -346,3 +346,83 @@ def test_cpu_kernels_of_different_isas_stay_apart():
             kernels.append(cpu_kernel(4, 4, 64, "float32", "padded", 0.125))
     assert kernels[0] is kernels[2]
     assert not tvm_ffi.structural_equal(kernels[0], kernels[1])
+
+
+def swiglu_module(hidden: int, inner: int, dtype: str, share_gate: bool = False):
+    """Qwen3's MLP, ``down(silu(gate(x)) * up(x))``; with ``share_gate`` the gate product is
+    also returned (then it must stay a product of its own)."""
+    from tvm.relax.frontend import nn
+
+    class MLP(nn.Module):
+        def __init__(self):
+            self.gate_proj = nn.Linear(hidden, inner, bias=False)
+            self.up_proj = nn.Linear(hidden, inner, bias=False)
+            self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+        def forward(self, x: nn.Tensor):
+            gate = self.gate_proj(x)
+            out = self.down_proj(nn.op.silu(gate) * self.up_proj(x))
+            return (out, gate) if share_gate else out
+
+    model = MLP()
+    model.to(dtype)
+    mod, _ = model.export_tvm({"forward": {"x": nn.spec.Tensor(["t", hidden], dtype)}})
+    return mod
+
+
+@pytest.mark.parametrize("target", [SM90, SM90A])
+def test_cuda_swiglu_is_one_product(target):
+    mod = dispatched(swiglu_module(256, 512, "float16"), target)
+    assert kernels_of(mod) == ["zz_dense_n256_k512_float16", "zz_dense_swiglu_n1024_k256_float16"]
+    script = mod["forward"].script()
+    assert "R.nn.silu" not in script and "R.multiply" not in script
+
+
+@pytest.mark.parametrize("target,share_gate", [({"kind": "llvm", "mcpu": "haswell"}, False),
+                                               (SM90A, True)])
+def test_swiglu_stays_apart_on_cpus_and_when_the_gate_is_used_again(target, share_gate):
+    dtype = "float16" if share_gate else "float32"
+    mod = dispatched(swiglu_module(256, 512, dtype, share_gate), target)
+    assert not any("swiglu" in name for name in kernels_of(mod))
+    assert "R.nn.silu" in mod["forward"].script()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("prepack", [True, False])
+@pytest.mark.parametrize("hidden,inner,dtype", [(256, 512, "float16"), (1024, 3072, "float16"),
+                                                (128, 384, "bfloat16")])
+def test_cuda_swiglu_matches_torch(hidden, inner, dtype, prepack, kernel):
+    """The gated product against torch's ``down(silu(x Wg^T) * (x Wu^T))``, with the weights
+    interleaved once by ``transform_params`` (prepack) or in every call."""
+    import torch
+
+    from relax_masked_attn.targets import device_cuda_target
+
+    dev = tvm.cuda(0)
+    target = tvm.target.Target.from_device(dev)
+    if kernel == "wgmma":
+        target = device_cuda_target()
+        if not cuda_dense.has_wgmma(target):
+            pytest.skip("not a Hopper GPU")
+    mod = swiglu_module(hidden, inner, dtype)
+    assert any("swiglu" in name for name in kernels_of(dispatched(mod, target)))
+    ex = tvm.compile(mod, target=target,
+                     relax_pipeline=relax.get_pipeline("relax_masked_attn",
+                                                       prepack_weights=prepack))
+    vm = relax.VirtualMachine(ex, dev)
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(inner)
+    wg, wu = (torch.randn(inner, hidden, generator=gen) / hidden**0.5 for _ in range(2))
+    wd = torch.randn(hidden, inner, generator=gen) / inner**0.5
+    weights = [w.to(tdtype).cuda() for w in (wg, wu, wd)]
+    params = [tvm.runtime.from_dlpack(w) for w in weights]
+    if prepack:
+        params = vm["transform_params"](params)
+    for rows in (1, 7, 130, 1000):
+        x = torch.randn(rows, hidden, generator=gen).to(tdtype).cuda()
+        out = torch.from_dlpack(vm["forward"](tvm.runtime.from_dlpack(x), *params)).float()
+        g, u, d = (w.float() for w in weights)
+        ref = (torch.nn.functional.silu(x.float() @ g.T) * (x.float() @ u.T)) @ d.T
+        tol = 2e-2 if dtype == "float16" else 8e-2
+        np.testing.assert_allclose(out.cpu().numpy(), ref.cpu().numpy(), rtol=tol, atol=tol)

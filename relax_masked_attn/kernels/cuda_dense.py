@@ -207,29 +207,37 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     writes at once fall in distinct banks. Each thread moves 8 columns of a row as four 4-byte
     shared loads and one 16-byte global store (word views of the pool, of ``out`` and of the
     residual, whose halves are read as ``dtype``). Nsight Compute had shown the direct 2-byte
-    stores of the fragments using 8 of every 32 bytes sent.
+    stores of the fragments using 8 of every 32 bytes sent. A ``gated`` epilogue's tile holds
+    gate columns in its first half and the matching up columns in its second
+    (:func:`~relax_masked_attn.kernels.epilogue.gated_weight` with ``group = tile_n / 2``): a
+    thread reads 8 of each and writes 8 outputs ``silu(gate) * up``.
     """
     out_stride = tile_n + 8
-    per_row = tile_n // 8  # threads a row
-    assert tile_m * out_stride <= pool_elems and threads * 8 % tile_n == 0
+    cols = epilogue.out_columns(tile_n)  # output columns of the tile
+    n_out = epilogue.out_columns(n)
+    per_row = cols // 8  # threads a row
+    assert tile_m * out_stride <= pool_elems and threads % per_row == 0
 
     def out_word(bm, bn, it, tx):
         """Index of the first 32-bit word of the 8 output columns thread ``tx`` moves in step
         ``it`` (written out in thread and loop variables, whose multiple of 4 the code generator
         must see to emit one 16-byte access, not four)."""
         row = bm * tile_m + it * (threads // per_row) + tx // per_row
-        return (row * n + bn * tile_n + tx % per_row * 8) // 2
+        return (row * n_out + bn * cols + tx % per_row * 8) // 2
 
     @T.macro
     def store(smem, residual, out, m, bm, bn, tx):
         smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data, scope=scope)
-        out_words = T.decl_buffer((m * (n // 2),), "uint32", data=out.data)
+        out_words = T.decl_buffer((m * (n_out // 2),), "uint32", data=out.data)
         words = T.alloc_buffer((4,), "uint32", scope="local")
         halves = T.decl_buffer((8,), dtype, data=words.data, scope="local")
         if epilogue.residual:
             res_words = T.decl_buffer((m * (n // 2),), "uint32", data=residual.data)
             res = T.alloc_buffer((4,), "uint32", scope="local")
             res_halves = T.decl_buffer((8,), dtype, data=res.data, scope="local")
+        if epilogue.gated:
+            up = T.alloc_buffer((4,), "uint32", scope="local")
+            up_halves = T.decl_buffer((8,), dtype, data=up.data, scope="local")
         for it in T.unroll(tile_m * per_row // threads):
             r = it * (threads // per_row) + tx // per_row
             col = tx % per_row * 8
@@ -240,9 +248,22 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                     res[T.Ramp(0, 1, 4)] = res_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)]
                     for e in T.unroll(8):
                         halves[e] = epilogue.add_residual(dtype, halves[e], res_halves[e])
+                if epilogue.gated:
+                    for q in T.unroll(4):
+                        up[q] = smem_words[(r * out_stride + cols + col) // 2 + q]
+                    for e in T.unroll(8):
+                        halves[e] = epilogue.swiglu(dtype, halves[e], up_halves[e])
                 out_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)] = words[T.Ramp(0, 1, 4)]
 
     return out_stride, store
+
+
+def gate_group(target: Target, n: int, dtype: str) -> int:
+    """Rows of gate, then of up, a group of the interleaved weight of a gated product of ``n``
+    weight rows (both projections) on ``target``: half the columns of the kernel's tile."""
+    tile_n = (wgmma_dense_tiles(n, dtype)[0] if has_wgmma(target)
+              else tensor_core_dense_tiles(dtype)[1])
+    return tile_n // 2
 
 
 def has_wgmma(target: Target) -> bool:

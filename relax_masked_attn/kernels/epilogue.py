@@ -16,22 +16,42 @@ from .int32_guard import OVERFLOW, fits_int32
 class Epilogue:
     """What a dense kernel does to ``x @ w.T`` before it writes ``out``, in this order: add
     ``bias[n]``, apply ``activation`` (in fp32, before the one rounding to the output dtype), then
-    add ``residual[m, n]`` (in the output dtype's precision, as a separate ``+`` would)."""
+    add ``residual[m, n]`` (in the output dtype's precision, as a separate ``+`` would).
+
+    ``gated`` (SwiGLU, alone): the weight holds a gate and an up projection interleaved in groups
+    of ``g`` rows (:func:`gated_weight`), and ``out[m, n / 2]`` is ``silu(gate) * up`` of the two
+    products, each rounded to the output dtype first, as two separate products would be."""
 
     bias: bool = False
     activation: str | None = None  # None, "gelu" (erf) or "gelu_tanh"
     residual: bool = False
+    gated: bool = False
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"Epilogue: activation must be one of {ACTIVATIONS}, "
                              f"but got {self.activation!r}")
+        if self.gated and (self.bias or self.activation or self.residual):
+            raise ValueError("Epilogue: a gated (SwiGLU) product takes no other step")
 
     @property
     def name(self) -> str:
-        """``""``, or ``_bias``, ``_gelu``, ``_residual`` joined in order (kernel names)."""
+        """``""``, ``_swiglu``, or ``_bias``, ``_gelu``, ``_residual`` joined in order (kernel
+        names)."""
+        if self.gated:
+            return "_swiglu"
         parts = (["bias"] if self.bias else []) + ([self.activation] if self.activation else [])
         return "".join(f"_{p}" for p in parts + (["residual"] if self.residual else []))
+
+    def out_columns(self, n: int) -> int:
+        """Columns of ``out`` for a weight of ``n`` rows."""
+        return n // 2 if self.gated else n
+
+    @staticmethod
+    def swiglu(dtype: str, gate, up):
+        """``silu(gate) * up`` of two values of ``dtype``, in fp32, rounded once."""
+        g, u = T.Cast("float32", gate), T.Cast("float32", up)
+        return T.Cast(dtype, g / (T.float32(1) + T.exp(-g)) * u)
 
     def value(self, acc, bias_value, erf=None):
         """The float32 value before the residual: ``activation(acc + bias)``."""
@@ -85,6 +105,18 @@ def polynomial_erf(value):
     return x * p / q
 
 
+def gated_weight(gate, up, group: int):
+    """The weight of a gated product (Relax expressions, ``[n, k]`` each): ``group`` rows of
+    ``gate``, then the same ``group`` rows of ``up``, and so on (``[2 n, k]``), so that a kernel
+    tile of ``2 group`` columns holds both halves of ``group`` outputs. A Relax expression on the
+    parameters: ``LiftTransformParams`` runs it once at load time."""
+    from tvm import relax
+
+    n, k = (int(v) for v in gate.ty.shape.values)
+    halves = [relax.op.reshape(w, [n // group, group, k]) for w in (gate, up)]
+    return relax.op.reshape(relax.op.concat(halves, axis=1), [2 * n, k])
+
+
 def dense_func(
     n: int, k: int, dtype: str, body, epilogue: Epilogue | None = None,
     index_dtype: str = "int32", scheduled: bool = True, w_shape: tuple | None = None,
@@ -110,7 +142,7 @@ def dense_func(
         w = T.match_buffer(w_handle, w_shape or (n, k), dtype)
         bias = T.match_buffer(bias_handle, (n,), dtype)
         residual = T.match_buffer(residual_handle, (m, n), dtype)
-        out = T.match_buffer(out_handle, (m, n), dtype)
+        out = T.match_buffer(out_handle, (m, epilogue.out_columns(n)), dtype)
         if index_dtype == "int32":
             assert fits_int32(m, max(n, k)), OVERFLOW.format(
                 what=f"dense kernel ({n}x{k})", bound="rows * max(n, k)")

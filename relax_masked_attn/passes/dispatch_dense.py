@@ -13,13 +13,13 @@ from tvm.relax.expr_functor import mutator
 
 from .._ir import is_call_of, mutate_functions
 from ..kernels import cpu_dense, cuda_dense
-from ..kernels.epilogue import Epilogue
+from ..kernels.epilogue import Epilogue, gated_weight
 
 
 def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
     """Our dense kernel for ``x[m, k] @ w[n, k].T`` with ``epilogue`` on ``target``, or None."""
     if target.kind.name == "llvm":
-        if not cpu_dense.supports(target, n, k, dtype):
+        if epilogue.gated or not cpu_dense.supports(target, n, k, dtype):
             return None
         return cpu_dense.dense_kernel(n, k, dtype, epilogue, cpu_dense.tiles_for(target))
     if not cuda_dense.supports(target, n, k, dtype):
@@ -43,10 +43,12 @@ class _Product:
     bias: relax.Expr | None = None
     activation: str | None = None
     residual: relax.Expr | None = None  # [rows, n]
+    gated: bool = False  # w is gate and up interleaved; the output has n / 2 columns
 
     @property
     def epilogue(self) -> Epilogue:
-        return Epilogue(self.bias is not None, self.activation, self.residual is not None)
+        return Epilogue(self.bias is not None, self.activation, self.residual is not None,
+                        self.gated)
 
 
 _ACTIVATION_OPS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh"}
@@ -138,11 +140,12 @@ class _DenseDispatcher(BackendDispatcher):
             w = self.builder_.emit(cpu_dense.pack_weight(w, cpu_dense.tiles_for(target).cols))
         args = [x2, w, *(e for e in (product.bias, product.residual) if e is not None)]
         rows = x2.ty.shape.values[0]
+        n_out = epilogue.out_columns(product.n)
         out = self.builder_.emit(
-            relax.call_tir(gv, args, out_ty=relax.TensorType([rows, product.n], product.dtype))
+            relax.call_tir(gv, args, out_ty=relax.TensorType([rows, n_out], product.dtype))
         )
         self.products[out] = product
-        return out if len(product.lead) == 1 else relax.op.reshape(out, [*product.lead, product.n])
+        return out if len(product.lead) == 1 else relax.op.reshape(out, [*product.lead, n_out])
 
     def _product_of(self, var, original) -> _Product | None:
         """The product whose output ``var`` is (through a reshape or aliases), when ``original``
@@ -163,7 +166,8 @@ class _DenseDispatcher(BackendDispatcher):
         for (lin, other), orig in both_orders:
             product = self._product_of(lin, orig[0])
             other_ty = other.ty
-            if product is None or other_ty.shape is None or other_ty.dtype.dtype != product.dtype:
+            if (product is None or product.gated or other_ty.shape is None
+                    or other_ty.dtype.dtype != product.dtype):
                 continue
             if other_ty.ndim == 1 and product.epilogue == Epilogue():
                 size = other_ty.shape.values[0]
@@ -179,10 +183,34 @@ class _DenseDispatcher(BackendDispatcher):
                 return self._emit(dataclasses.replace(product, residual=residual))
         return None
 
+    def _fuse_swiglu(self, call: relax.Call):
+        """``silu(x @ Wg.T) * (x @ Wu.T)`` (either order), both products of the same ``x`` with
+        nothing fused yet and no other use: one product on the interleaved weight whose epilogue
+        writes ``silu(gate) * up`` (CUDA only)."""
+        for silu_var, up_var in (call.args, call.args[::-1]):
+            if not isinstance(silu_var, relax.Var) or self.uses[silu_var] != 1:
+                continue
+            silu = self.lookup_binding(silu_var)
+            if not is_call_of(silu, "relax.nn.silu"):
+                continue
+            gate = self._product_of(silu.args[0], silu.args[0])
+            up = self._product_of(up_var, up_var)
+            if (gate is None or up is None or gate.epilogue != Epilogue()
+                    or up.epilogue != Epilogue() or not gate.x2.same_as(up.x2)
+                    or (gate.n, gate.k, gate.dtype) != (up.n, up.k, up.dtype)
+                    or gate.target.kind.name != "cuda"
+                    or not cuda_dense.supports(gate.target, 2 * gate.n, gate.k, gate.dtype)):
+                continue
+            group = cuda_dense.gate_group(gate.target, 2 * gate.n, gate.dtype)
+            w = self.builder_.emit(gated_weight(gate.w, up.w, group))
+            return self._emit(dataclasses.replace(gate, w=w, n=2 * gate.n, gated=True))
+        return None
+
     def _fuse_activation(self, call: relax.Call, original: relax.Call):
         """``gelu(product)`` with no activation or residual yet: the activation joins."""
         product = self._product_of(call.args[0], original.args[0])
-        if product is None or product.activation is not None or product.residual is not None:
+        if (product is None or product.activation is not None or product.residual is not None
+                or product.gated):
             return None
         return self._emit(dataclasses.replace(product, activation=_ACTIVATION_OPS[call.op.name]))
 
@@ -193,6 +221,8 @@ class _DenseDispatcher(BackendDispatcher):
             fused = self._fuse_add(call, original)
         elif isinstance(call.op, tvm.ir.Op) and call.op.name in _ACTIVATION_OPS:
             fused = self._fuse_activation(call, original)
+        elif is_call_of(call, "relax.multiply"):
+            fused = self._fuse_swiglu(call)
         else:
             product = self._linear(call)
             fused = None if product is None else self._emit(product)
@@ -218,7 +248,9 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     What follows the product joins its kernel's epilogue, in this order, each step only where
     the value before it has no other use: ``+ bias`` (a ``[n]`` vector), ``nn.gelu`` or
     ``nn.gelu_tanh``, ``+ residual`` (a tensor of the product's shape): BERT's
-    ``gelu(x W1^T + b1)`` and ``x W^T + b + x`` are one kernel each. On CPUs the kernel reads
+    ``gelu(x W1^T + b1)`` and ``x W^T + b + x`` are one kernel each. On CUDA, SwiGLU's
+    ``silu(x Wg^T) * (x Wu^T)`` (Qwen3's MLP) is one product on the two weights interleaved
+    (``epilogue.gated_weight``, lifted out with the other layouts). On CPUs the kernel reads
     the weight in panels: the call gets ``pack_weight(w)``, which ``prepack_weights`` in the
     pipeline lifts out to run once.
 
