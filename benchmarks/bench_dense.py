@@ -138,6 +138,65 @@ CPU_SHAPES = [  # (n, k, what)
 ]
 
 
+CPU_SWEEP = [  # (rows, cols, depth, task_rows, task_cols), for the target's ISA
+    (None, None, None, None, None),  # what kernels/config.py gives
+    ("rows", 64, 256, 8, 256),  # 4 vectors a row at AVX-512 (rows = half)
+    ("rows", 32, 256, 4, 256),
+    ("rows", 32, 128, 8, 256),
+    ("rows", 32, 512, 8, 256),
+    ("rows", 32, 256, 16, 256),
+    ("rows", 32, 256, 8, 512),
+]
+
+
+def cpu_sweep(args) -> None:
+    """The raw CPU kernel (weight packed outside the timing) under each CPU_SWEEP blocking for
+    each ``--mcpu`` build, GFLOP/s; ``rows`` stands for the ISA's register rows at that width
+    (the accumulator budget divided by vectors a row)."""
+    import dataclasses
+
+    import numpy as np
+    from bench_models import cpu_target
+
+    from relax_masked_attn.kernels import cpu_dense
+    from relax_masked_attn.kernels.epilogue import Epilogue
+
+    for target, label in (cpu_target(m) for m in args.mcpu.split(",")):
+        base = cpu_dense.tiles_for(target)
+        budget = base.rows * base.cols // base.lanes  # accumulators
+        configs = []
+        for rows, cols, depth, task_blocks, task_cols in CPU_SWEEP:
+            if rows is None:
+                configs.append(base)
+                continue
+            rows = max(1, budget // (cols // base.lanes))
+            configs.append(dataclasses.replace(base, rows=rows, cols=cols, depth=depth,
+                                               task_rows=rows * task_blocks, task_cols=task_cols))
+        print(f"{label}: GFLOP/s per blocking (rows x cols, depth, task rows x cols)")
+        print("    n     k ", "  ".join(f"{c.rows}x{c.cols},{c.depth},{c.task_rows}x{c.task_cols}"
+                                        for c in configs))
+        rng = np.random.default_rng(0)
+        for n, k, what in CPU_SHAPES:
+            x = rng.standard_normal((args.rows, k)).astype("float32")
+            w = (rng.standard_normal((n, k)) / k**0.5).astype("float32")
+            cells = []
+            for tiles in configs:
+                if n % tiles.cols:
+                    cells.append("-")
+                    continue
+                func = cpu_dense.dense_kernel(n, k, "float32", Epilogue(), tiles)
+                kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+                wp = np.ascontiguousarray(w.reshape(n // tiles.cols, tiles.cols, k)
+                                          .transpose(0, 2, 1))
+                targs = [tvm.runtime.tensor(a) for a in (x, wp, np.empty((args.rows, n),
+                                                                          "float32"))]
+                kernel(*targs)
+                assert np.abs(targs[2].numpy() - x @ w.T).max() < 1e-3
+                t = median_time(lambda: kernel(*targs), lambda: None)
+                cells.append(f"{2.0 * args.rows * n * k / t / 1e9:.0f}")
+            print(f"{n:5} {k:5} ", "  ".join(f"{c:>18}" for c in cells), f" {what}", flush=True)
+
+
 def bench_cpu(args) -> None:
     """float32 on the CPU: our dense kernel for each ``--mcpu`` build (the weight prepacked once,
     as the models run it) next to ``torch.nn.functional.linear`` (oneDNN / MKL), GFLOP/s."""
@@ -192,12 +251,13 @@ def main() -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--sweep", choices=["mma", "wgmma", "both"],
-                        help="also time the tile configurations of these kernels")
+                        help="also time the tile configurations of these kernels (CPU: "
+                        "only the blockings of CPU_SWEEP, any value)")
     parser.add_argument("--epilogue-sweep", action="store_true",
                         help="only time BERT's fused epilogues under each wgmma configuration")
     args = parser.parse_args()
     if args.device == "cpu":
-        bench_cpu(args)
+        cpu_sweep(args) if args.sweep else bench_cpu(args)
         return
     if args.epilogue_sweep:
         epilogue_sweep(args, getattr(torch, args.dtype))
