@@ -9,8 +9,10 @@ file and the tensor.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +102,18 @@ PREFIXES = ("", "model.", "bert.")
 
 
 def match_parameters(
-    names_shapes: list[tuple[str, tuple[int, ...]]], tensors: dict[str, np.ndarray], dtype: str
+    names_shapes: list[tuple[str, tuple[int, ...]]], tensors: dict[str, np.ndarray], dtype: str,
+    workers: int | None = None,
 ) -> list[np.ndarray]:
     """The checkpoint tensor for every parameter, in order, cast to ``dtype``.
 
     A parameter ``p`` is found as ``p``, ``model.p`` or ``bert.p``; tensors the model does not use
-    (a pooler, an LM head) are ignored; a missing or misshapen one is an error.
+    (a pooler, an LM head) are ignored; a missing or misshapen one is an error. The copies (and
+    casts) run on ``workers`` threads (default: every core) in slices of about 4M elements:
+    NumPy releases the GIL while it casts, and reading a memory-mapped checkpoint of a few GB on
+    one thread was most of a warm start (Qwen3-0.6B: 600M parameters).
     """
-    out = []
+    sources = []
     for name, shape in names_shapes:
         key = next((p + name for p in PREFIXES if p + name in tensors), None)
         if key is None:
@@ -117,5 +123,26 @@ def match_parameters(
             raise CheckpointError(
                 f"weight {key!r} has shape {tuple(value.shape)}, the model expects {tuple(shape)}"
             )
-        out.append(np.ascontiguousarray(value.astype(_np_dtype(dtype))))
+        sources.append(value)
+    target = _np_dtype(dtype)
+    out = [np.empty(value.shape, target) for value in sources]
+    jobs = []
+    for src, dst in zip(sources, out):
+        rows = src.shape[0] if src.ndim else 1
+        step = max(1, _SLICE_ELEMENTS // max(1, src.size // max(1, rows)))
+        for start in range(0, rows, step):
+            jobs.append((src, dst, start, min(rows, start + step)))
+
+    def copy(job):
+        src, dst, start, stop = job
+        if src.ndim == 0:
+            np.copyto(dst, src, casting="unsafe")
+        else:
+            np.copyto(dst[start:stop], src[start:stop], casting="unsafe")
+
+    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        list(pool.map(copy, jobs))
     return out
+
+
+_SLICE_ELEMENTS = 1 << 22

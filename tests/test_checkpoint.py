@@ -160,3 +160,26 @@ def test_corrupt_tokenizer_is_a_checkpoint_error(tiny_bert, tmp_path):
     (path / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
     with pytest.raises(CheckpointError, match="tokenizer.json is not a tokenizer"):
         EmbeddingModel.from_pretrained(path, use_cache=False)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_parameters_are_cast_in_slices_on_threads(dtype):
+    """Tensors larger than a slice are copied in several pieces on several threads: every
+    element is NumPy's own cast, prefixes are resolved, unused tensors ignored."""
+    import ml_dtypes
+
+    from relax_masked_attn.weights import match_parameters
+
+    rng = np.random.default_rng(0)
+    tensors = {"model.embed.weight": rng.standard_normal((9000, 1000)).astype("float32"),
+               "layer.bias": rng.standard_normal(7).astype("float32"),
+               "scale": np.array(3.5, "float32"),
+               "lm_head.weight": np.zeros((2, 2), "float32")}
+    wanted = [("embed.weight", (9000, 1000)), ("layer.bias", (7,)), ("scale", ())]
+    out = match_parameters(wanted, tensors, dtype, workers=3)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    for got, key in zip(out, ["model.embed.weight", "layer.bias", "scale"]):
+        assert got.dtype == np_dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, tensors[key].astype(np_dtype))
+    with pytest.raises(CheckpointError, match="expects"):
+        match_parameters([("layer.bias", (8,))], tensors, dtype)
