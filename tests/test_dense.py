@@ -426,3 +426,23 @@ def test_cuda_swiglu_matches_torch(hidden, inner, dtype, prepack, kernel):
         ref = (torch.nn.functional.silu(x.float() @ g.T) * (x.float() @ u.T)) @ d.T
         tol = 2e-2 if dtype == "float16" else 8e-2
         np.testing.assert_allclose(out.cpu().numpy(), ref.cpu().numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("make,arch", [(cuda_dense.dense_kernel, "sm_80"),
+                                       (cuda_dense.wgmma_dense_kernel, "sm_90a")])
+def test_small_batches_take_the_split_k_kernels(make, arch):
+    """Up to SMALL_ROWS rows the product runs split along k (a grid blockIdx.z deep) and a
+    second kernel adds the parts; above, the one full-size kernel: three kernels, the host
+    choosing by the row count."""
+    import re
+
+    assert cuda_dense.small_batch_splits(768, 768, 128) == 12  # 6 column blocks x 12 = 72
+    assert cuda_dense.small_batch_splits(768, 3072, 256) == 48  # 3 x 48 = 144 blocks
+    assert cuda_dense.small_batch_splits(3072, 768, 128) == 6  # 24 x 6 = 144
+    func = make(768, 3072, "float16", Epilogue(True, None, True))
+    assert f"m <= {cuda_dense.SMALL_ROWS}" in func.script()
+    ex = tvm.compile(tvm.IRModule({"main": func}),
+                     target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+    src = ex.mod.imports[0].inspect_source()
+    kernels = {name for name in re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)", src)}
+    assert len(kernels) == 3

@@ -7,9 +7,15 @@ generators, both in TVMScript with explicit threads and the same PrimFunc signat
 
 * :func:`wgmma_dense_kernel` for ``sm_90a`` (H100/H200 with the Hopper-only ``a`` features):
   ``wgmma.mma_async`` on descriptors of swizzled shared tiles, output staged through shared
-  memory for 16-byte stores; 0.71-0.90x of cuBLAS on the H200 (docs/performance.md);
+  memory for 16-byte stores; 0.73-0.89x of cuBLAS on the H200 (docs/performance.md);
 * :func:`dense_kernel` for every other sm80+ target (A100, L40, and ``sm_90`` without the
-  ``a``), described below; 0.36-0.51x of cuBLAS on the same shapes.
+  ``a``), described below; 0.55-0.61x of cuBLAS on the same shapes (the H200, where cuBLAS runs
+  ``wgmma``).
+
+Both stage the output tile in shared memory for 16-byte stores (:func:`staged_store`), and
+both send batches of at most :data:`SMALL_ROWS` rows (a single text) to a split-k path
+(:func:`with_small_batches`): with a few rows a product has only ``n / tile_n`` blocks, a few of
+the GPU's SMs, each walking all of ``k``.
 
 :func:`dense_kernel` uses the same machinery as the attention kernel (:mod:`.cuda_mma`):
 
@@ -36,7 +42,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..targets import compute_capability, cuda_arch
-from .config import tensor_core_dense_tiles, wgmma_dense_tiles
+from .config import largest_divisor, tensor_core_dense_tiles, wgmma_dense_tiles
 from .epilogue import Epilogue, dense_func
 from .hopper import realign_pool, swizzle128_descriptor
 from .memo import memoized
@@ -58,16 +64,28 @@ def supports(target: Target, n: int, k: int, dtype: str) -> bool:
 def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                  tiles=None) -> tirx.PrimFunc:
     """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``; ``m``
-    symbolic; ``epilogue`` says what joins the product before it is stored.
+    symbolic; ``epilogue`` says what joins the product before it is stored. Batches of at most
+    :data:`SMALL_ROWS` rows take the split-k path (:func:`with_small_batches`).
 
     ``tiles`` overrides :func:`~relax_masked_attn.kernels.config.tensor_core_dense_tiles`
     (for sweeps; ``n`` and ``k`` must be multiples of its tile sizes).
     """
     epilogue = epilogue or Epilogue()
     tiles = tiles or tensor_core_dense_tiles(dtype)
+    body = _mma_bodies(n, k, dtype, epilogue, tiles)[0]
+    small = with_small_batches(n, k, dtype, epilogue, body, tiles[1], tiles[3] * tiles[4] * 32)
+    return dense_func(n, k, dtype, small, epilogue)
+
+
+def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: int = 1):
+    """The ``mma.sync`` kernel as ``T.macro`` bodies: ``(body(x, w, bias, residual, out, m),
+    partial(x, w, ws, m))``. ``body`` is the whole product and epilogue; ``partial`` runs a
+    grid ``splits`` deep along k, block ``z`` summing k-steps ``[z s, (z + 1) s)`` and writing
+    its fp32 sums to ``ws[z, row, col]`` (rows past ``m`` not written)."""
     tile_m, tile_n, tile_k, warps_m, warps_n, stages = tiles
-    if n % tile_n or k % tile_k or tile_k not in (32, 64):
-        raise ValueError(f"dense_kernel: n={n}, k={k} do not fit tiles {tiles} (k-step 32 or 64)")
+    if n % tile_n or k % tile_k or tile_k not in (32, 64) or (k // tile_k) % splits:
+        raise ValueError(f"dense_kernel: n={n}, k={k} do not fit tiles {tiles} (k-step 32 or 64)"
+                         f" split {splits} ways")
     smem_bytes = stages * (tile_m + tile_n) * tile_k * 2
     # Past the 48 KiB of static shared memory a block needs the dynamic kind (TVM's runtime
     # raises the kernel's limit when it loads it).
@@ -77,7 +95,7 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
     fm, fn = warp_m // 16, warp_n // 8  # mma tiles of one warp
     chunks = tile_k // 8  # 16-byte chunks in one shared row
     rows_per_line = 8 // chunks  # shared rows in one 128-byte line
-    num_kt = k // tile_k
+    steps = k // tile_k // splits  # k-steps of one block
     b_base = tile_m // rows_per_line
     pool_elems = stages * (tile_m + tile_n) * tile_k
     out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems, scope)
@@ -107,40 +125,30 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
             )
 
     @T.macro
-    def body(x, w, bias_buf, residual, out, m):
-        bn = T.launch_thread("blockIdx.x", n // tile_n)
-        bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
-        tx = T.launch_thread("threadIdx.x", threads)
-        # One shared pool a stage: x's rows in lines [0, b_base), w's rows after them.
-        smem = T.alloc_buffer((stages, (tile_m + tile_n) // rows_per_line, 64), dtype, scope=scope)
+    def product(x, w, smem, acc, m, m0, n0, kt0, tx):
+        """``acc`` = the block's tile of ``x @ w.T`` over k-steps ``[kt0, kt0 + steps)``."""
         a_frag = T.alloc_buffer((fm, 4), "uint32", scope="local")
         b_frag = T.alloc_buffer((fn // 2, 4), "uint32", scope="local")
-        acc = T.alloc_buffer((fm, fn, 4), "float32", scope="local")
-        m0 = bm * tile_m
-        n0 = bn * tile_n
         warp = tx // 32
         lane = tx % 32
         wm = warp // warps_n
         wn = warp % warps_n
-        g = lane // 4
-        t4 = lane % 4
-
         for i in T.unroll(fm):
             for j in T.unroll(fn):
                 for c in T.unroll(4):
                     acc[i, j, c] = T.float32(0)
         for s in T.unroll(stages - 1):
-            if s < num_kt:
-                load_tile(smem, 0, x, m0, tile_m, m, s, s, tx)
-                load_tile(smem, b_base, w, n0, tile_n, n, s, s, tx)
+            if s < steps:
+                load_tile(smem, 0, x, m0, tile_m, m, kt0 + s, s, tx)
+                load_tile(smem, b_base, w, n0, tile_n, n, kt0 + s, s, tx)
             T.ptx.cp.async_.commit_group()
-        for kt in T.serial(num_kt):
+        for kt in T.serial(steps):
             T.ptx.cp.async_.wait_group(stages - 2)
             T.cuda.cta_sync()  # k-step kt landed; every warp is done with the slot of kt - 1
-            if kt + stages - 1 < num_kt:
+            if kt + stages - 1 < steps:
                 nxt = (kt + stages - 1) % stages
-                load_tile(smem, 0, x, m0, tile_m, m, kt + stages - 1, nxt, tx)
-                load_tile(smem, b_base, w, n0, tile_n, n, kt + stages - 1, nxt, tx)
+                load_tile(smem, 0, x, m0, tile_m, m, kt0 + kt + stages - 1, nxt, tx)
+                load_tile(smem, b_base, w, n0, tile_n, n, kt0 + kt + stages - 1, nxt, tx)
             T.ptx.cp.async_.commit_group()
             slot = kt % stages
             for kk in T.unroll(tile_k // 16):
@@ -170,29 +178,145 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                             b_frag[j // 2, (j % 2) * 2], b_frag[j // 2, (j % 2) * 2 + 1],
                             acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3],
                         )
+        T.ptx.cp.async_.wait_group(0)
+
+    @T.macro
+    def body(x, w, bias_buf, residual, out, m):
+        bn = T.launch_thread("blockIdx.x", n // tile_n)
+        bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
+        tx = T.launch_thread("threadIdx.x", threads)
+        # One shared pool a stage: x's rows in lines [0, b_base), w's rows after them.
+        smem = T.alloc_buffer((stages, (tile_m + tile_n) // rows_per_line, 64), dtype, scope=scope)
+        acc = T.alloc_buffer((fm, fn, 4), "float32", scope="local")
+        n0 = bn * tile_n
+        product(x, w, smem, acc, m, bm * tile_m, n0, 0, tx)
         # Epilogue through shared memory (staged_store): c0, c1 of acc[i, j] are (row g,
         # columns 2 t, 2 t + 1) of the warp's m16 tile i and n8 tile j, c2, c3 the same of row
         # g + 8; each pair goes to the staging tile in the output dtype, bias and activation
         # applied.
-        T.ptx.cp.async_.wait_group(0)
-        T.cuda.cta_sync()  # every warp is done reading the ring
+        T.tvm_storage_sync("shared")  # every warp is done reading the ring
         staging = T.decl_buffer((pool_elems,), dtype, data=smem.data, scope=scope)
         pair = T.alloc_buffer((2,), dtype, scope="local")
+        lane = tx % 32
         for i in T.unroll(fm):
             for h in T.unroll(2):
-                r = wm * warp_m + i * 16 + g + h * 8
+                r = tx // 32 // warps_n * warp_m + i * 16 + lane // 4 + h * 8
                 for j in T.unroll(fn):
-                    col = wn * warp_n + j * 8 + t4 * 2
+                    col = tx // 32 % warps_n * warp_n + j * 8 + lane % 4 * 2
                     for c in T.unroll(2):
                         pair[c] = T.Cast(dtype, epilogue.value(
                             acc[i, j, h * 2 + c],
                             bias_buf[n0 + col + c] if epilogue.bias else None,
                         ))
                     staging[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
-        T.cuda.cta_sync()
+        T.tvm_storage_sync("shared")
         store(smem, residual, out, m, bm, bn, tx)
 
-    return dense_func(n, k, dtype, body, epilogue)
+    def fragment_row(bm, tx, i, h):
+        """Row of ``out`` of accumulators ``acc[i, j, 2 h], acc[i, j, 2 h + 1]``."""
+        return bm * tile_m + tx // 32 // warps_n * warp_m + i * 16 + tx % 32 // 4 + h * 8
+
+    def fragment_col(bn, tx, j):
+        """Column of ``out`` of accumulator ``acc[i, j, 0]`` (``+ 1``: ``acc[i, j, 1]``)."""
+        return bn * tile_n + tx // 32 % warps_n * warp_n + j * 8 + tx % 4 * 2
+
+    @T.macro
+    def partial(x, w, ws, m):
+        with T.launch_thread("blockIdx.x", n // tile_n) as bn:
+            bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
+            bz = T.launch_thread("blockIdx.z", splits)
+            tx = T.launch_thread("threadIdx.x", threads)
+            smem = T.alloc_buffer((stages, (tile_m + tile_n) // rows_per_line, 64), dtype,
+                                  scope=scope)
+            acc = T.alloc_buffer((fm, fn, 4), "float32", scope="local")
+            product(x, w, smem, acc, m, bm * tile_m, bn * tile_n, bz * steps, tx)
+            for i in T.unroll(fm):
+                for h in T.unroll(2):
+                    if fragment_row(bm, tx, i, h) < m:
+                        for j in T.unroll(fn):
+                            for c in T.unroll(2):
+                                ws[bz, fragment_row(bm, tx, i, h), fragment_col(bn, tx, j) + c] = (
+                                    acc[i, j, h * 2 + c])
+
+    return body, partial
+
+
+# Batches of at most this many rows (one text of up to 64 tokens, a few short ones) run the
+# split-k path: at 32 rows a 768-column product has 3 to 6 blocks, a few of the GPU's 132 SMs,
+# each walking all of k; splitting k fills the GPU.
+SMALL_ROWS = 64
+SMALL_BLOCKS = 264  # blocks the split aims at: two an SM of an H100/H200
+
+
+def small_batch_splits(n: int, k: int, tile_n: int) -> int:
+    """How many ways the split-k path divides ``k`` (in 64-wide k-steps, evenly): the most that
+    keep the grid of ``tile_n``-column blocks within :data:`SMALL_BLOCKS`."""
+    return largest_divisor(k // 64, max(1, SMALL_BLOCKS // (n // tile_n)))
+
+
+def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, tile_n: int,
+                       threads: int):
+    """``body`` (a dense kernel's macro, blocks of ``tile_n`` columns and ``threads`` threads) for
+    batches of more than :data:`SMALL_ROWS` rows; smaller ones run an ``mma.sync`` product split
+    along k (:func:`small_batch_splits` ways) into an fp32 workspace of ``SMALL_ROWS`` rows,
+    then a kernel that adds the partial sums and applies the epilogue (a gated one pairs gate
+    and up columns as :func:`gate_group` interleaves them, ``tile_n / 2`` of each a block).
+
+    apache-tvm 0.27 unifies the launch dimensions of every kernel of a PrimFunc by name, so all
+    three kernels share ``blockIdx.x`` (``n / tile_n``), ``blockIdx.y`` (128-row tiles) and
+    ``threadIdx.x`` (``threads``); the split product and the sum share ``blockIdx.z``."""
+    splits = small_batch_splits(n, k, tile_n)
+    tiles = (128, tile_n, 64, 2, threads // 64, 3)
+    partial = _mma_bodies(n, k, dtype, epilogue, tiles, splits)[1]
+    cols = epilogue.out_columns(tile_n)  # output columns of a block
+    row_steps = (SMALL_ROWS + splits - 1) // splits
+
+    def row_of(bm, bz, i):
+        return bm * 128 + i * splits + bz
+
+    def col_of(q, tx):
+        """Column within the block's ``cols`` outputs."""
+        return q * threads + tx
+
+    @T.macro
+    def reduce(ws, bias_buf, residual, out, m):
+        with T.launch_thread("blockIdx.x", n // tile_n) as bn:
+            bm = T.launch_thread("blockIdx.y", (m + 127) // 128)
+            bz = T.launch_thread("blockIdx.z", splits)
+            tx = T.launch_thread("threadIdx.x", threads)
+            total = T.alloc_buffer((2,), "float32", scope="local")
+            for q in T.serial((cols + threads - 1) // threads):
+                for i in T.serial(row_steps):
+                    if row_of(bm, bz, i) < m and col_of(q, tx) < cols:
+                        total[0] = T.float32(0)
+                        total[1] = T.float32(0)
+                        for z in T.serial(splits):
+                            # gated: gate rows [bn tile_n, + cols), the matching up rows after them
+                            total[0] = total[0] + ws[z, row_of(bm, bz, i),
+                                                     bn * tile_n + col_of(q, tx)]
+                            if epilogue.gated:
+                                total[1] = total[1] + ws[z, row_of(bm, bz, i),
+                                                         bn * tile_n + cols + col_of(q, tx)]
+                        if epilogue.gated:
+                            out[row_of(bm, bz, i), bn * cols + col_of(q, tx)] = epilogue.swiglu(
+                                dtype, T.Cast(dtype, total[0]), T.Cast(dtype, total[1]))
+                        else:
+                            out[row_of(bm, bz, i), bn * cols + col_of(q, tx)] = epilogue.store(
+                                dtype, total[0],
+                                bias_buf[bn * cols + col_of(q, tx)] if epilogue.bias else None,
+                                residual[row_of(bm, bz, i), bn * cols + col_of(q, tx)]
+                                if epilogue.residual else None)
+
+    @T.macro
+    def dispatch(x, w, bias_buf, residual, out, m):
+        if m <= SMALL_ROWS:
+            ws = T.alloc_buffer((splits, SMALL_ROWS, n), "float32")
+            partial(x, w, ws, m)
+            reduce(ws, bias_buf, residual, out, m)
+        else:
+            body(x, w, bias_buf, residual, out, m)
+
+    return dispatch
 
 
 def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: int,
@@ -380,7 +504,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
         # Epilogue through shared memory (staged_store). Accumulator i of a thread: n8 tile
         # i // 4, row g (+ 8 for i % 4 >= 2), column 2 t (+ 1); the pair goes to the staging
         # tile in the output dtype, bias and activation applied.
-        T.cuda.cta_sync()  # every warpgroup is done reading the ring
+        T.tvm_storage_sync("shared")  # every warpgroup is done reading the ring
         lane = tx % 32
         pair = T.alloc_buffer((2,), dtype, scope="local")
         for h in T.unroll(2):
@@ -392,7 +516,8 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
                         acc[j * 4 + h * 2 + c], bias_buf[n0 + col + c] if epilogue.bias else None
                     ))
                 smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
-        T.cuda.cta_sync()
+        T.tvm_storage_sync("shared")
         store(smem, residual, out, m, bm, bn, tx)
 
-    return dense_func(n, k, dtype, body, epilogue)
+    small = with_small_batches(n, k, dtype, epilogue, body, tile_n, threads)
+    return dense_func(n, k, dtype, small, epilogue)
