@@ -271,6 +271,19 @@ def test_cpu_fuses_bias_gelu_and_residual():
 # --- CUDA on a real GPU ---------------------------------------------------------------------
 
 
+def gpu_target(kernel: str) -> tvm.target.Target:
+    """The visible GPU's target for ``kernel``: ``mma``, its plain target; ``wgmma``, its
+    sm_90a target (skips the test off Hopper)."""
+    from relax_masked_attn.targets import device_cuda_target
+
+    if kernel == "mma":
+        return tvm.target.Target.from_device(tvm.cuda(0))
+    target = device_cuda_target()
+    if not cuda_dense.has_wgmma(target):
+        pytest.skip("not a Hopper GPU")
+    return target
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -281,15 +294,9 @@ def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kerne
     ``mma``: the device's plain target; ``wgmma``: its sm_90a target (Hopper only)."""
     import ml_dtypes
 
-    from relax_masked_attn.targets import device_cuda_target
-
     assert cuda_available()
     dev = tvm.cuda(0)
-    target = tvm.target.Target.from_device(dev)
-    if kernel == "wgmma":
-        target = device_cuda_target()
-        if not cuda_dense.has_wgmma(target):
-            pytest.skip("not a Hopper GPU")
+    target = gpu_target(kernel)
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
@@ -397,14 +404,8 @@ def test_cuda_swiglu_matches_torch(hidden, inner, dtype, prepack, kernel):
     interleaved once by ``transform_params`` (prepack) or in every call."""
     import torch
 
-    from relax_masked_attn.targets import device_cuda_target
-
     dev = tvm.cuda(0)
-    target = tvm.target.Target.from_device(dev)
-    if kernel == "wgmma":
-        target = device_cuda_target()
-        if not cuda_dense.has_wgmma(target):
-            pytest.skip("not a Hopper GPU")
+    target = gpu_target(kernel)
     mod = swiglu_module(hidden, inner, dtype)
     assert any("swiglu" in name for name in kernels_of(dispatched(mod, target)))
     ex = tvm.compile(mod, target=target,
