@@ -246,7 +246,8 @@ def bench_cuda(args) -> None:
 
     print(f"CUDA: {torch.cuda.get_device_name()}, fp16, ours built for {args.arch} (ratio = "
           "transformers time / ours); lengths uniform in [shortest, longest]")
-    for kind, batches in CUDA_BATCHES.items():
+    for kind in args.models.split(","):
+        batches = CUDA_BATCHES[kind]
         with tempfile.TemporaryDirectory() as folder:
             random_checkpoint(kind, folder, args.qwen_vocab)
             hf = AutoModel.from_pretrained(folder, dtype=torch.float16,
@@ -300,6 +301,8 @@ def main() -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
     parser.add_argument("--arch", default="sm_90a",
                         help="CUDA: our builds, comma-separated (sm_90a, sm_80, ...)")
+    parser.add_argument("--models", default=",".join(CUDA_BATCHES),
+                        help="CUDA: which of bert-base, qwen3-0.6b")
     parser.add_argument("--qwen-vocab", type=int, default=151669,
                         help="CUDA: Qwen3's vocabulary (real: 151669)")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")

@@ -437,9 +437,10 @@ def test_small_batches_take_the_split_k_kernels(make, arch):
     choosing by the row count."""
     import re
 
-    assert cuda_dense.small_batch_splits(768, 768, 128) == 12  # 6 column blocks x 12 = 72
-    assert cuda_dense.small_batch_splits(768, 3072, 256) == 48  # 3 x 48 = 144 blocks
-    assert cuda_dense.small_batch_splits(3072, 768, 128) == 6  # 24 x 6 = 144
+    # 128-column tiles x parts: 6 x 12 = 72, 6 x 24 = 144, 24 x 6 = 144 blocks
+    assert cuda_dense.small_batch_splits(768, 768) == 12
+    assert cuda_dense.small_batch_splits(768, 3072) == 24
+    assert cuda_dense.small_batch_splits(3072, 768) == 6
     func = make(768, 3072, "float16", Epilogue(True, None, True))
     assert f"m <= {cuda_dense.SMALL_ROWS}" in func.script()
     ex = tvm.compile(tvm.IRModule({"main": func}),

@@ -77,12 +77,17 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
     return dense_func(n, k, dtype, small, epilogue)
 
 
-def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: int = 1):
+def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: int = 1,
+                launch_cols: int | None = None):
     """The ``mma.sync`` kernel as ``T.macro`` bodies: ``(body(x, w, bias, residual, out, m),
-    partial(x, w, ws, m))``. ``body`` is the whole product and epilogue; ``partial`` runs a
-    grid ``splits`` deep along k, block ``z`` summing k-steps ``[z s, (z + 1) s)`` and writing
-    its fp32 sums to ``ws[z, row, col]`` (rows past ``m`` not written)."""
+    partial(x, w, ws, m))``. ``body`` is the whole product and epilogue; ``partial`` runs the
+    product split ``splits`` ways along k, part ``p`` summing k-steps ``[p s, (p + 1) s)`` and
+    writing its fp32 sums to ``ws[p, row, col]`` (rows past ``m`` not written). Its grid has
+    ``n / launch_cols`` blocks along x (default: one a tile) and ``splits * launch_cols /
+    tile_n`` along z, which names the part and the tile within the ``launch_cols`` columns."""
     tile_m, tile_n, tile_k, warps_m, warps_n, stages = tiles
+    launch_cols = launch_cols or tile_n
+    sub = launch_cols // tile_n  # tiles a block of x
     if n % tile_n or k % tile_k or tile_k not in (32, 64) or (k // tile_k) % splits:
         raise ValueError(f"dense_kernel: n={n}, k={k} do not fit tiles {tiles} (k-step 32 or 64)"
                          f" split {splits} ways")
@@ -216,27 +221,31 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
         """Row of ``out`` of accumulators ``acc[i, j, 2 h], acc[i, j, 2 h + 1]``."""
         return bm * tile_m + tx // 32 // warps_n * warp_m + i * 16 + tx % 32 // 4 + h * 8
 
-    def fragment_col(bn, tx, j):
+    def tile_col(bn, bz):
+        """First column of the tile of block (``bn``, ``bz``)."""
+        return bn * launch_cols + bz % sub * tile_n
+
+    def fragment_col(bn, bz, tx, j):
         """Column of ``out`` of accumulator ``acc[i, j, 0]`` (``+ 1``: ``acc[i, j, 1]``)."""
-        return bn * tile_n + tx // 32 % warps_n * warp_n + j * 8 + tx % 4 * 2
+        return tile_col(bn, bz) + tx // 32 % warps_n * warp_n + j * 8 + tx % 4 * 2
 
     @T.macro
     def partial(x, w, ws, m):
-        with T.launch_thread("blockIdx.x", n // tile_n) as bn:
+        with T.launch_thread("blockIdx.x", n // launch_cols) as bn:
             bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
-            bz = T.launch_thread("blockIdx.z", splits)
+            bz = T.launch_thread("blockIdx.z", splits * sub)
             tx = T.launch_thread("threadIdx.x", threads)
             smem = T.alloc_buffer((stages, (tile_m + tile_n) // rows_per_line, 64), dtype,
                                   scope=scope)
             acc = T.alloc_buffer((fm, fn, 4), "float32", scope="local")
-            product(x, w, smem, acc, m, bm * tile_m, bn * tile_n, bz * steps, tx)
+            product(x, w, smem, acc, m, bm * tile_m, tile_col(bn, bz), bz // sub * steps, tx)
             for i in T.unroll(fm):
                 for h in T.unroll(2):
                     if fragment_row(bm, tx, i, h) < m:
                         for j in T.unroll(fn):
                             for c in T.unroll(2):
-                                ws[bz, fragment_row(bm, tx, i, h), fragment_col(bn, tx, j) + c] = (
-                                    acc[i, j, h * 2 + c])
+                                ws[bz // sub, fragment_row(bm, tx, i, h),
+                                   fragment_col(bn, bz, tx, j) + c] = acc[i, j, h * 2 + c]
 
     return body, partial
 
@@ -248,9 +257,9 @@ SMALL_ROWS = 64
 SMALL_BLOCKS = 264  # blocks the split aims at: two an SM of an H100/H200
 
 
-def small_batch_splits(n: int, k: int, tile_n: int) -> int:
+def small_batch_splits(n: int, k: int, tile_n: int = 128) -> int:
     """How many ways the split-k path divides ``k`` (in 64-wide k-steps, evenly): the most that
-    keep the grid of ``tile_n``-column blocks within :data:`SMALL_BLOCKS`."""
+    keep the grid of ``tile_n``-column tiles within :data:`SMALL_BLOCKS`."""
     return largest_divisor(k // 64, max(1, SMALL_BLOCKS // (n // tile_n)))
 
 
@@ -264,15 +273,19 @@ def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, til
 
     apache-tvm 0.27 unifies the launch dimensions of every kernel of a PrimFunc by name, so all
     three kernels share ``blockIdx.x`` (``n / tile_n``), ``blockIdx.y`` (128-row tiles) and
-    ``threadIdx.x`` (``threads``); the split product and the sum share ``blockIdx.z``."""
-    splits = small_batch_splits(n, k, tile_n)
-    tiles = (128, tile_n, 64, 2, threads // 64, 3)
-    partial = _mma_bodies(n, k, dtype, epilogue, tiles, splits)[1]
+    ``threadIdx.x`` (``threads``); the split product and the sum share ``blockIdx.z``. The split
+    product runs 128-column tiles (``tile_n / 128`` of them a block of x, told apart by z): for
+    the ``wgmma`` kernel's 256-column blocks that doubles the blocks and halves their shared
+    memory."""
+    splits = small_batch_splits(n, k, 128)
+    depth = splits * (tile_n // 128)  # blockIdx.z
+    tiles = (128, 128, 64, 2, threads // 64, 3)
+    partial = _mma_bodies(n, k, dtype, epilogue, tiles, splits, launch_cols=tile_n)[1]
     cols = epilogue.out_columns(tile_n)  # output columns of a block
-    row_steps = (SMALL_ROWS + splits - 1) // splits
+    row_steps = (SMALL_ROWS + depth - 1) // depth
 
     def row_of(bm, bz, i):
-        return bm * 128 + i * splits + bz
+        return bm * 128 + i * depth + bz
 
     def col_of(q, tx):
         """Column within the block's ``cols`` outputs."""
@@ -282,7 +295,7 @@ def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, til
     def reduce(ws, bias_buf, residual, out, m):
         with T.launch_thread("blockIdx.x", n // tile_n) as bn:
             bm = T.launch_thread("blockIdx.y", (m + 127) // 128)
-            bz = T.launch_thread("blockIdx.z", splits)
+            bz = T.launch_thread("blockIdx.z", depth)
             tx = T.launch_thread("threadIdx.x", threads)
             total = T.alloc_buffer((2,), "float32", scope="local")
             for q in T.serial((cols + threads - 1) // threads):
