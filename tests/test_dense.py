@@ -448,3 +448,10 @@ def test_small_batches_take_the_split_k_kernels(make, arch):
     src = ex.mod.imports[0].inspect_source()
     kernels = {name for name in re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)", src)}
     assert len(kernels) == 3
+
+
+def test_kernels_with_unhashable_arguments_are_generated_too():
+    """A list of tiles is not cached, but serves as well as the tuple."""
+    listed = cuda_dense.dense_kernel(256, 128, "float16", None, [128, 128, 64, 2, 2, 3])
+    tupled = cuda_dense.dense_kernel(256, 128, "float16", None, (128, 128, 64, 2, 2, 3))
+    assert tvm_ffi.structural_equal(listed, tupled)
