@@ -172,13 +172,16 @@ def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
 @pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
 def test_sm90a_gets_the_wgmma_kernel(dtype, ab, n, wide):
     """Hopper's a-arch: both operands read by wgmma from swizzled shared memory; plain sm_90
-    keeps mma.sync (the test above)."""
+    keeps mma.sync (the test above). mma.sync serves only the split-k kernel of small batches
+    here: the full-size kernel (the branch past SMALL_ROWS) issues no mma.sync."""
     ex = tvm.compile(standalone_linear_module(n, 128, dtype, bias=True), target=SM90A,
                      relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     src = ex.mod.imports[0].imports[0].inspect_source()
     assert f"wgmma.mma_async.sync.aligned.m64n{wide}k16.f32.{ab}.{ab}" in src
     assert "fence.proxy.async.shared::cta" in src and "wgmma.wait_group.sync.aligned" in src
-    assert "mma.sync.aligned.m16n8k16" not in src
+    full_size = cuda_dense.wgmma_dense_kernel(n, 128, dtype, Epilogue(True)).script()
+    full_size = full_size[full_size.index("else:"):]
+    assert "wgmma" in full_size and "mma.sync" not in full_size
 
 
 @pytest.mark.parametrize("arch,expected", [("sm_90", "sm_90a"), ("sm_80", "sm_80"),
