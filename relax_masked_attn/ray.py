@@ -90,10 +90,11 @@ def embed_dataset(input_path: str, output_dir: str, model: str, text_column: str
                   batch_size: int = 256, threads_per_actor: int | None = None,
                   encode_options: dict | None = None) -> None:
     """Read ``input_path`` (Parquet or JSONL), add ``embedding`` with ``actors`` actors, write
-    Parquet part files into ``output_dir``; every input column is kept and rows keep their
-    order. On GPU targets each actor takes one GPU."""
+    Parquet part files ``part-000000.parquet``, ... into ``output_dir`` (new or empty); every
+    input column is kept and rows keep their order. On GPU targets each actor takes one GPU."""
     import ray
 
+    _check_output_dir(Path(output_dir))
     if not ray.is_initialized():
         ray.init()
     ctx = ray.data.DataContext.get_current()
@@ -118,4 +119,27 @@ def embed_dataset(input_path: str, output_dir: str, model: str, text_column: str
         num_gpus=1 if gpu else 0, num_cpus=min(reserved, 1.0) if gpu else reserved,
         runtime_env={"env_vars": {"TVM_NUM_THREADS": str(threads)}},
     )
-    ds.write_parquet(str(output_dir))
+    _write_in_order(ds, Path(output_dir))
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse a directory that already holds Parquet files: reading it back would mix two runs'
+    rows."""
+    existing = sorted(p.name for p in output_dir.glob("*.parquet")) if output_dir.is_dir() else []
+    if existing:
+        raise FileExistsError(f"{output_dir} already holds Parquet files ({existing[0]}, ...): "
+                              "write into an empty or new directory")
+
+
+def _write_in_order(ds, output_dir: Path) -> None:
+    """Each block of ``ds`` into ``output_dir/part-NNNNNN.parquet``, numbered in the dataset's
+    order, written by the driver as the blocks arrive (one at a time in memory). Ray's own
+    ``write_parquet`` numbers files by write task, and those tasks are not always started in
+    row order (seen with two actors: one run in four had blocks swapped), so a directory read
+    back in name order could come out shuffled. A directory that already holds Parquet files
+    is refused (:func:`_check_output_dir`, before any work)."""
+    import pyarrow.parquet as pq
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for i, block in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        pq.write_table(block, output_dir / f"part-{i:06d}.parquet")

@@ -68,3 +68,14 @@ def test_a_missing_text_column_is_named(local_ray, minilm_path, tmp_path):
     pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "in.parquet")
     with pytest.raises(Exception, match="no column 'text'"):
         embed_dataset(str(tmp_path / "in.parquet"), str(tmp_path / "out"), str(minilm_path))
+
+
+def test_an_output_folder_with_parquet_files_is_refused(local_ray, minilm_path, tmp_path):
+    """Reading such a folder back would mix two runs' rows."""
+    from relax_masked_attn.ray import embed_dataset
+
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "in.parquet")
+    (tmp_path / "out").mkdir()
+    pq.write_table(pa.table({"text": ["old"]}), tmp_path / "out" / "part-000000.parquet")
+    with pytest.raises(FileExistsError, match="already holds Parquet files"):
+        embed_dataset(str(tmp_path / "in.parquet"), str(tmp_path / "out"), str(minilm_path))
