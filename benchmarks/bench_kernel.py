@@ -3,6 +3,7 @@
     python benchmarks/bench_kernel.py --device cpu     # ours vs torch SDPA (bool mask) vs NumPy
     python benchmarks/bench_kernel.py --device cuda    # ours vs TVM upstream vs torch SDPA
     python benchmarks/bench_kernel.py --device cuda --sweep   # tensor-core tile layouts
+    python benchmarks/bench_kernel.py --device cuda --seq-sweep --plot attn.png  # vs seq length
 
 Lengths: full (every row = seq), mixed (uniform in [seq/8, seq]), short (uniform in [1, seq/4]).
 Every time is the median of several repeats of a timed loop, after a warm-up.
@@ -236,6 +237,84 @@ def bench_cuda(args) -> None:
                   f"{t_base/t_ours:8.1f}x {t_torch/t_ours:7.2f}x {tflops:8.1f}", flush=True)
 
 
+SEQ_SWEEP = [256, 512, 1024, 2048, 4096, 8192]  # 16384 tokens a batch at every length
+SEQ_SWEEP_HEADS = (16, 8, 128, "float16", "causal_padded_left")  # Qwen3-0.6B's attention
+
+
+def seq_sweep_cuda(args) -> None:
+    """Useful TFLOP/s against sequence length at full lengths, 16384 tokens a batch (batch =
+    16384 / seq), Qwen3-0.6B's heads, causal: ours (the device's target), ``mma.sync`` (on
+    Hopper), torch SDPA with a boolean mask and upstream TVM; ``--plot`` draws it."""
+    from relax_masked_attn.targets import device_cuda_target
+
+    dev = tvm.cuda(0)
+    target = device_cuda_target()
+    plain = tvm.target.Target.from_device(dev)
+    hq, hkv, d, dtype, mode = SEQ_SWEEP_HEADS
+    tdt = getattr(torch, dtype)
+    sync = torch.cuda.synchronize
+    systems = {"ours": target}
+    if str(target.attrs.get("arch")) != str(plain.attrs.get("arch")):
+        systems["ours, mma.sync"] = plain
+    runs = {name: ours(tgt, hq, hkv, d, dtype, mode, dev) for name, tgt in systems.items()}
+    base = upstream(plain, hq, hkv, d, dtype, mode) if not args.skip_upstream else None
+    series = {name: [] for name in [*runs, "torch SDPA + mask", "upstream TVM"]}
+    print(f"CUDA: {torch.cuda.get_device_name()}; {hq}/{hkv} heads, d{d}, {dtype}, {mode}, full "
+          "lengths, 16384 tokens a batch; useful TFLOP/s")
+    print(f"{'seq':>6} {'batch':>5}", *(f"{name:>18}" for name in series))
+    for seq in SEQ_SWEEP:
+        batch = max(1, 16384 // seq)
+        q, k, v = (torch.randn(batch, seq, h, d, device="cuda", dtype=tdt)
+                   for h in (hq, hkv, hkv))
+        valid_len = draw_lengths("full", batch, seq, np.random.default_rng(0))
+        vl = torch.from_numpy(valid_len).cuda()
+        flops = useful_flops(valid_len, hq, d, mode)
+        tvm_args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, vl)]
+        for name, run in runs.items():
+            series[name].append(flops / median_time(lambda: run(*tvm_args), sync) / 1e12)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        mask = torch_mask(vl, seq, mode)
+        t_torch = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=mask, enable_gqa=hq != hkv), sync)
+        series["torch SDPA + mask"].append(flops / t_torch / 1e12)
+        if base is not None:
+            out, lse = torch.empty_like(q), torch.empty(batch, seq, hq, device="cuda", dtype=tdt)
+            base_args = tvm_args + [tvm.runtime.from_dlpack(out), tvm.runtime.from_dlpack(lse)]
+            t_base = median_time(lambda: base(*base_args), sync, repeats=3, min_seconds=0.0)
+            series["upstream TVM"].append(flops / t_base / 1e12)
+        else:
+            series["upstream TVM"].append(float("nan"))
+        print(f"{seq:6} {batch:5}", *(f"{values[-1]:18.1f}" for values in series.values()),
+              flush=True)
+    if args.plot:
+        line_plot(SEQ_SWEEP, series, args.plot,
+                  f"attention on {torch.cuda.get_device_name()}: {hq}/{hkv} heads, d{d}, "
+                  f"{dtype}, causal, full lengths, 16384 tokens a batch")
+
+
+def line_plot(xs, series: dict[str, list[float]], filename: str, title: str) -> None:
+    """One line a system: useful TFLOP/s against sequence length (log-2 x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, values in series.items():
+        if not all(np.isnan(values)):
+            ax.plot(xs, values, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("useful TFLOP/s (higher is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=110)
+    print(f"chart written to {filename}")
+
+
 TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers); see kernels/config.py
     (4, 1, 64, True),
     (4, 2, 32, False),
@@ -305,7 +384,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--mcpu", default="native",
                         help="CPU: our builds, comma-separated (native, haswell, ...)")
-    parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="CPU: draw the table as a chart; CUDA with --seq-sweep: the sweep")
+    parser.add_argument("--seq-sweep", action="store_true",
+                        help="CUDA: useful TFLOP/s against sequence length (SEQ_SWEEP)")
     parser.add_argument("--skip-upstream", action="store_true", help="CUDA: skip the slow baseline")
     parser.add_argument("--max-seq", type=int, default=0,
                         help="CUDA: skip configs longer than this")
@@ -313,7 +395,10 @@ def main() -> None:
                         help="CUDA: time the tensor-core tile layouts of TC_SWEEP instead")
     args = parser.parse_args()
     if args.device == "cuda":
-        sweep_cuda(args) if args.sweep else bench_cuda(args)
+        if args.seq_sweep:
+            seq_sweep_cuda(args)
+        else:
+            sweep_cuda(args) if args.sweep else bench_cuda(args)
     else:
         bench_cpu(args)
 
