@@ -20,3 +20,15 @@ def mutate_functions(mutator, mod: tvm.IRModule, visit=None) -> tvm.IRModule:
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, visit(func))
     return mutator.builder_.get()
+
+
+def as_rows(x: relax.Expr) -> relax.Expr:
+    """``x`` viewed as ``[rows, last]``, its leading dimensions flattened into rows (one row for
+    a 1-D ``x``): ``x`` itself when it is 2-D, else a ``reshape``."""
+    *lead, last = x.ty.shape.values
+    if len(lead) == 1:
+        return x
+    rows = lead[0] if lead else 1
+    for dim in lead[1:]:
+        rows = rows * dim
+    return relax.op.reshape(x, [rows, last])

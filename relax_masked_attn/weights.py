@@ -126,22 +126,13 @@ def match_parameters(
         sources.append(value)
     target = _np_dtype(dtype)
     out = [np.empty(value.shape, target) for value in sources]
-    jobs = []
+    jobs = []  # (source, destination) slices of the flattened tensors
     for src, dst in zip(sources, out):
-        rows = src.shape[0] if src.ndim else 1
-        step = max(1, _SLICE_ELEMENTS // max(1, src.size // max(1, rows)))
-        for start in range(0, rows, step):
-            jobs.append((src, dst, start, min(rows, start + step)))
-
-    def copy(job):
-        src, dst, start, stop = job
-        if src.ndim == 0:
-            np.copyto(dst, src, casting="unsafe")
-        else:
-            np.copyto(dst[start:stop], src[start:stop], casting="unsafe")
-
+        src, dst = src.reshape(-1), dst.reshape(-1)  # views (the reader's tensors are contiguous)
+        jobs += [(src[i:i + _SLICE_ELEMENTS], dst[i:i + _SLICE_ELEMENTS])
+                 for i in range(0, src.size, _SLICE_ELEMENTS)]
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        list(pool.map(copy, jobs))
+        list(pool.map(lambda job: np.copyto(job[1], job[0], casting="unsafe"), jobs))
     return out
 
 

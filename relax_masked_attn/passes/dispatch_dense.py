@@ -11,7 +11,7 @@ from tvm import relax
 from tvm.relax.backend.utils import BackendDispatcher
 from tvm.relax.expr_functor import mutator
 
-from .._ir import is_call_of, mutate_functions
+from .._ir import as_rows, is_call_of, mutate_functions
 from ..kernels import cpu_dense, cuda_dense
 from ..kernels.epilogue import Epilogue, gated_weight
 
@@ -112,11 +112,8 @@ class _DenseDispatcher(BackendDispatcher):
         if out_dtype is not None and str(out_dtype) not in ("", "void", x_ty.dtype.dtype):
             return None  # accumulates into another dtype: not what our kernels write
         lead = list(x_ty.shape.values[:-1])
-        rows = lead[0]
-        for dim in lead[1:]:
-            rows = rows * dim
-        x2 = x if len(lead) == 1 else relax.op.reshape(x, [rows, int(k)])
-        return _Product(x2, w, lead, int(n), int(k), x_ty.dtype.dtype, self._get_target(x_ty))
+        return _Product(as_rows(x), w, lead, int(n), int(k), x_ty.dtype.dtype,
+                        self._get_target(x_ty))
 
     def _emit(self, product: _Product):
         """Emit our kernel's call for ``product`` (None when no kernel serves it)."""

@@ -8,7 +8,7 @@ from tvm import relax
 from tvm.relax.backend.utils import BackendDispatcher
 from tvm.relax.expr_functor import mutator
 
-from .._ir import mutate_functions
+from .._ir import as_rows, mutate_functions
 from ..kernels import cuda_norm
 
 _KINDS = {"relax.nn.rms_norm": "rms", "relax.nn.layer_norm": "layer"}
@@ -49,14 +49,13 @@ class _NormDispatcher(BackendDispatcher):
         name = f"zz_{kind}_norm_h{hidden}_{dtype}_e{_eps_tag(eps)}"
         func = cuda_norm.norm_kernel(kind, hidden, dtype, eps)
         gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-        lead = list(x_ty.shape.values[:-1])
-        rows = 1
-        for dim in lead:
-            rows = rows * dim
-        x2 = x if len(lead) == 1 else self.builder_.emit(relax.op.reshape(x, [rows, hidden]))
+        x2 = as_rows(x)
+        if not x2.same_as(x):
+            x2 = self.builder_.emit(x2)
+        rows = x2.ty.shape.values[0]
         out = self.builder_.emit(relax.call_tir(
             gv, [x2, *params], out_ty=relax.TensorType([rows, hidden], dtype)))
-        return out if len(lead) == 1 else relax.op.reshape(out, x_ty.shape)
+        return out if x2.same_as(x) else relax.op.reshape(out, x_ty.shape)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
