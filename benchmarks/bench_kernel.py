@@ -182,6 +182,26 @@ def bench_cpu(args) -> None:
              "calls / s (higher is better)", log=True)
 
 
+def torch_time(q, k, v, valid_len, mode: str) -> float:
+    """Seconds of torch SDPA with :func:`torch_mask`'s boolean mask on ``[b, s, h, d]`` CUDA
+    tensors (grouped-query heads where k has fewer)."""
+    mask = torch_mask(valid_len, q.shape[1], mode)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
+        qt, kt, vt, attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2]), torch.cuda.synchronize)
+
+
+def upstream_time(base, tvm_args, q) -> float:
+    """Seconds of :func:`upstream`'s kernel (NaN when ``base`` is None: ``--skip-upstream``) on
+    ``tvm_args`` (q, k, v, valid_len), with its output and log-sum-exp buffers."""
+    if base is None:
+        return float("nan")
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device="cuda", dtype=q.dtype)
+    args = tvm_args + [tvm.runtime.from_dlpack(out), tvm.runtime.from_dlpack(lse)]
+    return median_time(lambda: base(*args), torch.cuda.synchronize, repeats=3, min_seconds=0.0)
+
+
 def bench_cuda(args) -> None:
     """Ours for the device's target (``device_cuda_target``: on Hopper ``sm_90a``, the ``wgmma``
     kernel) and, on Hopper, for plain ``sm_90`` too (the ``mma.sync`` kernel, column "mma ms")."""
@@ -209,27 +229,14 @@ def bench_cuda(args) -> None:
         q, k, v = (
             torch.randn(batch, seq, h, d, device="cuda", dtype=tdt) for h in (hq, hkv, hkv)
         )
-        out = torch.empty_like(q)
-        lse = torch.empty(batch, seq, hq, device="cuda", dtype=tdt)
         for kind in ("full", "mixed", "short"):
             valid_len = draw_lengths(kind, batch, seq, rng)
             vl = torch.from_numpy(valid_len).cuda()
             tvm_args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, vl)]
             t_ours = median_time(lambda: run(*tvm_args), sync)
             t_mma = median_time(lambda: run_mma(*tvm_args), sync) if both else float("nan")
-            if base is not None:
-                base_args = tvm_args + [tvm.runtime.from_dlpack(out), tvm.runtime.from_dlpack(lse)]
-                t_base = median_time(lambda: base(*base_args), sync, repeats=3, min_seconds=0.0)
-            else:
-                t_base = float("nan")
-            mask = torch_mask(vl, seq, mode)
-            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-            t_torch = median_time(
-                lambda: torch.nn.functional.scaled_dot_product_attention(
-                    qt, kt, vt, attn_mask=mask, enable_gqa=hq != hkv
-                ),
-                sync,
-            )
+            t_base = upstream_time(base, tvm_args, q)
+            t_torch = torch_time(q, k, v, vl, mode)
             tflops = useful_flops(valid_len, hq, d, mode) / t_ours / 1e12
             cfg = f"({batch}, {seq}, {hq}/{hkv}, {d}, {dtype}, {mode})"
             print(f"{cfg:50} {kind:7} {t_ours*1e3:8.3f} {t_mma*1e3:8.3f} {t_base*1e3:9.3f} "
@@ -272,18 +279,8 @@ def seq_sweep_cuda(args) -> None:
         tvm_args = [tvm.runtime.from_dlpack(x) for x in (q, k, v, vl)]
         for name, run in runs.items():
             series[name].append(flops / median_time(lambda: run(*tvm_args), sync) / 1e12)
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        mask = torch_mask(vl, seq, mode)
-        t_torch = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
-            qt, kt, vt, attn_mask=mask, enable_gqa=hq != hkv), sync)
-        series["torch SDPA + mask"].append(flops / t_torch / 1e12)
-        if base is not None:
-            out, lse = torch.empty_like(q), torch.empty(batch, seq, hq, device="cuda", dtype=tdt)
-            base_args = tvm_args + [tvm.runtime.from_dlpack(out), tvm.runtime.from_dlpack(lse)]
-            t_base = median_time(lambda: base(*base_args), sync, repeats=3, min_seconds=0.0)
-            series["upstream TVM"].append(flops / t_base / 1e12)
-        else:
-            series["upstream TVM"].append(float("nan"))
+        series["torch SDPA + mask"].append(flops / torch_time(q, k, v, vl, mode) / 1e12)
+        series["upstream TVM"].append(flops / upstream_time(base, tvm_args, q) / 1e12)
         print(f"{seq:6} {batch:5}", *(f"{values[-1]:18.1f}" for values in series.values()),
               flush=True)
     if args.plot:
