@@ -185,6 +185,16 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
                         )
         T.ptx.cp.async_.wait_group(0)
 
+    def fragment_row(tx, i, h):
+        """Row within the block's tile of accumulators ``acc[i, j, 2 h]``, ``acc[i, j, 2 h + 1]``
+        (``mma``'s c0, c1 are row g of the warp's m16 tile i, c2, c3 row g + 8)."""
+        return tx // 32 // warps_n * warp_m + i * 16 + tx % 32 // 4 + h * 8
+
+    def fragment_col(tx, j):
+        """Column within the block's tile of accumulator ``acc[i, j, 0]`` (``+ 1``:
+        ``acc[i, j, 1]``; columns 2 t, 2 t + 1 of the warp's n8 tile j)."""
+        return tx // 32 % warps_n * warp_n + j * 8 + tx % 4 * 2
+
     @T.macro
     def body(x, w, bias_buf, residual, out, m):
         bn = T.launch_thread("blockIdx.x", n // tile_n)
@@ -195,19 +205,16 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
         acc = T.alloc_buffer((fm, fn, 4), "float32", scope="local")
         n0 = bn * tile_n
         product(x, w, smem, acc, m, bm * tile_m, n0, 0, tx)
-        # Epilogue through shared memory (staged_store): c0, c1 of acc[i, j] are (row g,
-        # columns 2 t, 2 t + 1) of the warp's m16 tile i and n8 tile j, c2, c3 the same of row
-        # g + 8; each pair goes to the staging tile in the output dtype, bias and activation
-        # applied.
+        # Epilogue through shared memory (staged_store): each accumulator pair goes to the
+        # staging tile in the output dtype, bias and activation applied.
         T.tvm_storage_sync("shared")  # every warp is done reading the ring
         staging = T.decl_buffer((pool_elems,), dtype, data=smem.data, scope=scope)
         pair = T.alloc_buffer((2,), dtype, scope="local")
-        lane = tx % 32
         for i in T.unroll(fm):
             for h in T.unroll(2):
-                r = tx // 32 // warps_n * warp_m + i * 16 + lane // 4 + h * 8
+                r = fragment_row(tx, i, h)
                 for j in T.unroll(fn):
-                    col = tx // 32 % warps_n * warp_n + j * 8 + lane % 4 * 2
+                    col = fragment_col(tx, j)
                     for c in T.unroll(2):
                         pair[c] = T.Cast(dtype, epilogue.value(
                             acc[i, j, h * 2 + c],
@@ -217,17 +224,9 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
         T.tvm_storage_sync("shared")
         store(smem, residual, out, m, bm, bn, tx)
 
-    def fragment_row(bm, tx, i, h):
-        """Row of ``out`` of accumulators ``acc[i, j, 2 h], acc[i, j, 2 h + 1]``."""
-        return bm * tile_m + tx // 32 // warps_n * warp_m + i * 16 + tx % 32 // 4 + h * 8
-
     def tile_col(bn, bz):
         """First column of the tile of block (``bn``, ``bz``)."""
         return bn * launch_cols + bz % sub * tile_n
-
-    def fragment_col(bn, bz, tx, j):
-        """Column of ``out`` of accumulator ``acc[i, j, 0]`` (``+ 1``: ``acc[i, j, 1]``)."""
-        return tile_col(bn, bz) + tx // 32 % warps_n * warp_n + j * 8 + tx % 4 * 2
 
     @T.macro
     def partial(x, w, ws, m):
@@ -241,11 +240,12 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
             product(x, w, smem, acc, m, bm * tile_m, tile_col(bn, bz), bz // sub * steps, tx)
             for i in T.unroll(fm):
                 for h in T.unroll(2):
-                    if fragment_row(bm, tx, i, h) < m:
+                    if bm * tile_m + fragment_row(tx, i, h) < m:
                         for j in T.unroll(fn):
                             for c in T.unroll(2):
-                                ws[bz // sub, fragment_row(bm, tx, i, h),
-                                   fragment_col(bn, bz, tx, j) + c] = acc[i, j, h * 2 + c]
+                                ws[bz // sub, bm * tile_m + fragment_row(tx, i, h),
+                                   tile_col(bn, bz) + fragment_col(tx, j) + c] = (
+                                    acc[i, j, h * 2 + c])
 
     return body, partial
 
