@@ -138,21 +138,22 @@ CPU_SHAPES = [  # (n, k, what)
 ]
 
 
-CPU_SWEEP = [  # (rows, cols, depth, task_rows, task_cols), for the target's ISA
-    (None, None, None, None, None),  # what kernels/config.py gives
-    ("rows", 64, 256, 8, 256),  # 4 vectors a row at AVX-512 (rows = half)
-    ("rows", 32, 256, 4, 256),
-    ("rows", 32, 128, 8, 256),
-    ("rows", 32, 512, 8, 256),
-    ("rows", 32, 256, 16, 256),
-    ("rows", 32, 256, 8, 512),
+# (cols, depth, task row blocks, task_cols) of each blocking besides kernels/config.py's; the
+# register rows follow from the ISA's accumulator budget and cols
+CPU_SWEEP = [
+    (64, 256, 8, 256),  # 4 vectors a row at AVX-512
+    (32, 256, 4, 256),
+    (32, 128, 8, 256),
+    (32, 512, 8, 256),
+    (32, 256, 16, 256),
+    (32, 256, 8, 512),
 ]
 
 
 def cpu_sweep(args) -> None:
-    """The raw CPU kernel (weight packed outside the timing) under each CPU_SWEEP blocking for
-    each ``--mcpu`` build, GFLOP/s; ``rows`` stands for the ISA's register rows at that width
-    (the accumulator budget divided by vectors a row)."""
+    """The raw CPU kernel (weight packed outside the timing) under kernels/config.py's blocking
+    and each of CPU_SWEEP for each ``--mcpu`` build, GFLOP/s; a blocking's register rows are the
+    ISA's accumulator budget divided by its vectors a row."""
     import dataclasses
 
     import numpy as np
@@ -164,11 +165,8 @@ def cpu_sweep(args) -> None:
     for target, label in (cpu_target(m) for m in args.mcpu.split(",")):
         base = cpu_dense.tiles_for(target)
         budget = base.rows * base.cols // base.lanes  # accumulators
-        configs = []
-        for rows, cols, depth, task_blocks, task_cols in CPU_SWEEP:
-            if rows is None:
-                configs.append(base)
-                continue
+        configs = [base]
+        for cols, depth, task_blocks, task_cols in CPU_SWEEP:
             rows = max(1, budget // (cols // base.lanes))
             configs.append(dataclasses.replace(base, rows=rows, cols=cols, depth=depth,
                                                task_rows=rows * task_blocks, task_cols=task_cols))
