@@ -16,14 +16,19 @@ from ..kernels import cpu_dense, cuda_dense
 from ..kernels.epilogue import Epilogue, gated_weight
 
 
-def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
-    """Our dense kernel for ``x[m, k] @ w[n, k].T`` with ``epilogue`` on ``target``, or None."""
+def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
+                      epilogue: Epilogue) -> bool:
+    """Whether one of our dense kernels serves ``x[m, k] @ w[n, k].T`` with ``epilogue``."""
     if target.kind.name == "llvm":
-        if epilogue.gated or not cpu_dense.supports(target, n, k, dtype):
-            return None
+        return not epilogue.gated and cpu_dense.supports(target, n, k, dtype)
+    return cuda_dense.supports(target, n, k, dtype)
+
+
+def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
+    """Our dense kernel for ``x[m, k] @ w[n, k].T`` with ``epilogue`` on ``target``
+    (:func:`_has_dense_kernel` must hold)."""
+    if target.kind.name == "llvm":
         return cpu_dense.dense_kernel(n, k, dtype, epilogue, cpu_dense.tiles_for(target))
-    if not cuda_dense.supports(target, n, k, dtype):
-        return None
     if cuda_dense.has_wgmma(target):
         return cuda_dense.wgmma_dense_kernel(n, k, dtype, epilogue)
     return cuda_dense.dense_kernel(n, k, dtype, epilogue)
@@ -79,7 +84,8 @@ class _DenseDispatcher(BackendDispatcher):
         super().__init__(mod)
         self.current = tvm.target.Target.current()
         self.products = {}  # our kernel call's output var -> _Product
-        self.kernel_names = set()
+        self.placeholders = {}  # kernel name -> GlobalVar of its placeholder in the module
+        self.kernels = {}  # kernel name -> the arguments of _dense_kernel that build it
         self.uses = collections.Counter()  # of the function being visited, before rewriting
 
     def visit_function(self, func: relax.Function) -> relax.Expr:
@@ -119,15 +125,22 @@ class _DenseDispatcher(BackendDispatcher):
         """Emit our kernel's call for ``product`` (None when no kernel serves it)."""
         epilogue = product.epilogue
         target = product.target
-        func = _dense_kernel(target, product.n, product.k, product.dtype, epilogue)
-        if func is None:
-            return None
         name = f"zz_dense{epilogue.name}_n{product.n}_k{product.k}_{product.dtype}"
         if self.current is None or target != self.current:  # a vdevice's own kernel
             name += f"_{target.kind.name}"
-        func = func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
-        gv = self.builder_.add_func(func, name)
-        self.kernel_names.add(name)
+        if not _has_dense_kernel(target, product.n, product.k, product.dtype, epilogue):
+            return None
+        arity = 3 + (product.bias is not None) + (product.residual is not None)  # x, w, .., out
+        gv = self.placeholders.get(name)
+        if gv is None:
+            # An empty function of this name and arity until the pass ends: most products are
+            # emitted several times as their epilogue grows (bias, then gelu, then residual),
+            # and only the kernels of the last step are built (parsing one takes about 0.4 s).
+            params = [tvm.tirx.Var(f"arg{i}", "handle") for i in range(arity)]
+            stub = tvm.tirx.PrimFunc(params, tvm.tirx.Evaluate(0))
+            gv = self.placeholders[name] = self.builder_.add_func(
+                stub.with_attr("global_symbol", name), name)
+            self.kernels[name] = (target, product.n, product.k, product.dtype, epilogue)
         x2 = product.x2
         if not isinstance(x2, relax.Var):
             x2 = self.builder_.emit(x2)
@@ -257,15 +270,20 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """
     dispatcher = _DenseDispatcher(mod)
     mod = mutate_functions(dispatcher, mod, dispatcher.visit_function)
-    # A product whose bias got fused is dead: drop its binding, then its kernel if unused.
+    # A product whose bias got fused is dead: drop its binding, then its kernel if unused;
+    # build the kernels still called in place of their placeholders.
     used = set()
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             func = relax.analysis.remove_all_unused(func)
             mod[gvar] = func
             used.update(gv.name_hint for gv in relax.analysis.all_global_vars(func))
-    for name in dispatcher.kernel_names - used:
-        del mod[name]
+    for name, gv in dispatcher.placeholders.items():
+        if name in used:
+            kernel = _dense_kernel(*dispatcher.kernels[name])
+            mod[gv] = kernel.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+        else:
+            del mod[name]
     return mod
 
 
