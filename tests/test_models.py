@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import tvm
 
 from relax_masked_attn.embedding import EmbeddingModel, pad_batch
 
@@ -224,6 +225,40 @@ def test_attention_reads_the_packed_tokens(which, request):
     assert takes_deeper == takes and not padded
 
 
+@pytest.mark.parametrize("which", ["tiny_bert", "tiny_qwen3"])
+def test_graph_forward_records_every_layer_in_cuda_graphs(which, request):
+    """The CUDA build's ``forward_graph``: TVM's RewriteCUDAGraph lifts every attention and
+    dense launch into capture functions (run through ``vm.builtin.cuda_graph.run_or_capture``)
+    keyed by the batch's symbolic shape; ``forward`` itself keeps its plain launches."""
+    import re
+
+    import tvm
+    from tvm import relax
+
+    from relax_masked_attn.checkpoint import read_spec
+    from relax_masked_attn.embedding import GRAPH_FORWARD, export, with_graph_forward
+
+    spec = read_spec(request.getfixturevalue(which)[0])
+    mod = with_graph_forward(export(spec, "float16")[0], spec.max_length)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        out = relax.get_pipeline("relax_masked_attn", prepack_weights=True)(mod)
+    captures = [gv.name_hint for gv in out.get_global_vars()
+                if gv.name_hint.startswith(f"{GRAPH_FORWARD}_cuda_graph_capture")]
+    captured = "".join(out[name].script() for name in captures)
+    graph, plain = out[GRAPH_FORWARD].script(), out["forward"].script()
+
+    def launches(script, kernel):
+        return len(re.findall(rf"\bzz_{kernel}\w*\(", script))
+
+    layers = spec.config.num_hidden_layers
+    assert launches(captured, "packed_prefill") == layers
+    assert launches(graph, "packed_prefill") == launches(graph, "dense") == 0
+    assert launches(plain, "packed_prefill") == layers and "run_or_capture" not in plain
+    assert "vm.builtin.cuda_graph.run_or_capture" in graph
+    assert '"batch", "seq", "tokens"' in graph  # one graph per bucket
+
+
 @pytest.mark.gpu
 def test_minilm_fp16_on_cuda_matches_sentence_transformers(minilm_path):
     from sentence_transformers import SentenceTransformer
@@ -245,3 +280,46 @@ def test_tiny_models_fp16_on_cuda_match_transformers(which, side, request):
     for b, n in enumerate(lengths):
         rows = slice(64 - n, 64) if side == "left" else slice(0, n)
         assert (cosine(hidden[b, rows], ref[b, rows]) >= 0.999).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
+def test_cuda_graph_replays_follow_each_call_inputs(which, side, request):
+    """A bucket's second call records its CUDA graph, later ones replay it: every call, graph or
+    not, equals the plain ``forward`` on its own inputs, which matches transformers; a bucket
+    past ``max_cached_shapes`` starts a new virtual machine whose graphs are recorded again."""
+    from relax_masked_attn.embedding import GRAPH_FORWARD
+
+    path, hf = request.getfixturevalue(which)
+    ours = EmbeddingModel.from_pretrained(path, target="cuda", use_cache=False,
+                                          max_cached_shapes=2)
+    assert ours._graphs
+    rng = np.random.default_rng(3)
+    batches = []
+    for lengths in ([30, 1, 17, 64], [64, 20, 2, 30], [5, 9, 64, 33]):  # one bucket
+        ids = rng.integers(1, 120, (4, 64)).astype("int64")
+        batches.append((ids, masks(lengths, 64, side)))
+    calls = [0, 0, 1, 2, 0, 1]
+    runs = [ours.embed_ids(*batches[i]) for i in calls]
+    first_vm = ours._vm
+    for rows, seq in ((2, 9), (1, 40)):  # the third bucket starts a new virtual machine
+        ours.embed_ids(rng.integers(1, 120, (rows, seq)), np.ones((rows, seq), "int64"))
+    assert ours._vm is not first_vm
+    runs += [ours.embed_ids(*batches[0]), ours.embed_ids(*batches[2])]
+    calls += [0, 2]
+    for i, emb in zip(calls, runs):
+        ids, mask = batches[i]
+        ids32, mask32, index = ours._check_ids(ids, mask)
+        args = [tvm.runtime.tensor(x, device=ours.device) for x in (ids32, mask32, index)]
+        plain = ours._vm["forward"](*args, *ours._params).numpy().astype("float32")
+        np.testing.assert_allclose(emb, plain, atol=2e-3)
+        with torch.no_grad():
+            ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        hidden = ref.last_hidden_state.numpy()
+        if side == "left":
+            pooled = hidden[:, -1]
+            pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+        else:
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        assert (cosine(emb, pooled) >= 0.999).all(), cosine(emb, pooled)
+    assert ours._vm.module.implements_function(GRAPH_FORWARD)
