@@ -112,3 +112,79 @@ def test_cuda_norm_matches_torch(kind, shape, dtype):
         ref = torch.nn.functional.layer_norm(x.float(), (hidden,), w.float(), b.float(), eps)
     tol = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-5}[dtype]
     np.testing.assert_allclose(out.cpu().numpy(), ref.cpu().numpy(), rtol=tol, atol=tol * 4)
+
+
+# --- RMSNorm of attention heads followed by the rotary embedding (Qwen3's q/k) ---------------
+
+
+def norm_rope_module(heads: int, head_dim: int, dtype: str, keep_norm: bool = False):
+    """``rope(rms_norm(x))`` of ``x [t, heads, head_dim]`` at ``positions [t]``, written with
+    the model code's own ``rope_tables`` and ``rope``; ``keep_norm`` also returns the norm."""
+    from relax_masked_attn.models.common import rope, rope_tables
+
+    class NormRope(nn.Module):
+        def __init__(self):
+            self.norm = nn.RMSNorm(head_dim, axes=-1, epsilon=1e-6, bias=False)
+
+        def forward(self, x: nn.Tensor, positions: nn.Tensor):
+            y = self.norm(x)
+            out = rope(y, rope_tables(positions, 1e6, head_dim, dtype))
+            return (out, y) if keep_norm else out
+
+    module = NormRope()
+    module.to(dtype)
+    mod, _ = module.export_tvm({"forward": {
+        "x": nn.spec.Tensor(["t", heads, head_dim], dtype),
+        "positions": nn.spec.Tensor(["t"], "int32")}})
+    return mod
+
+
+def test_head_norm_and_rope_become_one_kernel():
+    mod = dispatched(norm_rope_module(16, 128, "float16"), SM90)
+    assert "zz_rms_norm_h128_float16_e1em06_rope16" in kernels_of(mod)
+    script = mod["forward"].script()
+    assert "R.flip" not in script and "R.nn.rms_norm" not in script
+    # The norm's value used elsewhere too: the fused kernel, and the plain norm for that use.
+    mod = dispatched(norm_rope_module(8, 64, "float16", keep_norm=True), SM90)
+    assert {"zz_rms_norm_h64_float16_e1em06_rope8",
+            "zz_rms_norm_h64_float16_e1em06"} <= set(kernels_of(mod))
+    # On a CPU nothing changes.
+    cpu = dispatched(norm_rope_module(16, 128, "float32"), {"kind": "llvm"})
+    assert "R.flip" in cpu["forward"].script() and "R.nn.rms_norm" in cpu["forward"].script()
+
+
+def test_rope_kernel_refuses_rows_without_a_partner_lane():
+    assert cuda_norm.supports_rope(128, "float16") and cuda_norm.supports_rope(512, "float16")
+    assert not cuda_norm.supports_rope(96 * 3, "float32")  # 3 vectors a lane: no pairing
+    with pytest.raises(ValueError, match="no rotary embedding"):
+        cuda_norm.norm_kernel("layer", 128, "float16", 1e-6, rope_heads=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,head_dim", [(16, 128), (8, 64), (4, 32), (2, 512)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_head_norm_and_rope_match_torch(heads, head_dim, dtype):
+    """Against Hugging Face's formula in float32: ``rms_norm`` then ``q * cos +
+    rotate_half(q) * sin`` with ``cos``/``sin`` of ``[pos * theta^(-2i/d)]`` repeated twice."""
+    import torch
+
+    target = tvm.target.Target.from_device(tvm.cuda(0))
+    ex = tvm.compile(norm_rope_module(heads, head_dim, dtype), target=target,
+                     relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+    assert f"_rope{heads}" in ex.mod.imports[0].inspect_source()
+    vm = relax.VirtualMachine(ex, tvm.cuda(0))
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    t = 77
+    x = (torch.randn((t, heads, head_dim), generator=gen) * 3).to(tdtype).cuda()
+    w = (torch.rand(head_dim, generator=gen) + 0.5).to(tdtype).cuda()
+    pos = torch.randint(0, 4000, (t,), generator=gen, dtype=torch.int32).cuda()
+    out = torch.from_dlpack(vm["forward"](*(tvm.runtime.from_dlpack(a) for a in (x, pos, w))))
+    y = torch.nn.functional.rms_norm(x.float(), (head_dim,), w.float(), 1e-6)
+    inv = 1e6 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.cat([pos.double().cpu()[:, None] * inv] * 2, dim=-1)[:, None, :]
+    cos, sin = (f(angles).to(tdtype).float().cuda() for f in (torch.cos, torch.sin))
+    rotated = torch.cat([-y[..., head_dim // 2:], y[..., :head_dim // 2]], dim=-1)
+    ref = y * cos + rotated * sin
+    tol = {"float16": 4e-3, "bfloat16": 3e-2}[dtype]
+    np.testing.assert_allclose(out.float().cpu().numpy(), ref.cpu().numpy(), rtol=tol, atol=tol)
