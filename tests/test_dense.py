@@ -324,10 +324,12 @@ def test_each_kernel_is_generated_once_per_model(target):
 
     class Layers(nn.Module):
         def __init__(self, count):
-            self.linears = nn.ModuleList([nn.Linear(128, 256) for _ in range(count)])
+            self.linears = nn.ModuleList([nn.Linear(128, 128) for _ in range(count)])
 
         def forward(self, x: nn.Tensor):
-            return tuple(linear(x) for linear in self.linears)
+            for linear in self.linears:  # one after another (products of one input would join)
+                x = linear(x)
+            return x
 
     target = tvm.target.Target(target)
     dtype = "float32" if target.kind.name == "llvm" else "float16"
@@ -341,7 +343,7 @@ def test_each_kernel_is_generated_once_per_model(target):
         mod, _ = model.export_tvm({"forward": {"x": nn.spec.Tensor(["m", 128], dtype)}})
         generator.cache_clear()
         mod = dispatched(mod, target)
-        assert kernels_of(mod) == [f"zz_dense_bias_n256_k128_{dtype}"]
+        assert kernels_of(mod) == [f"zz_dense_bias_n128_k128_{dtype}"]
         generated.append(generator.cache_info().misses)
     assert generated[0] == generated[1] >= 1
 
@@ -458,3 +460,104 @@ def test_kernels_with_unhashable_arguments_are_generated_too():
     listed = cuda_dense.dense_kernel(256, 128, "float16", None, [128, 128, 64, 2, 2, 3])
     tupled = cuda_dense.dense_kernel(256, 128, "float16", None, (128, 128, 64, 2, 2, 3))
     assert tvm_ffi.structural_equal(listed, tupled)
+
+
+# --- Products of one input joined into one kernel with split outputs (q, k, v) -----------------
+
+
+def siblings_module(hidden: int, widths, dtype: str, bias: bool, gelu_last: bool = False):
+    """Products of one ``x [t, hidden]`` by weights of ``widths`` rows (an attention layer's q,
+    k and v), each returned; ``gelu_last`` gives the last product another epilogue."""
+    from tvm.relax.frontend import nn
+
+    class Siblings(nn.Module):
+        def __init__(self):
+            self.projs = nn.ModuleList([nn.Linear(hidden, w, bias=bias) for w in widths])
+
+        def forward(self, x: nn.Tensor):
+            outs = [proj(x) for proj in self.projs]
+            if gelu_last:
+                outs[-1] = nn.op.gelu(outs[-1])
+            return tuple(outs)
+
+    model = Siblings()
+    model.to(dtype)
+    mod, _ = model.export_tvm({"forward": {"x": nn.spec.Tensor(["t", hidden], dtype)}})
+    return mod
+
+
+@pytest.mark.parametrize("target,widths,bias,expected", [
+    (SM90A, (768, 768, 768), True, ["zz_dense_bias_to768_768_768_n2304_k768_float16"]),
+    (SM90, (2048, 1024, 1024), False, ["zz_dense_to2048_1024_1024_n4096_k768_float16"]),
+    (SM90A, (1024, 1024), False, ["zz_dense_to1024_1024_n2048_k768_float16"]),
+    (SM90, (256, 512), True, ["zz_dense_bias_to256_512_n768_k768_float16"]),
+])
+def test_cuda_products_of_one_input_are_one_kernel(target, widths, bias, expected):
+    module = siblings_module(768, widths, "float16", bias)
+    mod = dispatched(module, target)
+    assert kernels_of(mod) == expected
+    script = mod["forward"].script()
+    assert script.count("R.call_tir") == 1 and "R.concat" in script
+    ex = tvm.compile(module, target=target, relax_pipeline=relax.get_pipeline(
+        "relax_masked_attn", prepack_weights=True))
+    assert f"{expected[0]}_kernel" in ex.mod.imports[0].imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("target,widths,gelu_last", [
+    ({"kind": "llvm", "mcpu": "haswell"}, (768, 768, 768), False),  # CPUs keep them apart
+    (SM90A, (768, 768), True),  # the other one has another epilogue
+    (SM90A, (128, 384), False),  # the second part would start inside a 256-column tile
+])
+def test_products_stay_apart_where_one_kernel_cannot_write_them(target, widths, gelu_last):
+    dtype = "float32" if target == {"kind": "llvm", "mcpu": "haswell"} else "float16"
+    mod = dispatched(siblings_module(768, widths, dtype, True, gelu_last), target)
+    assert not any("_to" in name for name in kernels_of(mod))
+
+
+def test_split_epilogue_checks_its_parts():
+    with pytest.raises(ValueError, match="split into 2 to 3"):
+        Epilogue(residual=True, split=(128, 128))
+    with pytest.raises(ValueError, match="does not add up"):
+        Epilogue(split=(128, 128)).outputs(384)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("prepack", [True, False])
+@pytest.mark.parametrize("hidden,widths,bias,dtype", [
+    (768, (768, 768, 768), True, "float16"), (1024, (2048, 1024, 1024), False, "float16"),
+    (256, (256, 512), True, "bfloat16")])
+def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, kernel):
+    """Each output of the joint kernel against torch's own ``linear`` of its weight, rows on
+    both paths (split-k up to 64, the full-size kernel above), weights concatenated once by
+    ``transform_params`` (prepack) or in every call."""
+    import torch
+
+    dev = tvm.cuda(0)
+    target = gpu_target(kernel)
+    mod = siblings_module(hidden, widths, dtype, bias)
+    assert any("_to" in name for name in kernels_of(dispatched(mod, target)))
+    ex = tvm.compile(mod, target=target,
+                     relax_pipeline=relax.get_pipeline("relax_masked_attn",
+                                                       prepack_weights=prepack))
+    vm = relax.VirtualMachine(ex, dev)
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(sum(widths))
+    weights = []
+    for w in widths:
+        weights.append((torch.randn(w, hidden, generator=gen) / hidden**0.5).to(tdtype).cuda())
+        if bias:
+            weights.append(torch.randn(w, generator=gen).to(tdtype).cuda())
+    params = [tvm.runtime.from_dlpack(t) for t in weights]
+    if prepack:
+        params = vm["transform_params"](params)
+    for rows in (1, 7, 64, 65, 1000):
+        x = torch.randn(rows, hidden, generator=gen).to(tdtype).cuda()
+        outs = vm["forward"](tvm.runtime.from_dlpack(x), *params)
+        step = 2 if bias else 1
+        for i, out in enumerate(outs):
+            ref = torch.nn.functional.linear(x.float(), weights[i * step].float(),
+                                             weights[i * step + 1].float() if bias else None)
+            tol = 2e-2 if dtype == "float16" else 8e-2
+            np.testing.assert_allclose(torch.from_dlpack(out).float().cpu().numpy(),
+                                       ref.cpu().numpy(), rtol=tol, atol=tol)

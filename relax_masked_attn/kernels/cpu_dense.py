@@ -68,7 +68,7 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                               None if residual is None else residual[row, col], polynomial_erf)
 
     @T.macro
-    def body(x, wp, bias, residual, out, m):
+    def body(x, wp, bias, residual, outs, m):  # outs: the one output
         for task in T.parallel(((m + tiles.task_rows - 1) // tiles.task_rows) * col_tasks):
             acc = T.alloc_buffer((rows, cols), "float32", scope="local")
             for s in T.serial(slices):
@@ -81,7 +81,7 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                                 for j in T.vectorized(cols):
                                     acc[i, j] = T.if_then_else(
                                         s == 0, T.float32(0),
-                                        out[T.min(row0 + i, m - 1), col0 + j])
+                                        outs[0][T.min(row0 + i, m - 1), col0 + j])
                             for kk in T.serial(depth):
                                 for i in T.unroll(rows):
                                     for j in T.vectorized(cols):
@@ -92,10 +92,10 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                                 if row0 + i < m:
                                     if s < slices - 1:
                                         for j in T.vectorized(cols):
-                                            out[row0 + i, col0 + j] = acc[i, j]
+                                            outs[0][row0 + i, col0 + j] = acc[i, j]
                                     else:
                                         for j in T.vectorized(cols):
-                                            out[row0 + i, col0 + j] = finish(
+                                            outs[0][row0 + i, col0 + j] = finish(
                                                 acc[i, j], bias, residual, row0 + i, col0 + j)
 
     return dense_func(n, k, dtype, body, epilogue, index_dtype="int64",

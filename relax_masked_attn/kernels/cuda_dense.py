@@ -196,7 +196,7 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
         return tx // 32 % warps_n * warp_n + j * 8 + tx % 4 * 2
 
     @T.macro
-    def body(x, w, bias_buf, residual, out, m):
+    def body(x, w, bias_buf, residual, outs, m):
         bn = T.launch_thread("blockIdx.x", n // tile_n)
         bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
         tx = T.launch_thread("threadIdx.x", threads)
@@ -222,7 +222,7 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
                         ))
                     staging[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
         T.tvm_storage_sync("shared")
-        store(smem, residual, out, m, bm, bn, tx)
+        store(smem, residual, outs, m, bm, bn, tx)
 
     def tile_col(bn, bz):
         """First column of the tile of block (``bn``, ``bz``)."""
@@ -291,8 +291,28 @@ def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, til
         """Column within the block's ``cols`` outputs."""
         return q * threads + tx
 
+    parts = epilogue.outputs(n)  # (first column, width) of each output
+
     @T.macro
-    def reduce(ws, bias_buf, residual, out, m):
+    def put(outs, row, col, value):
+        """``value`` to column ``col`` of the product's outputs (one, or the split's part that
+        holds it: a block's columns lie in one part)."""
+        if len(parts) == 1:
+            outs[0][row, col] = value
+        else:
+            if col < parts[1][0]:
+                outs[0][row, col] = value
+            else:
+                if len(parts) == 2:
+                    outs[1][row, col - parts[1][0]] = value
+                else:
+                    if col < parts[2][0]:
+                        outs[1][row, col - parts[1][0]] = value
+                    else:
+                        outs[2][row, col - parts[2][0]] = value
+
+    @T.macro
+    def reduce(ws, bias_buf, residual, outs, m):
         with T.launch_thread("blockIdx.x", n // tile_n) as bn:
             bm = T.launch_thread("blockIdx.y", (m + 127) // 128)
             bz = T.launch_thread("blockIdx.z", depth)
@@ -303,7 +323,7 @@ def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, til
                     if row_of(bm, bz, i) < m and col_of(q, tx) < cols:
                         total[0] = T.float32(0)
                         total[1] = T.float32(0)
-                        for z in T.serial(splits):
+                        for z in T.unroll(splits):  # independent loads, all in flight
                             # gated: gate rows [bn tile_n, + cols), the matching up rows after them
                             total[0] = total[0] + ws[z, row_of(bm, bz, i),
                                                      bn * tile_n + col_of(q, tx)]
@@ -311,23 +331,26 @@ def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, til
                                 total[1] = total[1] + ws[z, row_of(bm, bz, i),
                                                          bn * tile_n + cols + col_of(q, tx)]
                         if epilogue.gated:
-                            out[row_of(bm, bz, i), bn * cols + col_of(q, tx)] = epilogue.swiglu(
-                                dtype, T.Cast(dtype, total[0]), T.Cast(dtype, total[1]))
+                            put(outs, row_of(bm, bz, i), bn * cols + col_of(q, tx),
+                                epilogue.swiglu(dtype, T.Cast(dtype, total[0]),
+                                                T.Cast(dtype, total[1])))
                         else:
-                            out[row_of(bm, bz, i), bn * cols + col_of(q, tx)] = epilogue.store(
-                                dtype, total[0],
-                                bias_buf[bn * cols + col_of(q, tx)] if epilogue.bias else None,
-                                residual[row_of(bm, bz, i), bn * cols + col_of(q, tx)]
-                                if epilogue.residual else None)
+                            put(outs, row_of(bm, bz, i), bn * cols + col_of(q, tx),
+                                epilogue.store(
+                                    dtype, total[0],
+                                    bias_buf[bn * cols + col_of(q, tx)] if epilogue.bias
+                                    else None,
+                                    residual[row_of(bm, bz, i), bn * cols + col_of(q, tx)]
+                                    if epilogue.residual else None))
 
     @T.macro
-    def dispatch(x, w, bias_buf, residual, out, m):
+    def dispatch(x, w, bias_buf, residual, outs, m):
         if m <= SMALL_ROWS:
             ws = T.alloc_buffer((splits, SMALL_ROWS, n), "float32")
             partial(x, w, ws, m)
-            reduce(ws, bias_buf, residual, out, m)
+            reduce(ws, bias_buf, residual, outs, m)
         else:
-            body(x, w, bias_buf, residual, out, m)
+            body(x, w, bias_buf, residual, outs, m)
 
     return dispatch
 
@@ -351,21 +374,27 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     """
     out_stride = tile_n + 8
     cols = epilogue.out_columns(tile_n)  # output columns of the tile
-    n_out = epilogue.out_columns(n)
+    parts = epilogue.outputs(n)  # (first column, width) of each output
     per_row = cols // 8  # threads a row
     assert tile_m * out_stride <= pool_elems and threads % per_row == 0
+    assert all(start % cols == 0 for start, _ in parts), "a tile must lie in one split part"
 
-    def out_word(bm, bn, it, tx):
-        """Index of the first 32-bit word of the 8 output columns thread ``tx`` moves in step
-        ``it`` (written out in thread and loop variables, whose multiple of 4 the code generator
-        must see to emit one 16-byte access, not four)."""
+    def out_word(bm, bn, it, tx, part: int = 0):
+        """Index of the first 32-bit word, in output ``part``, of the 8 columns thread ``tx``
+        moves in step ``it`` (written out in thread and loop variables, whose multiple of 4 the
+        code generator must see to emit one 16-byte access, not four)."""
+        start, width = parts[part]
         row = bm * tile_m + it * (threads // per_row) + tx // per_row
-        return (row * n_out + bn * cols + tx % per_row * 8) // 2
+        return (row * width + bn * cols - start + tx % per_row * 8) // 2
 
     @T.macro
-    def store(smem, residual, out, m, bm, bn, tx):
+    def store(smem, residual, outs, m, bm, bn, tx):
         smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data, scope=scope)
-        out_words = T.decl_buffer((m * (n_out // 2),), "uint32", data=out.data)
+        out_words = T.decl_buffer((m * (parts[0][1] // 2),), "uint32", data=outs[0].data)
+        if len(parts) > 1:
+            out_words1 = T.decl_buffer((m * (parts[1][1] // 2),), "uint32", data=outs[1].data)
+        if len(parts) > 2:
+            out_words2 = T.decl_buffer((m * (parts[2][1] // 2),), "uint32", data=outs[2].data)
         words = T.alloc_buffer((4,), "uint32", scope="local")
         halves = T.decl_buffer((8,), dtype, data=words.data, scope="local")
         if epilogue.residual:
@@ -390,9 +419,37 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                         up[q] = smem_words[(r * out_stride + cols + col) // 2 + q]
                     for e in T.unroll(8):
                         halves[e] = epilogue.swiglu(dtype, halves[e], up_halves[e])
-                out_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)] = words[T.Ramp(0, 1, 4)]
+                if len(parts) == 1:
+                    out_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)] = words[T.Ramp(0, 1, 4)]
+                else:
+                    if bn * cols < parts[1][0]:
+                        out_words[T.Ramp(out_word(bm, bn, it, tx), 1, 4)] = words[
+                            T.Ramp(0, 1, 4)]
+                    else:
+                        if len(parts) == 2:
+                            out_words1[T.Ramp(out_word(bm, bn, it, tx, 1), 1, 4)] = words[
+                                T.Ramp(0, 1, 4)]
+                        else:
+                            if bn * cols < parts[2][0]:
+                                out_words1[T.Ramp(out_word(bm, bn, it, tx, 1), 1, 4)] = words[
+                                    T.Ramp(0, 1, 4)]
+                            else:
+                                out_words2[T.Ramp(out_word(bm, bn, it, tx, 2), 1, 4)] = words[
+                                    T.Ramp(0, 1, 4)]
 
     return out_stride, store
+
+
+def split_fits(target: Target, widths, k: int, dtype: str) -> bool:
+    """Whether one kernel serves products of ``widths`` weight rows stacked along ``n``
+    (``Epilogue.split``): every part starts at a multiple of the kernel's column tile, so that
+    a block writes one part."""
+    n = sum(widths)
+    if not supports(target, n, k, dtype):
+        return False
+    tile_n = wgmma_dense_tiles(n, dtype)[0] if has_wgmma(target) else tensor_core_dense_tiles(
+        dtype)[1]
+    return all(sum(widths[:i]) % tile_n == 0 for i in range(len(widths)))
 
 
 def gate_group(target: Target, n: int, dtype: str) -> int:
@@ -460,7 +517,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
                 )
 
     @T.macro
-    def body(x, w, bias_buf, residual, out, m):
+    def body(x, w, bias_buf, residual, outs, m):
         bn = T.launch_thread("blockIdx.x", n // tile_n)
         bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
         tx = T.launch_thread("threadIdx.x", threads)
@@ -530,7 +587,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
                     ))
                 smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
         T.tvm_storage_sync("shared")
-        store(smem, residual, out, m, bm, bn, tx)
+        store(smem, residual, outs, m, bm, bn, tx)
 
     small = with_small_batches(n, k, dtype, epilogue, body, tile_n, threads)
     return dense_func(n, k, dtype, small, epilogue)

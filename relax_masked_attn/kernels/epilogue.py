@@ -20,12 +20,17 @@ class Epilogue:
 
     ``gated`` (SwiGLU, alone): the weight holds a gate and an up projection interleaved in groups
     of ``g`` rows (:func:`gated_weight`), and ``out[m, n / 2]`` is ``silu(gate) * up`` of the two
-    products, each rounded to the output dtype first, as two separate products would be."""
+    products, each rounded to the output dtype first, as two separate products would be.
+
+    ``split`` (CUDA kernels; no residual, not gated): the product of weights stacked along ``n``
+    (a layer's q, k and v projections) written to one output per weight, ``split`` their row
+    counts: ``out_i[m, split[i]]`` (:func:`dense_func`)."""
 
     bias: bool = False
     activation: str | None = None  # None, "gelu" (erf) or "gelu_tanh"
     residual: bool = False
     gated: bool = False
+    split: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -33,15 +38,28 @@ class Epilogue:
                              f"but got {self.activation!r}")
         if self.gated and (self.bias or self.activation or self.residual):
             raise ValueError("Epilogue: a gated (SwiGLU) product takes no other step")
+        if self.split and (self.gated or self.residual or not 2 <= len(self.split) <= MAX_SPLIT):
+            raise ValueError(f"Epilogue: split into 2 to {MAX_SPLIT} outputs, without a "
+                             f"residual or gate, but got split={self.split}")
 
     @property
     def name(self) -> str:
-        """``""``, ``_swiglu``, or ``_bias``, ``_gelu``, ``_residual`` joined in order (kernel
-        names)."""
+        """``""``, ``_swiglu``, or ``_bias``, ``_gelu``, ``_residual``, ``_to<widths>`` joined in
+        order (kernel names)."""
         if self.gated:
             return "_swiglu"
         parts = (["bias"] if self.bias else []) + ([self.activation] if self.activation else [])
-        return "".join(f"_{p}" for p in parts + (["residual"] if self.residual else []))
+        parts += (["residual"] if self.residual else [])
+        parts += (["to" + "_".join(map(str, self.split))] if self.split else [])
+        return "".join(f"_{p}" for p in parts)
+
+    def outputs(self, n: int) -> list[tuple[int, int]]:
+        """``(first column, width)`` of each output within the product's ``n`` columns."""
+        widths = self.split or (self.out_columns(n),)
+        if sum(widths) != self.out_columns(n):
+            raise ValueError(f"Epilogue: split {self.split} does not add up to n={n}")
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        return list(zip(starts, widths))
 
     def out_columns(self, n: int) -> int:
         """Columns of ``out`` for a weight of ``n`` rows."""
@@ -80,6 +98,7 @@ class Epilogue:
 
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
+MAX_SPLIT = 3  # outputs of a split product (q, k, v)
 SQRT_HALF = math.sqrt(0.5)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -123,34 +142,40 @@ def dense_func(
 ) -> tirx.PrimFunc:
     """The dense PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])``
     around a kernel body; ``bias`` and ``residual`` are there when ``epilogue`` has them, and
-    ``w`` has ``w_shape`` where the kernel takes the weight in another layout.
+    ``w`` has ``w_shape`` where the kernel takes the weight in another layout. A ``split``
+    epilogue has one output per part, ``out_i [m, split[i]]``, in place of ``out``.
 
-    ``body`` is a ``T.macro`` called as ``body(x, w, bias, residual, out, m)`` (``bias`` and
-    ``residual`` None when absent); ``m`` is a symbolic variable of ``index_dtype``.
-    ``scheduled`` as in :func:`attention_func`.
+    ``body`` is a ``T.macro`` called as ``body(x, w, bias, residual, outs, m)`` (``bias`` and
+    ``residual`` None when absent; ``outs`` the tuple of output buffers); ``m`` is a symbolic
+    variable of ``index_dtype``. ``scheduled`` as in :func:`attention_func`.
     """
     attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
     index_var = getattr(T, index_dtype)
     epilogue = epilogue or Epilogue()
+    widths = [width for _, width in epilogue.outputs(n)] + [1] * MAX_SPLIT
+    count = len(epilogue.outputs(n))
 
     @T.prim_func
     def dense(x_handle: T.handle, w_handle: T.handle, bias_handle: T.handle,
-              residual_handle: T.handle, out_handle: T.handle):
+              residual_handle: T.handle, out_handle: T.handle, out1_handle: T.handle,
+              out2_handle: T.handle):
         T.func_attr(attrs)
         m = index_var()
         x = T.match_buffer(x_handle, (m, k), dtype)
         w = T.match_buffer(w_handle, w_shape or (n, k), dtype)
         bias = T.match_buffer(bias_handle, (n,), dtype)
         residual = T.match_buffer(residual_handle, (m, n), dtype)
-        out = T.match_buffer(out_handle, (m, epilogue.out_columns(n)), dtype)
+        out = T.match_buffer(out_handle, (m, widths[0]), dtype)
+        out1 = T.match_buffer(out1_handle, (m, widths[1]), dtype)
+        out2 = T.match_buffer(out2_handle, (m, widths[2]), dtype)
         if index_dtype == "int32":
             assert fits_int32(m, max(n, k)), OVERFLOW.format(
                 what=f"dense kernel ({n}x{k})", bound="rows * max(n, k)")
         body(x, w, bias if epilogue.bias else None, residual if epilogue.residual else None,
-             out, m)
+             (out, out1, out2)[:count], m)
 
     # Drop the parameters this epilogue does not use (their buffers appear nowhere in the body).
-    x_h, w_h, bias_h, residual_h, out_h = dense.params
+    x_h, w_h, bias_h, residual_h, *out_h = dense.params
     keep = [x_h, w_h, *([bias_h] if epilogue.bias else []),
-            *([residual_h] if epilogue.residual else []), out_h]
+            *([residual_h] if epilogue.residual else []), *out_h[:count]]
     return tirx.PrimFunc(keep, dense.body, dense.ret_type, dense.attrs)

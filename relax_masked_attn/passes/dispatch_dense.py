@@ -13,7 +13,7 @@ from tvm.relax.expr_functor import mutator
 
 from .._ir import as_rows, is_call_of, mutate_functions
 from ..kernels import cpu_dense, cuda_dense
-from ..kernels.epilogue import Epilogue, gated_weight
+from ..kernels.epilogue import MAX_SPLIT, Epilogue, gated_weight
 
 
 def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
@@ -121,26 +121,32 @@ class _DenseDispatcher(BackendDispatcher):
         return _Product(as_rows(x), w, lead, int(n), int(k), x_ty.dtype.dtype,
                         self._get_target(x_ty))
 
-    def _emit(self, product: _Product):
-        """Emit our kernel's call for ``product`` (None when no kernel serves it)."""
-        epilogue = product.epilogue
-        target = product.target
-        name = f"zz_dense{epilogue.name}_n{product.n}_k{product.k}_{product.dtype}"
+    def placeholder(self, target, n: int, k: int, dtype: str, epilogue: Epilogue,
+                    arity: int) -> relax.GlobalVar:
+        """The GlobalVar of our kernel for these arguments, an empty function of its name and
+        ``arity`` parameters until the pass ends: most products are emitted several times as
+        their epilogue grows (bias, then gelu, then residual), and only the kernels still
+        called then are built (parsing one takes about 0.4 s)."""
+        name = f"zz_dense{epilogue.name}_n{n}_k{k}_{dtype}"
         if self.current is None or target != self.current:  # a vdevice's own kernel
             name += f"_{target.kind.name}"
-        if not _has_dense_kernel(target, product.n, product.k, product.dtype, epilogue):
-            return None
-        arity = 3 + (product.bias is not None) + (product.residual is not None)  # x, w, .., out
         gv = self.placeholders.get(name)
         if gv is None:
-            # An empty function of this name and arity until the pass ends: most products are
-            # emitted several times as their epilogue grows (bias, then gelu, then residual),
-            # and only the kernels of the last step are built (parsing one takes about 0.4 s).
             params = [tvm.tirx.Var(f"arg{i}", "handle") for i in range(arity)]
             stub = tvm.tirx.PrimFunc(params, tvm.tirx.Evaluate(0))
             gv = self.placeholders[name] = self.builder_.add_func(
                 stub.with_attr("global_symbol", name), name)
-            self.kernels[name] = (target, product.n, product.k, product.dtype, epilogue)
+            self.kernels[name] = (target, n, k, dtype, epilogue)
+        return gv
+
+    def _emit(self, product: _Product):
+        """Emit our kernel's call for ``product`` (None when no kernel serves it)."""
+        epilogue = product.epilogue
+        target = product.target
+        if not _has_dense_kernel(target, product.n, product.k, product.dtype, epilogue):
+            return None
+        arity = 3 + (product.bias is not None) + (product.residual is not None)  # x, w, .., out
+        gv = self.placeholder(target, product.n, product.k, product.dtype, epilogue, arity)
         x2 = product.x2
         if not isinstance(x2, relax.Var):
             x2 = self.builder_.emit(x2)
@@ -246,6 +252,111 @@ class _DenseDispatcher(BackendDispatcher):
         return fused
 
 
+class _SiblingJoiner:
+    """Products of one input with the same plain epilogue (none, or a bias), as a layer's q, k
+    and v projections are: one call of a kernel with a ``split`` epilogue on the weights (and
+    biases) concatenated, which writes each product's own output. On CUDA, up to
+    ``MAX_SPLIT`` products whose column ranges each start on the kernel's column tile. The
+    concatenations are expressions of the parameters (``LiftTransformParams`` runs them once);
+    each product's variable is bound to its part of the joint call, where the first was."""
+
+    def __init__(self, dispatcher: _DenseDispatcher, builder: relax.BlockBuilder):
+        self.dispatcher, self.builder = dispatcher, builder
+
+    def _product(self, binding):
+        """``(kernel arguments, call)`` when ``binding`` calls one of our dense placeholders."""
+        value = binding.value
+        if not is_call_of(value, "relax.call_tir"):
+            return None
+        spec = self.dispatcher.kernels.get(value.args[0].name_hint)
+        if spec is None or spec[0].kind.name != "cuda" or spec[4] not in _SPLITTABLE:
+            return None
+        return spec, value
+
+    def _groups(self, block, defined):
+        """Lists of binding indices whose products can be joined."""
+        groups = collections.defaultdict(list)
+        for i, binding in enumerate(block.bindings):
+            found = self._product(binding)
+            if found is not None:
+                (target, _, k, dtype, epilogue), call = found
+                x = call.args[1].fields[0]
+                groups[x, str(target), k, dtype, epilogue].append(i)
+        out = []
+        for (_, _, k, dtype, _), members in groups.items():
+            members = members[:MAX_SPLIT]
+            first = members[0]
+            specs = [self._product(block.bindings[i])[0] for i in members]
+            widths = [spec[1] for spec in specs]
+            args = [a for i in members for a in block.bindings[i].value.args[1].fields[1:]]
+            if (len(members) > 1 and cuda_dense.split_fits(specs[0][0], widths, k, dtype)
+                    and all(a in defined or defined_in(a, block, first) for a in args)):
+                out.append(members)
+        return out
+
+    def join(self, func: relax.Function) -> relax.Function:
+        if not isinstance(func.body, relax.SeqExpr):
+            return func
+        defined = set(func.params)
+        blocks = []
+        for block in func.body.blocks:
+            groups = self._groups(block, defined) if isinstance(block,
+                                                               relax.DataflowBlock) else []
+            if groups:
+                block = self._join_block(block, groups)
+            defined.update(b.var for b in block.bindings)
+            blocks.append(block)
+        body = relax.SeqExpr(blocks, func.body.body)
+        return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+
+    def _join_block(self, block, groups) -> relax.DataflowBlock:
+        joined = {members[0]: members for members in groups}
+        moved = {i for members in groups for i in members}
+        bindings = []
+        for i, binding in enumerate(block.bindings):
+            if i in joined:
+                bindings += self._joint_call([block.bindings[j] for j in joined[i]])
+            elif i not in moved:
+                bindings.append(binding)
+        return relax.DataflowBlock(bindings)
+
+    def _joint_call(self, members) -> list:
+        specs = [self._product(b)[0] for b in members]
+        target, _, k, dtype, epilogue = specs[0]
+        widths = tuple(spec[1] for spec in specs)
+        calls = [b.value for b in members]
+        x = calls[0].args[1].fields[0]
+        bindings = []
+
+        def bind(name, expr):
+            var = relax.DataflowVar(name, self.builder.normalize(expr).ty)
+            bindings.append(relax.VarBinding(var, expr))
+            return var
+
+        weights = bind("joint_weight", relax.op.concat([c.args[1].fields[1] for c in calls]))
+        args = [x, weights]
+        if epilogue.bias:
+            args.append(bind("joint_bias", relax.op.concat([c.args[1].fields[2]
+                                                            for c in calls])))
+        joint = dataclasses.replace(epilogue, split=widths)
+        gv = self.dispatcher.placeholder(target, sum(widths), k, dtype, joint,
+                                         len(args) + len(widths))
+        rows = x.ty.shape.values[0]
+        outs = [relax.TensorType([rows, w], dtype) for w in widths]
+        tup = bind("joint", relax.call_tir(gv, args, out_ty=outs))
+        for i, b in enumerate(members):
+            bindings.append(relax.VarBinding(b.var, relax.TupleGetItem(tup, i)))
+        return bindings
+
+
+_SPLITTABLE = (Epilogue(), Epilogue(bias=True))
+
+
+def defined_in(var, block, before: int) -> bool:
+    """Whether ``var`` is bound in ``block`` before binding ``before``."""
+    return any(b.var.same_as(var) for b in list(block.bindings)[:before])
+
+
 @tvm.transform.module_pass(opt_level=0, name="DispatchDense")
 def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Replace ``matmul(x, permute_dims(w))`` (``nn.Linear``: ``w`` a static ``[n, k]`` tensor)
@@ -271,13 +382,16 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     dispatcher = _DenseDispatcher(mod)
     mod = mutate_functions(dispatcher, mod, dispatcher.visit_function)
     # A product whose bias got fused is dead: drop its binding, then its kernel if unused;
-    # build the kernels still called in place of their placeholders.
+    # join products of one input (split outputs); build the kernels still called in place of
+    # their placeholders.
     used = set()
+    joiner = _SiblingJoiner(dispatcher, dispatcher.builder_)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            func = relax.analysis.remove_all_unused(func)
-            mod[gvar] = func
+            func = joiner.join(relax.analysis.remove_all_unused(func))
+            dispatcher.builder_.update_func(gvar, func)
             used.update(gv.name_hint for gv in relax.analysis.all_global_vars(func))
+    mod = dispatcher.builder_.get()
     for name, gv in dispatcher.placeholders.items():
         if name in used:
             kernel = _dense_kernel(*dispatcher.kernels[name])
