@@ -223,7 +223,8 @@ class EmbeddingModel:
             # weight layouts the kernels read (prepack_weights), computed once here
             self._params = list(self._vm["transform_params"](self._params))
         self._lock = threading.Lock()
-        self._shapes: dict[tuple[int, int, int], None] = {}  # buckets the pool holds, oldest first
+        # buckets the pool holds, oldest first, with their input buffers (None until made)
+        self._shapes: dict[tuple[int, int, int], list | None] = {}
         self._graphs = self._vm.module.implements_function(GRAPH_FORWARD)
 
     @classmethod
@@ -269,11 +270,16 @@ class EmbeddingModel:
         batch, seq = ids.shape
         ids, mask, token_index = bucket_inputs(ids, mask, token_index, self.spec.padding_side,
                                                self.pad_id, self.spec.max_length)
-        args = [tvm.runtime.tensor(x, device=self.device) for x in (ids, mask, token_index)]
         shape = (*ids.shape, token_index.size)
         with self._lock:
             if self._bound_pool(shape) and fn == "forward" and self._graph_fits(shape):
                 fn = GRAPH_FORWARD
+            args = self._shapes[shape]
+            if args is None:  # the bucket's input buffers, kept with it
+                args = self._shapes[shape] = [tvm.runtime.empty(x.shape, "int32", self.device)
+                                              for x in (ids, mask, token_index)]
+            for buf, x in zip(args, (ids, mask, token_index)):
+                buf.copyfrom(np.ascontiguousarray(x, dtype="int32"))
             out = self._vm[fn](*args, *self._params).numpy()
         out = out[:batch]
         if fn == "hidden_states":  # the bucket's extra columns sit on the padding side
@@ -283,8 +289,12 @@ class EmbeddingModel:
     def _bound_pool(self, shape: tuple[int, int, int]) -> bool:
         """Called under the lock: remember ``shape`` and say whether it was among the
         ``max_cached_shapes`` most recent ones. Past that many shapes, first drop the CUDA graphs
-        (a new virtual machine: graphs live in it, one per shape) and empty the runtime's pool of
-        free buffers (every buffer of ours is free between calls)."""
+        (a new virtual machine: graphs live in it, one per shape), the buckets' input buffers
+        and the runtime's pool of free buffers (every buffer of ours is free between calls).
+
+        A bucket keeps its three input buffers on the device (``_shapes[shape]``): allocating
+        and freeing them in every call cost a short text on an H200 a third of its time (each
+        ``cudaFree`` waits for the device)."""
         if shape in self._shapes:
             self._shapes[shape] = self._shapes.pop(shape)  # most recent last
             return True
@@ -321,8 +331,8 @@ class EmbeddingModel:
                 f"sequences of {input_ids.shape[1]} tokens exceed the model limit of "
                 f"{self.spec.max_length}"
             )
-        if not np.isin(attention_mask, (0, 1)).all():
-            bad = tuple(int(i) for i in np.argwhere(~np.isin(attention_mask, (0, 1)))[0])
+        if attention_mask.min() < 0 or attention_mask.max() > 1:  # whole numbers: 0 or 1
+            bad = tuple(int(i) for i in np.argwhere((attention_mask < 0) | (attention_mask > 1))[0])
             raise ValueError(f"attention_mask values must be 0 or 1, but got "
                              f"{attention_mask[bad]} at {bad}")
         vocab = self.spec.config.vocab_size
