@@ -287,6 +287,16 @@ def gpu_target(kernel: str) -> tvm.target.Target:
     return target
 
 
+def gpu_vm(mod, kernel: str, name_part: str, prepack: bool):
+    """``mod`` built through our pipeline for :func:`gpu_target` ``(kernel)``, after checking
+    that one of its dense kernels' names holds ``name_part``; its VM on the GPU."""
+    target = gpu_target(kernel)
+    assert any(name_part in name for name in kernels_of(dispatched(mod, target)))
+    ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline(
+        "relax_masked_attn", prepack_weights=prepack))
+    return relax.VirtualMachine(ex, tvm.cuda(0))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -409,14 +419,7 @@ def test_cuda_swiglu_matches_torch(hidden, inner, dtype, prepack, kernel):
     interleaved once by ``transform_params`` (prepack) or in every call."""
     import torch
 
-    dev = tvm.cuda(0)
-    target = gpu_target(kernel)
-    mod = swiglu_module(hidden, inner, dtype)
-    assert any("swiglu" in name for name in kernels_of(dispatched(mod, target)))
-    ex = tvm.compile(mod, target=target,
-                     relax_pipeline=relax.get_pipeline("relax_masked_attn",
-                                                       prepack_weights=prepack))
-    vm = relax.VirtualMachine(ex, dev)
+    vm = gpu_vm(swiglu_module(hidden, inner, dtype), kernel, "swiglu", prepack)
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(inner)
     wg, wu = (torch.randn(inner, hidden, generator=gen) / hidden**0.5 for _ in range(2))
@@ -533,14 +536,7 @@ def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, k
     ``transform_params`` (prepack) or in every call."""
     import torch
 
-    dev = tvm.cuda(0)
-    target = gpu_target(kernel)
-    mod = siblings_module(hidden, widths, dtype, bias)
-    assert any("_to" in name for name in kernels_of(dispatched(mod, target)))
-    ex = tvm.compile(mod, target=target,
-                     relax_pipeline=relax.get_pipeline("relax_masked_attn",
-                                                       prepack_weights=prepack))
-    vm = relax.VirtualMachine(ex, dev)
+    vm = gpu_vm(siblings_module(hidden, widths, dtype, bias), kernel, "_to", prepack)
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(sum(widths))
     weights = []
