@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 
+from .macro_lookup import quick_macro_lookup
+
 # Results kept per generator: every kernel of a few models at once, and a bound on what a
 # long-running process that compiles many models holds.
 MAX_KERNELS = 64
@@ -16,15 +18,21 @@ MAX_KERNELS = 64
 def memoized(generator):
     """``generator`` with its last :data:`MAX_KERNELS` results kept (the PrimFuncs it returns
     are immutable, so callers may share them). Calls whose arguments cannot be hashed (a list
-    of tiles) run the generator itself."""
-    cached = functools.lru_cache(maxsize=MAX_KERNELS)(generator)
+    of tiles) run the generator itself. The generator runs under
+    :func:`~relax_masked_attn.kernels.macro_lookup.quick_macro_lookup`."""
+
+    def generate(*args, **kwargs):
+        with quick_macro_lookup():
+            return generator(*args, **kwargs)
+
+    cached = functools.lru_cache(maxsize=MAX_KERNELS)(generate)
 
     @functools.wraps(generator)
     def call(*args, **kwargs):
         try:
             hash((args, tuple(kwargs.items())))
         except TypeError:
-            return generator(*args, **kwargs)
+            return generate(*args, **kwargs)
         return cached(*args, **kwargs)
 
     call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
