@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
@@ -106,17 +105,15 @@ def rope_tables(positions: nn.Tensor, theta: float, dim: int, dtype: str):
     first half (what :func:`rope` multiplies the swapped halves by). Computed once a forward,
     shared by every layer."""
     half = dim // 2
-    inv_freq = op.exp(
-        op.multiply(
-            op.arange(0, half, dtype="float32"),
-            op.full((half,), -2.0 * math.log(theta) / dim, "float32"),
-        )
-    )  # theta ** (-2 i / d)
+    # Constants computed here, not as ops: TVM's FoldConstant would build and run a kernel for
+    # each op on them at every compile (a second of a Qwen3 compile).
+    inv_freq = nn.Tensor.from_const(
+        (theta ** (-2.0 * np.arange(half) / dim)).astype("float32")[None, :])  # (1, d/2)
+    sign = nn.Tensor.from_const(np.repeat(np.array([-1.0, 1.0], "float32"), half)
+                                .reshape(1, 1, 2, half))
     pos = op.astype(positions, "float32")  # (t,)
-    freqs = op.unsqueeze(op.multiply(op.unsqueeze(pos, -1), op.unsqueeze(inv_freq, 0)), 1)
+    freqs = op.unsqueeze(op.multiply(op.unsqueeze(pos, -1), inv_freq), 1)
     angles = op.unsqueeze(op.concat([freqs, freqs], dim=1), 1)  # (t, 1, 2, d/2)
-    sign = op.reshape(op.concat([op.full((half,), -1.0, "float32"),
-                                 op.full((half,), 1.0, "float32")], dim=0), (1, 1, 2, half))
     cos = op.astype(_unary(relax.op.cos, angles, "rope_cos"), dtype)
     sin = op.astype(op.multiply(_unary(relax.op.sin, angles, "rope_sin"), sign), dtype)
     return cos, sin
