@@ -67,11 +67,12 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool]:
     head_dim 64 and 128: 4 warps x 2 m16 tiles = 128 query rows, 64-key tiles, Q re-read from
     shared memory every k-step (FlashAttention-2's layout): each K/V fragment loaded with
     ``ldmatrix`` feeds two ``mma``. Shared memory: Q 128 x head_dim plus K and V 64 x head_dim
-    (64 KiB at head_dim 128, which sm_90 accepts as static shared memory; nvcc 13: 255 registers,
-    no spills; 221 at head_dim 64). Swept on an H200 (``bench_kernel.py --sweep``, full lengths,
-    useful TFLOP/s, one run) against the other layouts: (32, 512, 12/12, 64) 168.6 vs 145.9
-    (4 x 1 tile, 64 keys, Q in registers); (16, 1024, 16/8, 128) 213.8 vs 202.6 (4 x 2 tiles,
-    32 keys); (4, 4096, 16/8, 128) bf16 285.9 vs 276.5.
+    (64 KiB at head_dim 128, one dynamic pool: sm_80-class GPUs allow 48 KiB of static shared
+    memory; nvcc 13: 255 registers, no spills; 221 at head_dim 64). Swept on an H200
+    (``bench_kernel.py --sweep``, full lengths, useful TFLOP/s, one run, with the tiles static)
+    against the other layouts: (32, 512, 12/12, 64) 168.6 vs 145.9 (4 x 1 tile, 64 keys, Q in
+    registers); (16, 1024, 16/8, 128) 213.8 vs 202.6 (4 x 2 tiles, 32 keys); (4, 4096, 16/8,
+    128) bf16 285.9 vs 276.5.
 
     Other head dims: 4 warps x 1 m16 tile = 64 query rows, 64-key tiles, Q in registers: Q, K
     and V take 3 * 64 * head_dim * 2 bytes of shared memory.

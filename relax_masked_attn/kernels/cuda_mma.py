@@ -80,6 +80,11 @@ def tensor_core_kernel(
     online_softmax = fragment_softmax(atoms, sn, on, qk_scale, causal)
 
     load_rows = row_loader(threads, chunks)
+    # Q, K and V tiles: static shared memory up to 48 KiB, the most sm_80/86/89 (A100, A10,
+    # L4, L40) allow a kernel statically; above (head_dim 128: 64 KiB), one dynamic pool that
+    # the three tiles view, which TVM's runtime lets the kernel have when it loads it.
+    tile_elems = (rows + 2 * cols) * d
+    dynamic = tile_elems * 2 > 48 * 1024
 
     def xor_swizzled(smem):
         """Chunk ``c`` of row ``r`` at chunk ``c ^ (r % swz)`` of the 2-D tile ``smem``."""
@@ -109,9 +114,17 @@ def tensor_core_kernel(
         qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
         tx = T.launch_thread("threadIdx.x", threads)
 
-        q_smem = T.alloc_buffer((rows, d), dtype, scope="shared")
-        k_smem = T.alloc_buffer((cols, d), dtype, scope="shared")
-        v_smem = T.alloc_buffer((cols, d), dtype, scope="shared")
+        if dynamic:
+            pool = T.alloc_buffer((tile_elems,), dtype, scope="shared.dyn")
+            q_smem = T.decl_buffer((rows, d), dtype, data=pool.data, scope="shared.dyn")
+            k_smem = T.decl_buffer((cols, d), dtype, data=pool.data, elem_offset=rows * d,
+                                   scope="shared.dyn")
+            v_smem = T.decl_buffer((cols, d), dtype, data=pool.data,
+                                   elem_offset=(rows + cols) * d, scope="shared.dyn")
+        else:
+            q_smem = T.alloc_buffer((rows, d), dtype, scope="shared")
+            k_smem = T.alloc_buffer((cols, d), dtype, scope="shared")
+            v_smem = T.alloc_buffer((cols, d), dtype, scope="shared")
         q_frag = T.alloc_buffer((atoms, q_slots, 4), "uint32", scope="local")
         b_frag = T.alloc_buffer((4,), "uint32", scope="local")
         p_frag = T.alloc_buffer((atoms, 4), "uint32", scope="local")
