@@ -145,8 +145,6 @@ class _DenseDispatcher(BackendDispatcher):
         target = product.target
         if not _has_dense_kernel(target, product.n, product.k, product.dtype, epilogue):
             return None
-        arity = 3 + (product.bias is not None) + (product.residual is not None)  # x, w, .., out
-        gv = self.placeholder(target, product.n, product.k, product.dtype, epilogue, arity)
         x2 = product.x2
         if not isinstance(x2, relax.Var):
             x2 = self.builder_.emit(x2)
@@ -155,6 +153,8 @@ class _DenseDispatcher(BackendDispatcher):
         if target.kind.name == "llvm":  # the CPU kernel reads the weight in panels
             w = self.builder_.emit(cpu_dense.pack_weight(w, cpu_dense.tiles_for(target).cols))
         args = [x2, w, *(e for e in (product.bias, product.residual) if e is not None)]
+        gv = self.placeholder(target, product.n, product.k, product.dtype, epilogue,
+                              len(args) + 1)  # and the output
         rows = x2.ty.shape.values[0]
         n_out = epilogue.out_columns(product.n)
         out = self.builder_.emit(
@@ -260,8 +260,8 @@ class _SiblingJoiner:
     concatenations are expressions of the parameters (``LiftTransformParams`` runs them once);
     each product's variable is bound to its part of the joint call, where the first was."""
 
-    def __init__(self, dispatcher: _DenseDispatcher, builder: relax.BlockBuilder):
-        self.dispatcher, self.builder = dispatcher, builder
+    def __init__(self, dispatcher: _DenseDispatcher):
+        self.dispatcher = dispatcher
 
     def _product(self, binding):
         """``(kernel arguments, call)`` when ``binding`` calls one of our dense placeholders."""
@@ -274,24 +274,27 @@ class _SiblingJoiner:
         return spec, value
 
     def _groups(self, block, defined):
-        """Lists of binding indices whose products can be joined."""
+        """Lists of binding indices whose products can be joined: their other arguments
+        (weights, biases) are bound before the first of them, where the joint call goes."""
+        bindings = list(block.bindings)
         groups = collections.defaultdict(list)
-        for i, binding in enumerate(block.bindings):
+        for i, binding in enumerate(bindings):
             found = self._product(binding)
             if found is not None:
-                (target, _, k, dtype, epilogue), call = found
-                x = call.args[1].fields[0]
-                groups[x, str(target), k, dtype, epilogue].append(i)
+                spec, call = found
+                target, _, k, dtype, epilogue = spec
+                groups[call.args[1].fields[0], str(target), k, dtype, epilogue].append((i, spec))
         out = []
-        for (_, _, k, dtype, _), members in groups.items():
+        for members in groups.values():
             members = members[:MAX_SPLIT]
-            first = members[0]
-            specs = [self._product(block.bindings[i])[0] for i in members]
-            widths = [spec[1] for spec in specs]
-            args = [a for i in members for a in block.bindings[i].value.args[1].fields[1:]]
-            if (len(members) > 1 and cuda_dense.split_fits(specs[0][0], widths, k, dtype)
-                    and all(a in defined or defined_in(a, block, first) for a in args)):
-                out.append(members)
+            first = members[0][0]
+            target, _, k, dtype, _ = members[0][1]
+            before = defined | {b.var for b in bindings[:first]}
+            args = [a for i, _ in members for a in bindings[i].value.args[1].fields[1:]]
+            if (len(members) > 1
+                    and cuda_dense.split_fits(target, [spec[1] for _, spec in members], k, dtype)
+                    and all(a in before for a in args)):
+                out.append([i for i, _ in members])
         return out
 
     def join(self, func: relax.Function) -> relax.Function:
@@ -329,7 +332,7 @@ class _SiblingJoiner:
         bindings = []
 
         def bind(name, expr):
-            var = relax.DataflowVar(name, self.builder.normalize(expr).ty)
+            var = relax.DataflowVar(name, self.dispatcher.builder_.normalize(expr).ty)
             bindings.append(relax.VarBinding(var, expr))
             return var
 
@@ -350,11 +353,6 @@ class _SiblingJoiner:
 
 
 _SPLITTABLE = (Epilogue(), Epilogue(bias=True))
-
-
-def defined_in(var, block, before: int) -> bool:
-    """Whether ``var`` is bound in ``block`` before binding ``before``."""
-    return any(b.var.same_as(var) for b in list(block.bindings)[:before])
 
 
 @tvm.transform.module_pass(opt_level=0, name="DispatchDense")
@@ -385,7 +383,7 @@ def dispatch_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     # join products of one input (split outputs); build the kernels still called in place of
     # their placeholders.
     used = set()
-    joiner = _SiblingJoiner(dispatcher, dispatcher.builder_)
+    joiner = _SiblingJoiner(dispatcher)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             func = joiner.join(relax.analysis.remove_all_unused(func))
