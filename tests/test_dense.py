@@ -445,10 +445,11 @@ def test_small_batches_take_the_split_k_kernels(make, arch):
     choosing by the row count."""
     import re
 
-    # 128-column tiles x parts: 6 x 12 = 72, 6 x 24 = 144, 24 x 6 = 144 blocks
+    # 128-column tiles x parts, within SMALL_BLOCKS = 132: 6 x 12 = 72, 6 x 16 = 96,
+    # 24 x 4 = 96 blocks (12 k-steps of 64 split 4 ways; 5 would not divide them)
     assert cuda_dense.small_batch_splits(768, 768) == 12
-    assert cuda_dense.small_batch_splits(768, 3072) == 24
-    assert cuda_dense.small_batch_splits(3072, 768) == 6
+    assert cuda_dense.small_batch_splits(768, 3072) == 16
+    assert cuda_dense.small_batch_splits(3072, 768) == 4
     func = make(768, 3072, "float16", Epilogue(True, None, True))
     assert f"m <= {cuda_dense.SMALL_ROWS}" in func.script()
     ex = tvm.compile(tvm.IRModule({"main": func}),
