@@ -157,6 +157,26 @@ def test_buckets_do_not_change_results(which, side, request, monkeypatch):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def test_calls_in_one_bucket_follow_their_own_inputs(tiny_bert):
+    """A bucket keeps its input buffers and copies only the inputs that changed since its last
+    call: calls that change the ids alone, the mask alone, both, or nothing each give
+    transformers' last hidden states of their own inputs."""
+    import torch
+
+    path, hf = tiny_bert
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
+    rng = np.random.default_rng(5)
+    ids_a, ids_b = rng.integers(1, 120, (2, 3, 14))
+    for ids, lengths in [(ids_a, [14, 9, 3]), (ids_b, [14, 9, 3]), (ids_b, [2, 14, 11]),
+                         (ids_a, [5, 1, 14]), (ids_a, [5, 1, 14]), (ids_a, [14, 9, 3])]:
+        mask = _masks(lengths, 14, "right")
+        with torch.no_grad():
+            ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        ref = ref.last_hidden_state.numpy() * mask[..., None]
+        np.testing.assert_allclose(ours.hidden_states(ids, mask), ref, atol=2e-4,
+                                   err_msg=f"lengths {lengths}")
+
+
 def test_the_pool_is_emptied_past_the_shape_limit(tiny_bert, monkeypatch):
     """Memory stays bounded: a shape bucket beyond the last ``max_cached_shapes`` ones empties
     the runtime's pool first; repeated shapes do not."""
