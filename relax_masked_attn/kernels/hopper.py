@@ -24,3 +24,41 @@ def realign_pool(base, smem):
     elements to skip so the tiles start 1 KiB-aligned (the pool is allocated 1 KiB larger)."""
     base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
     base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
+
+
+# --- TMA: tiles copied by the tensor memory accelerator (cp.async.bulk.tensor) ----------------
+
+SWIZZLE_128B = 3  # CUtensorMapSwizzle's CU_TENSOR_MAP_SWIZZLE_128B
+TILE_COLUMNS = 64  # elements of a 128-byte row of a 2-byte dtype: the swizzle's span
+
+
+@T.macro
+def encode_row_tiles(tmap, data, dtype: str, rows, cols: int, box_rows: int):
+    """Host side: write into ``tmap`` (a ``T.tvm_stack_alloca("tensormap", 1)``) the tensor map
+    of a row-major ``[rows, cols]`` tensor of a 2-byte ``dtype`` at ``data``, read in boxes of
+    ``box_rows`` rows by :data:`TILE_COLUMNS` columns that land in shared memory in the layout
+    :func:`swizzle128_descriptor` describes (128-byte rows, 16-byte chunk ``c`` of row ``r`` at
+    ``c ^ (r % 8)``); rows past ``rows`` arrive as zeros. apache-tvm 0.27 encodes it through
+    the CUDA runtime's ``cuTensorMapEncodeTiled`` and passes it to the kernel as a
+    ``const __grid_constant__ CUtensorMap`` parameter."""
+    T.tensormap_encode_tiled(tmap, data, cols, rows, cols * 2, TILE_COLUMNS, box_rows, 1, 1,
+                             descriptor_dtype=dtype, rank=2, swizzle=SWIZZLE_128B)
+
+
+@T.macro
+def init_barrier(bar, arrivals: int):
+    """One thread: ``mbarrier.init`` of the shared 8-byte barrier at ``bar`` (a pointer) for
+    ``arrivals`` arrivals a phase; the block must sync before any other thread uses it."""
+    T.ptx.mbarrier.init.shared.b64(bar, T.uint32(arrivals))
+    T.ptx.fence.proxy.async_.shared__cta()  # the initialized barrier, visible to the TMA unit
+
+
+@T.macro
+def load_row_tile(dst, tmap, row, col, bar, nbytes: int):
+    """One thread: arrive on barrier ``bar`` expecting ``nbytes`` more bytes this phase and
+    start the TMA copy of the box at (``row``, ``col``) of ``tmap`` (:func:`encode_row_tiles`)
+    to shared pointer ``dst`` (1 KiB aligned); the barrier's phase completes when the bytes
+    have landed (``T.cuda.mbarrier_wait``)."""
+    T.ptx.mbarrier.arrive.expect_tx.shared.b64(bar, T.uint32(nbytes))
+    T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"](
+        dst, T.address_of(tmap), col, row, bar)
