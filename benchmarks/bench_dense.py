@@ -7,9 +7,10 @@ CPU: float32, the MiniLM and BERT-base linears, our register-blocked kernel (one
 ``--mcpu``) against ``torch.nn.functional.linear``, GFLOP/s.
 
 Shapes are the linears of BERT-base and Qwen3-0.6B; all sides compute ``x @ w.T (+ b)`` in fp16
-on the same device arrays. On an sm_90 GPU both of our kernels are timed: ``mma.sync`` (what a
-plain ``sm_90`` target gets) and ``wgmma`` (``sm_90a``, what ``EmbeddingModel`` compiles for).
-Prints TFLOP/s of each and the ratio ours / torch.
+on the same device arrays. On an sm_90 GPU three of our kernels are timed: ``mma.sync`` (what a
+plain ``sm_90`` target gets), ``wgmma`` (``sm_90a``, what ``EmbeddingModel`` compiles for) and
+``tma`` (the warp-specialized TMA kernel, ``kernels/cuda_tma_dense.py``, timed as a raw kernel:
+no model dispatches it yet). Prints TFLOP/s of each and the ratio ours / torch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import tvm
 from bench_kernel import median_time
 from tvm import relax
 
-from relax_masked_attn.kernels import cuda_dense
+from relax_masked_attn.kernels import cuda_dense, cuda_tma_dense
+from relax_masked_attn.kernels.epilogue import Epilogue
 from relax_masked_attn.passes.dispatch_dense import standalone_linear_module
 from relax_masked_attn.targets import device_cuda_target
 
@@ -52,6 +54,15 @@ SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
 
 # (tile_n, stages), sm_90a only
 WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]
+TMA_SWEEP = [(128, 4), (128, 6), (256, 3), (256, 4)]
+
+
+def raw_kernel(func, target, inputs, out):
+    """``func`` (a dense PrimFunc) built for ``target``, as a call on torch tensors ``inputs``
+    writing ``out``."""
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+    args = [tvm.runtime.from_dlpack(t) for t in (*inputs, out)]
+    return lambda: kernel(*args)
 
 
 def sweep(args, dev, target, tdtype) -> None:
@@ -62,6 +73,8 @@ def sweep(args, dev, target, tdtype) -> None:
     hopper = device_cuda_target()
     if cuda_dense.has_wgmma(hopper) and args.sweep in ("wgmma", "both"):
         configs += [(cuda_dense.wgmma_dense_kernel, tiles, hopper) for tiles in WGMMA_SWEEP]
+    if cuda_dense.has_wgmma(hopper) and args.sweep in ("tma", "both"):
+        configs += [(cuda_tma_dense.tma_dense_kernel, tiles, hopper) for tiles in TMA_SWEEP]
     print("tile sweep (ms, raw kernel):", "  ".join(str(c[1]) for c in configs))
     for n, k, _, what in SHAPES:
         x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
@@ -74,13 +87,11 @@ def sweep(args, dev, target, tdtype) -> None:
             if n % tile_n:
                 times.append("-")
                 continue
-            func = make(n, k, args.dtype, tiles=tiles)
-            kernel = tvm.compile(tvm.IRModule({"main": func}), target=tgt)["main"]
-            targs = [tvm.runtime.from_dlpack(t) for t in (x, w, out)]
+            run = raw_kernel(make(n, k, args.dtype, tiles=tiles), tgt, [x, w], out)
             out.zero_()
-            kernel(*targs)
+            run()
             assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), tiles
-            times.append(f"{median_time(lambda: kernel(*targs), torch.cuda.synchronize) * 1e3:.3f}")
+            times.append(f"{median_time(run, torch.cuda.synchronize) * 1e3:.3f}")
         print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
 
 
@@ -94,8 +105,6 @@ EPILOGUE_SHAPES = [  # (n, k, Epilogue fields, what): BERT-base's fused products
 def epilogue_sweep(args, tdtype) -> None:
     """The wgmma kernel with BERT's fused epilogues under each WGMMA_SWEEP configuration (raw
     kernels, checked against torch first): which ring/tile lets the epilogue overlap."""
-    from relax_masked_attn.kernels.epilogue import Epilogue
-
     hopper = device_cuda_target()
     if not cuda_dense.has_wgmma(hopper):
         print("epilogue sweep: not a Hopper GPU")
@@ -118,13 +127,12 @@ def epilogue_sweep(args, tdtype) -> None:
             if n % tiles[0]:
                 times.append("-")
                 continue
-            func = cuda_dense.wgmma_dense_kernel(n, k, args.dtype, epilogue, tiles=tiles)
-            kernel = tvm.compile(tvm.IRModule({"main": func}), target=hopper)["main"]
-            inputs = [x, w, b] + ([r] if epilogue.residual else []) + [out]
-            targs = [tvm.runtime.from_dlpack(t) for t in inputs]
-            kernel(*targs)
+            run = raw_kernel(cuda_dense.wgmma_dense_kernel(n, k, args.dtype, epilogue,
+                                                           tiles=tiles),
+                             hopper, [x, w, b] + ([r] if epilogue.residual else []), out)
+            run()
             assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), tiles
-            times.append(f"{median_time(lambda: kernel(*targs), torch.cuda.synchronize) * 1e3:.3f}")
+            times.append(f"{median_time(run, torch.cuda.synchronize) * 1e3:.3f}")
         print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
 
 
@@ -160,7 +168,6 @@ def cpu_sweep(args) -> None:
     from bench_models import cpu_target
 
     from relax_masked_attn.kernels import cpu_dense
-    from relax_masked_attn.kernels.epilogue import Epilogue
 
     for target, label in (cpu_target(m) for m in args.mcpu.split(",")):
         base = cpu_dense.tiles_for(target)
@@ -248,7 +255,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8192, help="rows of x (tokens)")
     parser.add_argument("--plot", metavar="FILE.png", help="CPU: draw the table as a chart")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--sweep", choices=["mma", "wgmma", "both"],
+    parser.add_argument("--sweep", choices=["mma", "wgmma", "tma", "both"],
                         help="also time the tile configurations of these kernels (CPU: "
                         "only the blockings of CPU_SWEEP, any value)")
     parser.add_argument("--epilogue-sweep", action="store_true",
@@ -266,6 +273,7 @@ def main() -> None:
     hopper = device_cuda_target()
     if cuda_dense.has_wgmma(hopper):
         targets["wgmma"] = hopper
+        targets["tma"] = hopper
     tdtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows; TFLOP/s, ratio = "
           "torch time / ours")
@@ -281,13 +289,20 @@ def main() -> None:
         t_torch = median_time(lambda: torch.nn.functional.linear(x, w, b), sync)
         flops = 2.0 * args.rows * n * k
         cells, errors = [], []
-        for tgt in targets.values():
-            ex = tvm.compile(standalone_linear_module(n, k, args.dtype, bias, rank=2), target=tgt,
-                             relax_pipeline=relax.get_pipeline("relax_masked_attn"))
-            run = relax.VirtualMachine(ex, dev)["main"]
-            out = torch.from_dlpack(run(*tvm_args))
+        for name, tgt in targets.items():
+            if name == "tma":
+                out = torch.empty(args.rows, n, device="cuda", dtype=tdtype)
+                run = raw_kernel(cuda_tma_dense.tma_dense_kernel(n, k, args.dtype, Epilogue(bias)),
+                                 tgt, [t for t in (x, w, b) if t is not None], out)
+                run()
+            else:
+                ex = tvm.compile(standalone_linear_module(n, k, args.dtype, bias, rank=2),
+                                 target=tgt, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+                vm_main = relax.VirtualMachine(ex, dev)["main"]
+                out = torch.from_dlpack(vm_main(*tvm_args))
+                run = lambda: vm_main(*tvm_args)  # noqa: E731 (timed below like the raw kernel)
             errors.append((out.float() - ref.float()).abs().max().item())
-            t_ours = median_time(lambda: run(*tvm_args), sync)
+            t_ours = median_time(run, sync)
             cells.append(f"{t_ours * 1e3:12.3f} {flops / t_ours / 1e12:9.1f} "
                          f"{t_torch / t_ours:5.2f}x")
         print(f"{n:5} {k:5} {str(bias):>5} {t_torch * 1e3:9.3f} {flops / t_torch / 1e12:6.1f}",

@@ -1,0 +1,155 @@
+"""A warp-specialized Hopper dense kernel: TMA copies, an mbarrier ring, ``wgmma`` consumers.
+
+:func:`tma_dense_kernel` computes what :func:`~relax_masked_attn.kernels.cuda_dense.
+wgmma_dense_kernel` does (same PrimFunc, same epilogues, same split-k path for small batches)
+with the block split into roles, as CUTLASS's warp-specialized Hopper GEMMs and FlashAttention-3
+split theirs:
+
+* warpgroup 0 is the producer: it gives up registers (``setmaxnreg.dec``) and one of its
+  threads issues, for each 64-wide k-step, two TMA copies (``cp.async.bulk.tensor``: a box of
+  128 rows of ``x`` and one of ``tile_n`` rows of ``w``) into a ring slot, after waiting on that
+  slot's ``empty`` barrier; the copies complete the slot's ``full`` barrier by their byte count;
+* warpgroups 1 and 2 are consumers (``setmaxnreg.inc``): each waits on ``full``, runs 4
+  ``wgmma.m64n{tile_n}k16`` on its 64 rows straight from the slot, keeps one ``wgmma`` group in
+  flight, and releases the slot of the previous k-step on its ``empty`` barrier.
+
+No thread copies data or computes an address per element in the main loop, and the tensor
+maps land the tiles in the 128-byte-swizzled layout the ``wgmma`` descriptors read
+(:mod:`.hopper`); rows of ``x`` past ``m`` arrive as zeros. The epilogue is the shared one
+(:func:`~relax_masked_attn.kernels.cuda_dense.staged_store`) on the consumers' 256 threads.
+
+**Status: generated and accepted by nvcc's ptxas for sm_90a; not yet run on a GPU** (the
+``gpu`` tests in ``tests/test_dense.py`` check it against NumPy; ``bench_dense.py --sweep tma``
+times it next to the ``cp.async`` kernel and cuBLAS). ``DispatchDense`` does not use it.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .config import wgmma_dense_tiles
+from .cuda_dense import staged_store, with_small_batches
+from .epilogue import Epilogue, dense_func
+from .hopper import (
+    TILE_COLUMNS,
+    encode_row_tiles,
+    init_barrier,
+    load_row_tile,
+    swizzle128_descriptor,
+)
+from .memo import memoized
+
+PRODUCER_REGISTERS = 40  # setmaxnreg: the producer warpgroup's registers a thread
+CONSUMER_REGISTERS = 232  # and each consumer's: 128 x 40 + 256 x 232 <= 65536
+
+
+@memoized
+def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
+                     tiles=None) -> tirx.PrimFunc:
+    """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])`` for
+    ``sm_90a``; ``tiles`` is ``(tile_n, stages)`` (default:
+    :func:`~relax_masked_attn.kernels.config.wgmma_dense_tiles`)."""
+    epilogue = epilogue or Epilogue()
+    tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)
+    tile_m, tile_k = 128, TILE_COLUMNS
+    if n % tile_n or k % tile_k or tile_n not in (128, 256) or stages < 2:
+        raise ValueError(f"tma_dense_kernel: n={n}, k={k} do not fit tiles ({tile_n}, 64) "
+                         f"with {stages} stages (128 or 256 columns, at least 2 stages)")
+    stage_elems = (tile_m + tile_n) * tile_k  # x's rows, then w's, 128 bytes each
+    pool_elems = stages * stage_elems + 512  # + 1 KiB to realign the pool to 1024 bytes
+    stage_bytes = stage_elems * 2
+    num_kt = k // tile_k
+    ab = "f16" if dtype == "float16" else "bf16"
+    wgmma = f"wgmma.mma_async.sync.aligned.m64n{tile_n}k16.f32.{ab}.{ab}"
+    acc_len = tile_n // 2  # fp32 accumulators a consumer thread
+    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 256, pool_elems,
+                                     "shared.dyn")
+
+    @T.macro
+    def body(x, w, bias_buf, residual, outs, m):
+        x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
+        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
+        bn = T.launch_thread("blockIdx.x", n // tile_n)
+        bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
+        # threadIdx.y names the warpgroup: the split-k kernel of the same PrimFunc runs 128
+        # threads along x (apache-tvm 0.27 gives every kernel of a PrimFunc the same extent
+        # for a launch dimension of the same name).
+        tx = T.launch_thread("threadIdx.x", 128)
+        wg = T.launch_thread("threadIdx.y", 3)
+        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        full = T.alloc_buffer((stages,), "uint64", scope="shared")
+        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
+        acc = T.alloc_buffer((acc_len,), "float32", scope="local")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
+        base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
+        pad = T.Cast("int32", base[1])  # elements to the first 1 KiB boundary of the pool
+        if tx == 0 and wg == 0:
+            for s in T.unroll(stages):
+                init_barrier(full.ptr_to([s]), 1)  # the producer's expect_tx
+                init_barrier(empty.ptr_to([s]), 2)  # one arrival a consumer warpgroup
+        T.tvm_storage_sync("shared")
+        if wg == 0:
+            T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
+            if tx == 0:
+                for kt in T.serial(num_kt):
+                    if kt >= stages:  # both consumers are done with this slot's last tiles
+                        T.cuda.mbarrier_wait(empty.ptr_to([kt % stages]), (kt // stages + 1) % 2)
+                    load_row_tile(smem.ptr_to([pad + kt % stages * stage_elems]), x_map,
+                                  bm * tile_m, kt * tile_k, full.ptr_to([kt % stages]),
+                                  stage_bytes)
+                    T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
+                          "complete_tx::bytes"](
+                        smem.ptr_to([pad + kt % stages * stage_elems + tile_m * tile_k]),
+                        T.address_of(w_map), kt * tile_k, bn * tile_n,
+                        full.ptr_to([kt % stages]))
+        else:
+            T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
+            for i in T.unroll(acc_len):
+                acc[i] = T.float32(0)
+            for kt in T.serial(num_kt):
+                T.cuda.mbarrier_wait(full.ptr_to([kt % stages]), kt // stages % 2)
+                T.ptx.wgmma.fence.sync.aligned()
+                for kk in T.unroll(tile_k // 16):
+                    T.ptx[wgmma](
+                        *[acc[i] for i in range(acc_len)],
+                        swizzle128_descriptor(base[0] + T.Cast("uint32", (
+                            pad + kt % stages * stage_elems) * 2)
+                            + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
+                        swizzle128_descriptor(base[0] + T.Cast("uint32", (
+                            pad + kt % stages * stage_elems) * 2)
+                            + T.uint32(tile_m * 128 + kk * 32)),
+                        T.bool(True), 1, 1, 0, 0,
+                    )
+                T.ptx.wgmma.commit_group.sync.aligned()
+                T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
+                if kt > 0 and tx == 0:
+                    T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(kt - 1) % stages]),
+                                                     T.uint32(1))
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+            # Epilogue through shared memory (staged_store): each consumer writes its rows of
+            # the staging tile (in the output dtype, bias and activation applied) once both are
+            # done with the ring (named barrier 1, the consumers' 256 threads), so that no
+            # accumulator lives past the join of the roles, where the producer's register
+            # budget would cap every thread's.
+            T.ptx.bar.sync(T.uint32(1), T.uint32(256))
+            lane = tx % 32
+            pair = T.alloc_buffer((2,), dtype, scope="local")
+            for h in T.unroll(2):
+                r = (wg - 1) * 64 + tx // 32 * 16 + lane // 4 + h * 8
+                for j in T.unroll(tile_n // 8):
+                    col = j * 8 + lane % 4 * 2
+                    for c in T.unroll(2):
+                        pair[c] = T.Cast(dtype, epilogue.value(
+                            acc[j * 4 + h * 2 + c],
+                            bias_buf[bn * tile_n + col + c] if epilogue.bias else None))
+                    smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+        T.tvm_storage_sync("shared")
+        if wg > 0:
+            store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
+
+    small = with_small_batches(n, k, dtype, epilogue, body, tile_n, 128)
+    return dense_func(n, k, dtype, small, epilogue)
