@@ -326,6 +326,32 @@ def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kerne
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("n,k", [(768, 3072), (3072, 768)])
+def test_cuda_small_batches_stay_right_call_after_call(n, k, kernel):
+    """Twenty calls of one compiled product in one virtual machine, row counts up to
+    SMALL_ROWS (the split-k path, its workspace and sum kernel reused call after call) and one
+    above, each against NumPy."""
+    dev = tvm.cuda(0)
+    mod = standalone_linear_module(n, k, "float16", bias=True, rank=2, activation="gelu",
+                                   residual=True)
+    ex = tvm.compile(mod, target=gpu_target(kernel),
+                     relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+    vm = relax.VirtualMachine(ex, dev)
+    rng = np.random.default_rng(n)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+    b = rng.standard_normal(n).astype(np.float16)
+    for call in range(20):
+        rows = (1, 64, 33, 7, 65)[call % 5]
+        x = rng.standard_normal((rows, k)).astype(np.float16)
+        r = rng.standard_normal((rows, n)).astype(np.float16)
+        args = [tvm.runtime.tensor(a, device=dev) for a in (x, w, b, r)]
+        out = vm["main"](*args).numpy().astype("float32")
+        np.testing.assert_allclose(out, reference(x, w, b, "gelu", r), rtol=2e-2, atol=2e-2,
+                                   err_msg=f"call {call}, {rows} rows")
+
+
 @pytest.mark.parametrize("target", [SM90, SM90A, {"kind": "llvm", "mcpu": "haswell"}])
 def test_each_kernel_is_generated_once_per_model(target):
     """A model asks for the same kernel at every layer: four layers parse as many kernels as one,
