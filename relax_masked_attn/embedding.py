@@ -630,10 +630,13 @@ GRAPH_TOKENS = 16384
 def bucket_shape(batch: int, seq: int, tokens: int, max_seq: int) -> tuple[int, int, int]:
     """The bucket ``(batch, seq, tokens)`` a call runs at: ``batch`` up to a power of two,
     ``seq`` up to a multiple of :data:`SEQ_STEP` (never past ``max(seq, max_seq)``), ``tokens``
-    up to a multiple of :data:`TOKEN_STEP`. Extra rows have no real token, extra columns are
+    up to a multiple of :data:`TOKEN_STEP` but never past ``batch * seq`` of the bucket (which
+    holds them all, and which the other two already fix, so no new shape comes of it: one text
+    of 29 tokens runs 32 rows, not 64). Extra rows have no real token, extra columns are
     padding and extra packed tokens belong to no sequence, so none changes the result."""
+    batch_b = 1 << (batch - 1).bit_length()
     seq_b = min(-(-seq // SEQ_STEP) * SEQ_STEP, max(seq, max_seq))
-    return 1 << (batch - 1).bit_length(), seq_b, -(-max(tokens, 1) // TOKEN_STEP) * TOKEN_STEP
+    return batch_b, seq_b, min(-(-max(tokens, 1) // TOKEN_STEP) * TOKEN_STEP, batch_b * seq_b)
 
 
 def bucket_inputs(input_ids, mask, token_index, side: str, pad_id: int, max_seq: int):

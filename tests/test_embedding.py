@@ -142,19 +142,33 @@ def test_bucketed_inputs_hold_the_same_tokens(side):
     assert (index_b[8:] == 0).all()
 
 
+def test_packed_tokens_never_outgrow_the_padded_bucket():
+    """The packed-token bucket is a multiple of TOKEN_STEP capped at the padded bucket's
+    batch x seq, which holds every token: one text of 29 tokens runs 32 rows, not 64."""
+    assert embedding.bucket_shape(1, 29, 29, 512) == (1, 32, 32)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        batch, seq = int(rng.integers(1, 40)), int(rng.integers(1, 600))
+        tokens = int(rng.integers(1, batch * seq + 1))
+        batch_b, seq_b, tokens_b = embedding.bucket_shape(batch, seq, tokens, 512)
+        assert batch_b >= batch and seq_b >= seq and tokens <= tokens_b <= batch_b * seq_b
+        assert tokens_b % embedding.TOKEN_STEP == 0 or tokens_b == batch_b * seq_b
+
+
 @pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
 def test_buckets_do_not_change_results(which, side, request, monkeypatch):
     """The same batch run at its exact shape and at its bucket gives the same embeddings."""
     path = request.getfixturevalue(which)[0]
     ours = EmbeddingModel.from_pretrained(path, use_cache=False)
     ids = np.random.default_rng(1).integers(1, 120, (3, 13))
-    mask = _masks([13, 6, 1], 13, side)
-    bucketed = ours.embed_ids(ids, mask), ours.hidden_states(ids, mask)
+    batches = [(ids, _masks([13, 6, 1], 13, side)), (ids[:1, :11], _masks([11], 11, side))]
+    bucketed = [(ours.embed_ids(i, m), ours.hidden_states(i, m)) for i, m in batches]
     monkeypatch.setattr(embedding, "bucket_inputs", lambda ids, mask, index, *_: (ids, mask, index))
-    exact = ours.embed_ids(ids, mask), ours.hidden_states(ids, mask)
-    assert bucketed[1].shape == exact[1].shape == (3, 13, 64)
-    for a, b in zip(bucketed, exact):
-        np.testing.assert_allclose(a, b, atol=2e-5)
+    exact = [(ours.embed_ids(i, m), ours.hidden_states(i, m)) for i, m in batches]
+    assert bucketed[0][1].shape == exact[0][1].shape == (3, 13, 64)
+    for got, want in zip(bucketed, exact):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_calls_in_one_bucket_follow_their_own_inputs(tiny_bert):
