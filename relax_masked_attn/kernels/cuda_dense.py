@@ -443,6 +443,30 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     return out_stride, store
 
 
+def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, out_stride: int):
+    """The first half of the ``wgmma`` kernels' epilogue (the second is :func:`staged_store`):
+    a macro ``(smem, acc, bias, n0, row0, t)`` by which thread ``t`` of a warpgroup writes
+    its ``m64n{tile_n}`` accumulators, rows ``row0 ..`` of the staging tile, in the output dtype
+    with bias and activation applied (``n0``: the tile's first column). Accumulator ``i`` of a
+    thread: n8 tile ``i // 4``, row ``g`` (+ 8 for ``i % 4 >= 2``), column ``2 t`` (+ 1)."""
+
+    @T.macro
+    def stage(smem, acc, bias_buf, n0, row0, t):
+        lane = t % 32
+        pair = T.alloc_buffer((2,), dtype, scope="local")
+        for h in T.unroll(2):
+            r = row0 + t // 32 * 16 + lane // 4 + h * 8
+            for j in T.unroll(tile_n // 8):
+                col = j * 8 + lane % 4 * 2
+                for c in T.unroll(2):
+                    pair[c] = T.Cast(dtype, epilogue.value(
+                        acc[j * 4 + h * 2 + c], bias_buf[n0 + col + c] if epilogue.bias else None
+                    ))
+                smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+
+    return stage
+
+
 def split_fits(target: Target, widths, k: int, dtype: str) -> bool:
     """Whether one kernel serves products of ``widths`` weight rows stacked along ``n``
     (``Epilogue.split``): every part starts at a multiple of the kernel's column tile, so that
@@ -503,6 +527,7 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
     x_loads = tile_m * 8 // threads  # of which copy x's rows (each copy: 32 rows, 8 chunks)
     out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems,
                                      "shared.dyn")
+    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n, out_stride)
 
     @T.macro
     def load_stage(smem, x_flat, w_flat, offsets, fill, kt):
@@ -574,21 +599,9 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
             T.ptx.wgmma.commit_group.sync.aligned()
             T.ptx.wgmma.wait_group.sync.aligned(1)
         T.ptx.wgmma.wait_group.sync.aligned(0)
-        # Epilogue through shared memory (staged_store). Accumulator i of a thread: n8 tile
-        # i // 4, row g (+ 8 for i % 4 >= 2), column 2 t (+ 1); the pair goes to the staging
-        # tile in the output dtype, bias and activation applied.
+        # Epilogue through shared memory (staged_store)
         T.tvm_storage_sync("shared")  # every warpgroup is done reading the ring
-        lane = tx % 32
-        pair = T.alloc_buffer((2,), dtype, scope="local")
-        for h in T.unroll(2):
-            r = wg * 64 + (tx % 128) // 32 * 16 + lane // 4 + h * 8
-            for j in T.unroll(tile_n // 8):
-                col = j * 8 + lane % 4 * 2
-                for c in T.unroll(2):
-                    pair[c] = T.Cast(dtype, epilogue.value(
-                        acc[j * 4 + h * 2 + c], bias_buf[n0 + col + c] if epilogue.bias else None
-                    ))
-                smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+        stage_accumulators(smem, acc, bias_buf, n0, wg * 64, tx % 128)
         T.tvm_storage_sync("shared")
         store(smem, residual, outs, m, bm, bn, tx)
 

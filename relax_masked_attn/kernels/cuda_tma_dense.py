@@ -29,7 +29,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .config import wgmma_dense_tiles
-from .cuda_dense import staged_store, with_small_batches
+from .cuda_dense import staged_store, wgmma_staging, with_small_batches
 from .epilogue import Epilogue, dense_func
 from .hopper import (
     TILE_COLUMNS,
@@ -65,6 +65,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
     acc_len = tile_n // 2  # fp32 accumulators a consumer thread
     out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 256, pool_elems,
                                      "shared.dyn")
+    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n, out_stride)
 
     @T.macro
     def body(x, w, bias_buf, residual, outs, m):
@@ -136,17 +137,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
             # accumulator lives past the join of the roles, where the producer's register
             # budget would cap every thread's.
             T.ptx.bar.sync(T.uint32(1), T.uint32(256))
-            lane = tx % 32
-            pair = T.alloc_buffer((2,), dtype, scope="local")
-            for h in T.unroll(2):
-                r = (wg - 1) * 64 + tx // 32 * 16 + lane // 4 + h * 8
-                for j in T.unroll(tile_n // 8):
-                    col = j * 8 + lane % 4 * 2
-                    for c in T.unroll(2):
-                        pair[c] = T.Cast(dtype, epilogue.value(
-                            acc[j * 4 + h * 2 + c],
-                            bias_buf[bn * tile_n + col + c] if epilogue.bias else None))
-                    smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+            stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx)
         T.tvm_storage_sync("shared")
         if wg > 0:
             store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
