@@ -247,7 +247,13 @@ def bench_cuda(args) -> None:
 
     os.environ["RELAX_MASKED_ATTN_CACHE"] = tempfile.mkdtemp()  # cold starts are measured
 
-    print(f"CUDA: {torch.cuda.get_device_name()}, fp16, ours built for {args.arch} (ratio = "
+    if args.hopper_dense == "tma":
+        from relax_masked_attn.kernels import cuda_tma_dense
+        from relax_masked_attn.passes import dispatch_dense
+
+        dispatch_dense.HOPPER_DENSE = cuda_tma_dense.tma_dense_kernel
+    print(f"CUDA: {torch.cuda.get_device_name()}, fp16, ours built for {args.arch} "
+          f"(sm_90a dense: {args.hopper_dense}; ratio = "
           "transformers time / ours); lengths uniform in [shortest, longest]")
     for kind in args.models.split(","):
         batches = CUDA_BATCHES[kind]
@@ -309,6 +315,9 @@ def main() -> None:
     parser.add_argument("--qwen-vocab", type=int, default=151669,
                         help="CUDA: Qwen3's vocabulary (real: 151669)")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")
+    parser.add_argument("--hopper-dense", choices=["wgmma", "tma"], default="wgmma",
+                        help="CUDA: the dense kernel of sm_90a builds (tma: the warp-specialized "
+                        "kernels/cuda_tma_dense.py)")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
 

@@ -671,3 +671,17 @@ def test_tma_kernel_matches_numpy(n, k, tiles, bias, activation, residual, dtype
                                    reference(x, w, b if bias else None, activation,
                                              r if residual else None),
                                    rtol=tol, atol=tol, err_msg=f"{rows} rows")
+
+
+def test_models_build_with_the_tma_kernel_in_dispatch(monkeypatch):
+    """With the TMA generator in ``HOPPER_DENSE`` (``bench_models.py --hopper-dense tma``), the
+    pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for sm_90a with
+    the warp-specialized kernel."""
+    from relax_masked_attn.passes import dispatch_dense as dd
+
+    monkeypatch.setattr(dd, "HOPPER_DENSE", cuda_tma_dense.tma_dense_kernel)
+    for mod in (siblings_module(768, (768, 768, 768), "float16", True),
+                swiglu_module(1024, 3072, "float16")):
+        ex = tvm.compile(mod, target=SM90A, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
+        src = ex.mod.imports[0].imports[0].inspect_source()  # host module, then its CUDA one
+        assert "__launch_bounds__(384)" in src and "CUtensorMap x_map" in src

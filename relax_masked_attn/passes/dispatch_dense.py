@@ -24,13 +24,19 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
     return cuda_dense.supports(target, n, k, dtype)
 
 
+# The generator of the dense kernels ``sm_90a`` targets get. ``bench_models.py --hopper-dense
+# tma`` puts ``cuda_tma_dense.tma_dense_kernel`` (the same PrimFunc, warp-specialized; not yet
+# run on a GPU) here to compare whole models.
+HOPPER_DENSE = cuda_dense.wgmma_dense_kernel
+
+
 def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
     """Our dense kernel for ``x[m, k] @ w[n, k].T`` with ``epilogue`` on ``target``
     (:func:`_has_dense_kernel` must hold)."""
     if target.kind.name == "llvm":
         return cpu_dense.dense_kernel(n, k, dtype, epilogue, cpu_dense.tiles_for(target))
     if cuda_dense.has_wgmma(target):
-        return cuda_dense.wgmma_dense_kernel(n, k, dtype, epilogue)
+        return HOPPER_DENSE(n, k, dtype, epilogue)
     return cuda_dense.dense_kernel(n, k, dtype, epilogue)
 
 
