@@ -33,6 +33,7 @@ from .cuda_dense import staged_store, wgmma_staging, with_small_batches
 from .epilogue import Epilogue, dense_func
 from .hopper import (
     TILE_COLUMNS,
+    copy_row_tile,
     encode_row_tiles,
     init_barrier,
     load_row_tile,
@@ -101,12 +102,9 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                         T.cuda.mbarrier_wait(empty.ptr_to([kt % stages]), (kt // stages + 1) % 2)
                     load_row_tile(smem.ptr_to([pad + kt % stages * stage_elems]), x_map,
                                   bm * tile_m, kt * tile_k, full.ptr_to([kt % stages]),
-                                  stage_bytes)
-                    T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
-                          "complete_tx::bytes"](
-                        smem.ptr_to([pad + kt % stages * stage_elems + tile_m * tile_k]),
-                        T.address_of(w_map), kt * tile_k, bn * tile_n,
-                        full.ptr_to([kt % stages]))
+                                  stage_bytes)  # both copies' bytes
+                    copy_row_tile(smem.ptr_to([pad + kt % stages * stage_elems + tile_m * tile_k]),
+                                  w_map, bn * tile_n, kt * tile_k, full.ptr_to([kt % stages]))
         else:
             T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
             for i in T.unroll(acc_len):

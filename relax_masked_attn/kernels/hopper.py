@@ -54,11 +54,18 @@ def init_barrier(bar, arrivals: int):
 
 
 @T.macro
-def load_row_tile(dst, tmap, row, col, bar, nbytes: int):
-    """One thread: arrive on barrier ``bar`` expecting ``nbytes`` more bytes this phase and
-    start the TMA copy of the box at (``row``, ``col``) of ``tmap`` (:func:`encode_row_tiles`)
-    to shared pointer ``dst`` (1 KiB aligned); the barrier's phase completes when the bytes
-    have landed (``T.cuda.mbarrier_wait``)."""
-    T.ptx.mbarrier.arrive.expect_tx.shared.b64(bar, T.uint32(nbytes))
+def copy_row_tile(dst, tmap, row, col, bar):
+    """One thread: start the TMA copy of the box at (``row``, ``col``) of ``tmap``
+    (:func:`encode_row_tiles`) to shared pointer ``dst`` (1 KiB aligned); its bytes count
+    towards the current phase of barrier ``bar``."""
     T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"](
         dst, T.address_of(tmap), col, row, bar)
+
+
+@T.macro
+def load_row_tile(dst, tmap, row, col, bar, nbytes: int):
+    """One thread: arrive on barrier ``bar`` expecting ``nbytes`` more bytes this phase (this
+    copy's and any others the caller starts on it) and start :func:`copy_row_tile`; the
+    barrier's phase completes when the bytes have landed (``T.cuda.mbarrier_wait``)."""
+    T.ptx.mbarrier.arrive.expect_tx.shared.b64(bar, T.uint32(nbytes))
+    copy_row_tile(dst, tmap, row, col, bar)
