@@ -16,6 +16,7 @@ from relax_masked_attn.kernels.hopper import (
     encode_row_tiles,
     init_barrier,
     load_row_tile,
+    realign_pool,
 )
 
 SM90A = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
@@ -41,9 +42,10 @@ def tile_copy(dtype: str):
         tx = T.launch_thread("threadIdx.x", 128)
         smem = T.alloc_buffer((BOX * TILE_COLUMNS + 512,), dtype, scope="shared.dyn")
         bar = T.alloc_buffer((1,), "uint64", scope="shared")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        realign_pool(base, smem)
         pad = T.alloc_buffer((1,), "int32", scope="local")  # elements to the 1 KiB boundary
-        pad[0] = T.Cast("int32", ((T.uint32(1024) - (T.cuda.cvta_generic_to_shared(
-            smem.ptr_to([0])) & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2))
+        pad[0] = T.Cast("int32", base[1])
         if tx == 0:
             init_barrier(bar.ptr_to([0]), 1)
         T.tvm_storage_sync("shared")

@@ -37,6 +37,7 @@ from .hopper import (
     encode_row_tiles,
     init_barrier,
     load_row_tile,
+    realign_pool,
     swizzle128_descriptor,
 )
 from .memo import memoized
@@ -86,8 +87,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         empty = T.alloc_buffer((stages,), "uint64", scope="shared")
         acc = T.alloc_buffer((acc_len,), "float32", scope="local")
         base = T.alloc_buffer((2,), "uint32", scope="local")
-        base[0] = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
-        base[1] = ((T.uint32(1024) - (base[0] & T.uint32(1023))) & T.uint32(1023)) // T.uint32(2)
+        realign_pool(base, smem)
         pad = T.Cast("int32", base[1])  # elements to the first 1 KiB boundary of the pool
         if tx == 0 and wg == 0:
             for s in T.unroll(stages):
@@ -111,16 +111,13 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                 acc[i] = T.float32(0)
             for kt in T.serial(num_kt):
                 T.cuda.mbarrier_wait(full.ptr_to([kt % stages]), kt // stages % 2)
+                slot = base[0] + T.Cast("uint32", (pad + kt % stages * stage_elems) * 2)
                 T.ptx.wgmma.fence.sync.aligned()
                 for kk in T.unroll(tile_k // 16):
                     T.ptx[wgmma](
                         *[acc[i] for i in range(acc_len)],
-                        swizzle128_descriptor(base[0] + T.Cast("uint32", (
-                            pad + kt % stages * stage_elems) * 2)
-                            + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
-                        swizzle128_descriptor(base[0] + T.Cast("uint32", (
-                            pad + kt % stages * stage_elems) * 2)
-                            + T.uint32(tile_m * 128 + kk * 32)),
+                        swizzle128_descriptor(slot + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
+                        swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
                         T.bool(True), 1, 1, 0, 0,
                     )
                 T.ptx.wgmma.commit_group.sync.aligned()
