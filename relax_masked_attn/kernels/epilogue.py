@@ -152,8 +152,9 @@ def dense_func(
     attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
     index_var = getattr(T, index_dtype)
     epilogue = epilogue or Epilogue()
-    widths = [width for _, width in epilogue.outputs(n)] + [1] * MAX_SPLIT
-    count = len(epilogue.outputs(n))
+    parts = epilogue.outputs(n)
+    widths = [width for _, width in parts] + [1] * MAX_SPLIT
+    count = len(parts)
 
     @T.prim_func
     def dense(x_handle: T.handle, w_handle: T.handle, bias_handle: T.handle,

@@ -138,11 +138,11 @@ class _NormRopeFuser(BackendDispatcher):
         name = _norm_name("rms", d, dtype, eps) + f"_rope{heads}"
         func = cuda_norm.norm_kernel("rms", d, dtype, eps, rope_heads=heads)
         gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-        rows = t * heads
-        args = [self.builder_.emit(relax.op.reshape(x, [rows, d])), weight,
+        x2 = self.builder_.emit(as_rows(x))  # [t * heads, d]
+        args = [x2, weight,
                 *(self.builder_.emit(relax.op.reshape(tab, [t, d])) for tab in (cos, sin))]
-        out = self.builder_.emit(relax.call_tir(gv, args, out_ty=relax.TensorType([rows, d],
-                                                                                   dtype)))
+        out = self.builder_.emit(relax.call_tir(
+            gv, args, out_ty=relax.TensorType([x2.ty.shape.values[0], d], dtype)))
         return relax.op.reshape(out, call.ty.shape)
 
 
