@@ -336,9 +336,7 @@ def test_cuda_small_batches_stay_right_call_after_call(n, k, kernel):
     dev = tvm.cuda(0)
     mod = standalone_linear_module(n, k, "float16", bias=True, rank=2, activation="gelu",
                                    residual=True)
-    ex = tvm.compile(mod, target=gpu_target(kernel),
-                     relax_pipeline=relax.get_pipeline("relax_masked_attn"))
-    vm = relax.VirtualMachine(ex, dev)
+    vm = gpu_vm(mod, kernel, "_bias_gelu_residual", prepack=False)
     rng = np.random.default_rng(n)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
     b = rng.standard_normal(n).astype(np.float16)
