@@ -171,15 +171,16 @@ def test_cuda_bias_is_fused_and_tensor_cores_are_used(dtype, ab):
 @pytest.mark.parametrize("n,wide", [(384, 128), (768, 256), (1024, 256)])  # 256 where n allows
 @pytest.mark.parametrize("dtype,ab", [("float16", "f16"), ("bfloat16", "bf16")])
 def test_sm90a_gets_the_wgmma_kernel(dtype, ab, n, wide):
-    """Hopper's a-arch: both operands read by wgmma from swizzled shared memory; plain sm_90
-    keeps mma.sync (the test above). mma.sync serves only the split-k kernel of small batches
-    here: the full-size kernel (the branch past SMALL_ROWS) issues no mma.sync."""
+    """Hopper's a-arch: both operands read by wgmma from swizzled shared memory, filled by TMA
+    bulk tensor copies (the warp-specialized kernel); plain sm_90 keeps mma.sync (the test
+    above). mma.sync serves only the split-k kernel of small batches here: the full-size kernel
+    (the branch past SMALL_ROWS) issues no mma.sync."""
     ex = tvm.compile(standalone_linear_module(n, 128, dtype, bias=True), target=SM90A,
                      relax_pipeline=relax.get_pipeline("relax_masked_attn"))
     src = ex.mod.imports[0].imports[0].inspect_source()
     assert f"wgmma.mma_async.sync.aligned.m64n{wide}k16.f32.{ab}.{ab}" in src
-    assert "fence.proxy.async.shared::cta" in src and "wgmma.wait_group.sync.aligned" in src
-    full_size = cuda_dense.wgmma_dense_kernel(n, 128, dtype, Epilogue(True)).script()
+    assert "cp.async.bulk.tensor.2d" in src and "wgmma.wait_group.sync.aligned" in src
+    full_size = cuda_tma_dense.tma_dense_kernel(n, 128, dtype, Epilogue(True)).script()
     full_size = full_size[full_size.index("else:"):]
     assert "wgmma" in full_size and "mma.sync" not in full_size
 
@@ -368,7 +369,7 @@ def test_each_kernel_is_generated_once_per_model(target):
     target = tvm.target.Target(target)
     dtype = "float32" if target.kind.name == "llvm" else "float16"
     generator = (cpu_dense.dense_kernel if target.kind.name == "llvm"
-                 else cuda_dense.wgmma_dense_kernel if cuda_dense.has_wgmma(target)
+                 else cuda_tma_dense.tma_dense_kernel if cuda_dense.has_wgmma(target)
                  else cuda_dense.dense_kernel)
     generated = []
     for count in (1, 4):
@@ -462,7 +463,8 @@ def test_cuda_swiglu_matches_torch(hidden, inner, dtype, prepack, kernel):
 
 
 @pytest.mark.parametrize("make,arch", [(cuda_dense.dense_kernel, "sm_80"),
-                                       (cuda_dense.wgmma_dense_kernel, "sm_90a")])
+                                       (cuda_dense.wgmma_dense_kernel, "sm_90a"),
+                                       (cuda_tma_dense.tma_dense_kernel, "sm_90a")])
 def test_small_batches_take_the_split_k_kernels(make, arch):
     """Up to SMALL_ROWS rows the product runs split along k (a grid blockIdx.z deep) and a
     second kernel adds the parts; above, the one full-size kernel: three kernels, the host
@@ -584,7 +586,7 @@ def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, k
                                        ref.cpu().numpy(), rtol=tol, atol=tol)
 
 
-# --- The warp-specialized TMA kernel (kernels/cuda_tma_dense.py; not dispatched yet) ----------
+# --- The warp-specialized TMA kernel (kernels/cuda_tma_dense.py; sm_90a's dense kernel) --------
 
 
 def tma_cuda_source(n, k, epilogue, tiles=None) -> str:
@@ -671,15 +673,18 @@ def test_tma_kernel_matches_numpy(n, k, tiles, bias, activation, residual, dtype
                                    rtol=tol, atol=tol, err_msg=f"{rows} rows")
 
 
-def test_models_build_with_the_tma_kernel_in_dispatch(monkeypatch):
-    """With the TMA generator in ``HOPPER_DENSE`` (``bench_models.py --hopper-dense tma``), the
-    pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for sm_90a with
-    the warp-specialized kernel."""
+@pytest.mark.parametrize("kernel", ["tma", "wgmma"])
+def test_models_build_with_either_hopper_dense_kernel(monkeypatch, kernel):
+    """The pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for
+    sm_90a with the warp-specialized TMA kernel (the default ``HOPPER_DENSE``) and with the
+    ``cp.async`` one (``bench_models.py --hopper-dense wgmma``)."""
     from relax_masked_attn.passes import dispatch_dense as dd
 
-    monkeypatch.setattr(dd, "HOPPER_DENSE", cuda_tma_dense.tma_dense_kernel)
+    if kernel == "wgmma":
+        monkeypatch.setattr(dd, "HOPPER_DENSE", cuda_dense.wgmma_dense_kernel)
     for mod in (siblings_module(768, (768, 768, 768), "float16", True),
                 swiglu_module(1024, 3072, "float16")):
         ex = tvm.compile(mod, target=SM90A, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
         src = ex.mod.imports[0].imports[0].inspect_source()  # host module, then its CUDA one
-        assert "__launch_bounds__(384)" in src and "CUtensorMap x_map" in src
+        tma = "__launch_bounds__(384)" in src and "CUtensorMap x_map" in src
+        assert tma == (kernel == "tma")

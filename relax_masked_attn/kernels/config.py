@@ -133,15 +133,24 @@ def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:
 
 
 def wgmma_dense_tiles(n: int, dtype: str) -> tuple[int, int]:
-    """(columns of a block, pipeline stages) of the ``wgmma`` dense kernel (``sm_90a``).
+    """(columns of a block, pipeline stages) of both Hopper dense kernels (``sm_90a``: the
+    warp-specialized TMA one, ``kernels/cuda_tma_dense.py``, and the ``cp.async`` one,
+    ``cuda_dense.wgmma_dense_kernel``).
 
-    Blocks of 128 rows on two warpgroups (256 threads), 64-wide k-steps through a 4-stage ring;
+    Blocks of 128 rows on two consumer warpgroups, 64-wide k-steps through a 4-stage ring;
     256 columns (128 fp32 accumulators a thread, 192 KiB of shared memory) where ``n`` is a
     multiple of 256, else 128 (64 accumulators, 128 KiB). Measured on an H200, one run each:
-    the raw-kernel sweep (``bench_dense.py --sweep``, 8192 rows, shared-memory epilogue) had
-    256 columns 7-13% faster for n = 1024, 2048 and 3072 and 4-5% slower for n = 768; but the
-    whole BERT-base model (``bench_models.py``, 8876 rows) took 6.64 ms with 256 columns for its
-    n = 768 linears and 7.03 ms with 128, so n = 768 keeps 256. 3 to 6 stages were within 5%.
+
+    * the raw-kernel sweeps (``bench_dense.py --sweep wgmma`` / ``--sweep tma``, 8192 rows)
+      have 256 columns 7-13% faster for n = 1024, 2048 and 3072 and 4-10% slower for n = 768
+      (TMA, 768 x 768: 0.022 ms against 0.020; 8192 rows are 192 blocks of 256 columns, 1.45
+      waves of the 132 SMs);
+    * but whole BERT-base, whose batches are not 8192 rows, is faster with 256 columns for its
+      n = 768 linears: TMA kernel 5.28 / 4.88 ms (32 rows in [64, 512] / 128 in [16, 128])
+      against 5.69 / 5.12 ms with 128; the ``cp.async`` kernel 6.64 against 7.03 ms (8876
+      rows). So n = 768 keeps 256.
+
+    3 to 6 stages are within 5% for both kernels (the TMA sweep: (256, 3) and (256, 4) equal).
     """
     del dtype
     return (256 if n % 256 == 0 else 128), 4

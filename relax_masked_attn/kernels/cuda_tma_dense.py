@@ -18,9 +18,13 @@ maps land the tiles in the 128-byte-swizzled layout the ``wgmma`` descriptors re
 (:mod:`.hopper`); rows of ``x`` past ``m`` arrive as zeros. The epilogue is the shared one
 (:func:`~relax_masked_attn.kernels.cuda_dense.staged_store`) on the consumers' 256 threads.
 
-**Status: generated and accepted by nvcc's ptxas for sm_90a; not yet run on a GPU** (the
-``gpu`` tests in ``tests/test_dense.py`` check it against NumPy; ``bench_dense.py --sweep tma``
-times it next to the ``cp.async`` kernel and cuBLAS). ``DispatchDense`` does not use it.
+It is the dense kernel of ``sm_90a`` builds (``DispatchDense``). On an H200 (``bench_dense.py``,
+8192 rows, fp16, one run) it reaches 0.81-0.97x cuBLAS on the seven BERT-base and Qwen3-0.6B
+linears (424-614 TFLOP/s), where the ``cp.async`` ``wgmma`` kernel reaches 0.72-0.88x; whole
+models run 3-7% faster with it (``bench_models.py --hopper-dense wgmma`` builds the other).
+What it still lacks against cuBLAS: persistent blocks with a tile scheduler, and an epilogue
+that overlaps the next tile's main loop (the products of BERT-base have only 12 k-steps at
+k = 768, so a block's epilogue is a large share of its time).
 """
 
 from __future__ import annotations

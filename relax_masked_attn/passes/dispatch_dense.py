@@ -12,7 +12,7 @@ from tvm.relax.backend.utils import BackendDispatcher
 from tvm.relax.expr_functor import mutator
 
 from .._ir import as_rows, is_call_of, mutate_functions
-from ..kernels import cpu_dense, cuda_dense
+from ..kernels import cpu_dense, cuda_dense, cuda_tma_dense
 from ..kernels.epilogue import MAX_SPLIT, Epilogue, gated_weight
 
 
@@ -24,10 +24,10 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
     return cuda_dense.supports(target, n, k, dtype)
 
 
-# The generator of the dense kernels ``sm_90a`` targets get. ``bench_models.py --hopper-dense
-# tma`` puts ``cuda_tma_dense.tma_dense_kernel`` (the same PrimFunc, warp-specialized; not yet
-# run on a GPU) here to compare whole models.
-HOPPER_DENSE = cuda_dense.wgmma_dense_kernel
+# The generator of the dense kernels ``sm_90a`` targets get: the warp-specialized TMA kernel.
+# ``bench_models.py --hopper-dense wgmma`` puts ``cuda_dense.wgmma_dense_kernel`` (the same
+# PrimFunc, every thread copying through ``cp.async``) here to compare whole models.
+HOPPER_DENSE = cuda_tma_dense.tma_dense_kernel
 
 
 def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
