@@ -279,12 +279,14 @@ def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, til
     apache-tvm 0.27 unifies the launch dimensions of every kernel of a PrimFunc by name, so all
     three kernels share ``blockIdx.x`` (``n / tile_n``), ``blockIdx.y`` (128-row tiles) and
     ``threadIdx.x`` (``threads``); the split product and the sum share ``blockIdx.z``. The split
-    product runs 128-column tiles (``tile_n / 128`` of them a block of x, told apart by z): for
-    the ``wgmma`` kernel's 256-column blocks that doubles the blocks and halves their shared
-    memory."""
+    product runs tiles of ``SMALL_ROWS`` x 128 (``tile_n / 128`` of them a block of x, told
+    apart by z: for the Hopper kernels' 256-column blocks that doubles the blocks and halves
+    their shared memory), its warps side by side along n, so that every warp works on rows the
+    batch has (a 128-row tile on two warp rows ran the second on absent rows, which doubled the
+    kernel's code and its tensor-core work)."""
     splits = small_batch_splits(n, k, 128)
     depth = splits * (tile_n // 128)  # blockIdx.z
-    tiles = (128, 128, 64, 2, threads // 64, 3)
+    tiles = (SMALL_ROWS, 128, 64, 1, threads // 32, 3)  # one warp row: no warp on absent rows
     partial = _mma_bodies(n, k, dtype, epilogue, tiles, splits, launch_cols=tile_n)[1]
     cols = epilogue.out_columns(tile_n)  # output columns of a block
     row_steps = (SMALL_ROWS + depth - 1) // depth
