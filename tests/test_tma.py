@@ -17,6 +17,7 @@ from relax_masked_attn.kernels.hopper import (
     init_barrier,
     load_row_tile,
     realign_pool,
+    wait_barrier,
 )
 
 SM90A = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
@@ -52,7 +53,7 @@ def tile_copy(dtype: str):
         if tx == 0:
             load_row_tile(smem.ptr_to([pad[0]]), tmap, bx * BOX, 0, bar.ptr_to([0]),
                           BOX * TILE_COLUMNS * 2)
-        T.cuda.mbarrier_wait(bar.ptr_to([0]), 0)
+        wait_barrier(bar.ptr_to([0]), 0)
         for it in T.serial(BOX * 8 // 128):
             r = it * 16 + tx // 8
             c = tx % 8

@@ -43,6 +43,7 @@ from .hopper import (
     load_row_tile,
     realign_pool,
     swizzle128_descriptor,
+    wait_barrier,
 )
 from .memo import memoized
 
@@ -103,7 +104,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
             if tx == 0:
                 for kt in T.serial(num_kt):
                     if kt >= stages:  # both consumers are done with this slot's last tiles
-                        T.cuda.mbarrier_wait(empty.ptr_to([kt % stages]), (kt // stages + 1) % 2)
+                        wait_barrier(empty.ptr_to([kt % stages]), (kt // stages + 1) % 2)
                     load_row_tile(smem.ptr_to([pad + kt % stages * stage_elems]), x_map,
                                   bm * tile_m, kt * tile_k, full.ptr_to([kt % stages]),
                                   stage_bytes)  # both copies' bytes
@@ -114,7 +115,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
             for i in T.unroll(acc_len):
                 acc[i] = T.float32(0)
             for kt in T.serial(num_kt):
-                T.cuda.mbarrier_wait(full.ptr_to([kt % stages]), kt // stages % 2)
+                wait_barrier(full.ptr_to([kt % stages]), kt // stages % 2)
                 slot = base[0] + T.Cast("uint32", (pad + kt % stages * stage_elems) * 2)
                 T.ptx.wgmma.fence.sync.aligned()
                 for kk in T.unroll(tile_k // 16):
