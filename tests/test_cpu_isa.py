@@ -55,6 +55,23 @@ def test_x86_dense_kernel_uses_the_isa_vectors():
         assert all(r.startswith(register) for r in used), (name, used)
 
 
+@pytest.mark.parametrize("name", ["haswell", "skylake-avx512"])
+def test_dense_inner_loop_reads_x_from_registers_only(name):
+    """The loop over k of a full register block (6 x 16 on AVX2, 12 x 32 on AVX-512) loads each
+    x row through one base register at constant distances and touches no stack slot: with a
+    pointer a row, AVX-512's 12 rows outnumber the free general registers and the pointers are
+    reloaded from the stack at every step of k."""
+    target, _, lanes = TARGETS[name]
+    tiles = cpu_dense.tiles_for(target)
+    asm = asm_of(cpu_dense.dense_kernel(768, 768, "float32", Epilogue(), tiles), target)
+    loops = [block for block in re.split(r"\n(?=\.LBB)", asm)
+             if len(re.findall(r"vfmadd231ps", block)) == tiles.rows * tiles.cols // lanes]
+    full = [block for block in loops
+            if len(set(re.findall(r"vbroadcastss\s+-?\d*\((%\w+),", block))) == 1]
+    assert full, f"{name}: no loop reads all {tiles.rows} rows of x through one register"
+    assert all("(%rsp)" not in block for block in full)
+
+
 def test_aarch64_kernels_use_neon_fmla():
     dense = cpu_dense.dense_kernel(384, 1536, "float32", Epilogue(True, "gelu", True),
                                    cpu_dense.tiles_for(AARCH64))

@@ -68,6 +68,18 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                               None if residual is None else residual[row, col], polynomial_erf)
 
     @T.macro
+    def multiply_add(acc, x, wp, row_of, s, col0):
+        """``acc += x[row_of(i), slice s] @ panel col0 / cols`` for the ``rows`` register rows.
+        ``row_of`` is affine in ``i`` wherever it can be: a clamped row index (``min``) makes
+        LLVM keep one pointer a row, and AVX-512's 12 rows then outnumber the free general
+        registers (pointers reloaded from the stack at every step of k)."""
+        for kk in T.serial(depth):
+            for i in T.unroll(rows):
+                for j in T.vectorized(cols):
+                    acc[i, j] = acc[i, j] + x[row_of(i), s * depth + kk] * wp[
+                        col0 // cols, s * depth + kk, j]
+
+    @T.macro
     def body(x, wp, bias, residual, outs, m):  # outs: the one output
         for task in T.parallel(((m + tiles.task_rows - 1) // tiles.task_rows) * col_tasks):
             acc = T.alloc_buffer((rows, cols), "float32", scope="local")
@@ -82,12 +94,12 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                                     acc[i, j] = T.if_then_else(
                                         s == 0, T.float32(0),
                                         outs[0][T.min(row0 + i, m - 1), col0 + j])
-                            for kk in T.serial(depth):
-                                for i in T.unroll(rows):
-                                    for j in T.vectorized(cols):
-                                        acc[i, j] = acc[i, j] + x[
-                                            T.min(row0 + i, m - 1), s * depth + kk
-                                        ] * wp[col0 // cols, s * depth + kk, j]
+                            if row0 + rows <= m:
+                                # rows at constant distances from row0: one base pointer
+                                multiply_add(acc, x, wp, lambda i: row0 + i, s, col0)
+                            else:  # the last rows: repeat row m - 1 past the end
+                                multiply_add(acc, x, wp, lambda i: T.min(row0 + i, m - 1), s,
+                                             col0)
                             for i in T.unroll(rows):
                                 if row0 + i < m:
                                     if s < slices - 1:
