@@ -7,15 +7,19 @@ CPU: float32, the MiniLM and BERT-base linears, our register-blocked kernel (one
 ``--mcpu``) against ``torch.nn.functional.linear``, GFLOP/s.
 
 Shapes are the linears of BERT-base and Qwen3-0.6B; all sides compute ``x @ w.T (+ b)`` in fp16
-on the same device arrays. On an sm_90 GPU three of our kernels are timed: ``mma.sync`` (what a
-plain ``sm_90`` target gets), ``wgmma`` (``sm_90a``, what ``EmbeddingModel`` compiles for) and
-``tma`` (the warp-specialized TMA kernel, ``kernels/cuda_tma_dense.py``, timed as a raw kernel:
-no model dispatches it yet). Prints TFLOP/s of each and the ratio ours / torch.
+on the same device arrays. On an sm_90 GPU four of our kernels are timed: ``mma.sync`` (what a
+plain ``sm_90`` target gets, through the pipeline and a Relax VM), and as raw kernels ``wgmma``
+(``cuda_dense.wgmma_dense_kernel``, every thread copying by ``cp.async``), ``tma`` (the
+warp-specialized kernel of ``kernels/cuda_tma_dense.py``, what ``sm_90a`` models get) and
+``persistent`` (its persistent form: one block an SM walking the output tiles, the next tile's
+first k-steps loaded during this one's epilogue). Prints TFLOP/s of each and the ratio
+ours / torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -55,6 +59,12 @@ SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
 # (tile_n, stages), sm_90a only
 WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]
 TMA_SWEEP = [(128, 4), (128, 6), (256, 3), (256, 4)]
+# The Hopper kernels timed raw, by column name: generator(n, k, dtype, epilogue)
+HOPPER_KERNELS = {
+    "wgmma": cuda_dense.wgmma_dense_kernel,
+    "tma": cuda_tma_dense.tma_dense_kernel,
+    "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
+}
 
 
 def raw_kernel(func, target, inputs, out):
@@ -75,7 +85,10 @@ def sweep(args, dev, target, tdtype) -> None:
         configs += [(cuda_dense.wgmma_dense_kernel, tiles, hopper) for tiles in WGMMA_SWEEP]
     if cuda_dense.has_wgmma(hopper) and args.sweep in ("tma", "both"):
         configs += [(cuda_tma_dense.tma_dense_kernel, tiles, hopper) for tiles in TMA_SWEEP]
-    print("tile sweep (ms, raw kernel):", "  ".join(str(c[1]) for c in configs))
+        configs += [(HOPPER_KERNELS["persistent"], tiles, hopper)
+                    for tiles in ((128, 3), (128, 4), (256, 2), (256, 3))]
+    print("tile sweep (ms, raw kernel; p: persistent):", "  ".join(
+        ("p" if isinstance(c[0], functools.partial) else "") + str(c[1]) for c in configs))
     for n, k, _, what in SHAPES:
         x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
         w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5
@@ -272,8 +285,7 @@ def main() -> None:
     targets = {"mma.sync": target}
     hopper = device_cuda_target()
     if cuda_dense.has_wgmma(hopper):
-        targets["wgmma"] = hopper
-        targets["tma"] = hopper
+        targets.update(dict.fromkeys(HOPPER_KERNELS, hopper))
     tdtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows; TFLOP/s, ratio = "
           "torch time / ours")
@@ -290,9 +302,9 @@ def main() -> None:
         flops = 2.0 * args.rows * n * k
         cells, errors = [], []
         for name, tgt in targets.items():
-            if name == "tma":
+            if name in HOPPER_KERNELS:
                 out = torch.empty(args.rows, n, device="cuda", dtype=tdtype)
-                run = raw_kernel(cuda_tma_dense.tma_dense_kernel(n, k, args.dtype, Epilogue(bias)),
+                run = raw_kernel(HOPPER_KERNELS[name](n, k, args.dtype, Epilogue(bias)),
                                  tgt, [t for t in (x, w, b) if t is not None], out)
                 run()
             else:

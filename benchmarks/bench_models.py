@@ -247,11 +247,15 @@ def bench_cuda(args) -> None:
 
     os.environ["RELAX_MASKED_ATTN_CACHE"] = tempfile.mkdtemp()  # cold starts are measured
 
-    if args.hopper_dense == "wgmma":
-        from relax_masked_attn.kernels import cuda_dense
+    if args.hopper_dense != "tma":
+        import functools
+
+        from relax_masked_attn.kernels import cuda_dense, cuda_tma_dense
         from relax_masked_attn.passes import dispatch_dense
 
-        dispatch_dense.HOPPER_DENSE = cuda_dense.wgmma_dense_kernel
+        dispatch_dense.HOPPER_DENSE = (
+            cuda_dense.wgmma_dense_kernel if args.hopper_dense == "wgmma"
+            else functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True))
     print(f"CUDA: {torch.cuda.get_device_name()}, fp16, ours built for {args.arch} "
           f"(sm_90a dense: {args.hopper_dense}; ratio = "
           "transformers time / ours); lengths uniform in [shortest, longest]")
@@ -315,9 +319,10 @@ def main() -> None:
     parser.add_argument("--qwen-vocab", type=int, default=151669,
                         help="CUDA: Qwen3's vocabulary (real: 151669)")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")
-    parser.add_argument("--hopper-dense", choices=["wgmma", "tma"], default="tma",
-                        help="CUDA: the dense kernel of sm_90a builds (tma: the warp-specialized "
-                        "kernels/cuda_tma_dense.py; wgmma: cuda_dense.wgmma_dense_kernel)")
+    parser.add_argument("--hopper-dense", choices=["wgmma", "tma", "persistent"],
+                        default="tma", help="CUDA: the dense kernel of sm_90a builds (tma: the "
+                        "warp-specialized kernels/cuda_tma_dense.py; persistent: its persistent "
+                        "form; wgmma: cuda_dense.wgmma_dense_kernel)")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
 

@@ -589,8 +589,8 @@ def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, k
 # --- The warp-specialized TMA kernel (kernels/cuda_tma_dense.py; sm_90a's dense kernel) --------
 
 
-def tma_cuda_source(n, k, epilogue, tiles=None) -> str:
-    func = cuda_tma_dense.tma_dense_kernel(n, k, "float16", epilogue, tiles)
+def tma_cuda_source(n, k, epilogue, tiles=None, persistent=False) -> str:
+    func = cuda_tma_dense.tma_dense_kernel(n, k, "float16", epilogue, tiles, persistent)
     return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
 
 
@@ -617,7 +617,28 @@ def test_tma_kernel_has_a_producer_and_two_consumers(epilogue, tiles):
     assert "bra.uni" not in src  # waits poll from a loop in C++, not inside an asm block
 
 
-def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path):
+@pytest.mark.parametrize("epilogue,tiles", [
+    (Epilogue(True, "gelu"), None), (Epilogue(True, None, True), (128, 4)),
+    (Epilogue(gated=True), None), (Epilogue(True, split=(256, 256, 256)), (256, 2))])
+def test_persistent_tma_kernel_walks_tiles_with_its_roles_rejoined(epilogue, tiles):
+    """The persistent form: one loop over the block's output tiles, each split into the roles
+    and rejoined at the launch budget (so nothing after the join is held to the producer's 40
+    registers), the staging tile apart from the ring, which fits in 226 KiB; too many stages
+    are refused, not built."""
+    n = 768 if not epilogue.gated else 1536
+    src = tma_cuda_source(n, 512, epilogue, tiles, persistent=True)
+    full = src[src.index("__launch_bounds__(384)"):]
+    for call in ("dec_sync_aligned_u32_40", "inc_sync_aligned_u32_232",
+                 "inc_sync_aligned_u32_168", "dec_sync_aligned_u32_168"):
+        assert full.count(f"setmaxnreg_{call}()") == 1, call
+    assert full.count("for (int it = 0;") == 1
+    assert "cp_async_bulk_tensor" in full and "mbarrier_try_wait_parity" in full
+    with pytest.raises(ValueError, match="226 KiB"):
+        cuda_tma_dense.tma_dense_kernel(768, 512, "float16", epilogue, (256, 4), True)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, persistent):
     """nvcc's ptxas builds the 384-thread kernel with no spills (an accumulator that lived past
     the join of the roles was capped by the producer's budget: 1600 bytes spilled and the wgmma
     instructions serialized)."""
@@ -627,7 +648,7 @@ def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path):
 
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc")
-    src = tma_cuda_source(768, 3072, Epilogue(True, None, True))
+    src = tma_cuda_source(768, 3072, Epilogue(True, None, True), persistent=persistent)
     name = re.search(r"__launch_bounds__\(384\) (\w+)\(", src).group(1)
     (tmp_path / "k.cu").write_text(src)
     run = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-Xptxas", "-v", "-o",
@@ -642,11 +663,13 @@ def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bias,activation,residual", EPILOGUES)
-@pytest.mark.parametrize("n,k,tiles", [(768, 768, None), (3072, 768, (256, 3)),
-                                       (256, 1536, (128, 6))])
-def test_tma_kernel_matches_numpy(n, k, tiles, bias, activation, residual, dtype):
+@pytest.mark.parametrize("n,k,tiles,persistent", [
+    (768, 768, None, False), (3072, 768, (256, 3), False), (256, 1536, (128, 6), False),
+    (768, 768, None, True), (3072, 192, (256, 2), True), (256, 1536, (128, 4), True)])
+def test_tma_kernel_matches_numpy(n, k, tiles, persistent, bias, activation, residual, dtype):
     """On a Hopper GPU, row counts off and on the 128-row tile (rows past m arrive from TMA as
-    zeros and are never stored), both paths (split-k up to 64 rows)."""
+    zeros and are never stored), both paths (split-k up to 64 rows); the persistent form also
+    with more tiles than blocks (20000 rows), k shorter than the ring (3 k-steps, 2 stages)."""
     import ml_dtypes
 
     from relax_masked_attn.targets import device_cuda_target
@@ -656,12 +679,12 @@ def test_tma_kernel_matches_numpy(n, k, tiles, bias, activation, residual, dtype
     dev = tvm.cuda(0)
     epilogue = Epilogue(bias, activation, residual)
     kernel = tvm.compile(tvm.IRModule({"main": cuda_tma_dense.tma_dense_kernel(
-        n, k, dtype, epilogue, tiles)}), target=SM90A)["main"]
+        n, k, dtype, epilogue, tiles, persistent)}), target=SM90A)["main"]
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
     b = rng.standard_normal(n).astype(np_dtype)
-    for rows in (1, 7, 127, 129, 1000):
+    for rows in (1, 7, 127, 129, 1000) + ((20000,) if persistent else ()):
         x = rng.standard_normal((rows, k)).astype(np_dtype)
         r = rng.standard_normal((rows, n)).astype(np_dtype)
         inputs = [x, w] + ([b] if bias else []) + ([r] if residual else [])
@@ -674,18 +697,24 @@ def test_tma_kernel_matches_numpy(n, k, tiles, bias, activation, residual, dtype
                                    rtol=tol, atol=tol, err_msg=f"{rows} rows")
 
 
-@pytest.mark.parametrize("kernel", ["tma", "wgmma"])
+@pytest.mark.parametrize("kernel", ["tma", "wgmma", "persistent"])
 def test_models_build_with_either_hopper_dense_kernel(monkeypatch, kernel):
     """The pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for
-    sm_90a with the warp-specialized TMA kernel (the default ``HOPPER_DENSE``) and with the
-    ``cp.async`` one (``bench_models.py --hopper-dense wgmma``)."""
+    sm_90a with the warp-specialized TMA kernel (the default ``HOPPER_DENSE``), its persistent
+    form and the ``cp.async`` one (``bench_models.py --hopper-dense``)."""
+    import functools
+
     from relax_masked_attn.passes import dispatch_dense as dd
 
     if kernel == "wgmma":
         monkeypatch.setattr(dd, "HOPPER_DENSE", cuda_dense.wgmma_dense_kernel)
+    if kernel == "persistent":
+        monkeypatch.setattr(dd, "HOPPER_DENSE", functools.partial(
+            cuda_tma_dense.tma_dense_kernel, persistent=True))
     for mod in (siblings_module(768, (768, 768, 768), "float16", True),
                 swiglu_module(1024, 3072, "float16")):
         ex = tvm.compile(mod, target=SM90A, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
         src = ex.mod.imports[0].imports[0].inspect_source()  # host module, then its CUDA one
         tma = "__launch_bounds__(384)" in src and "CUtensorMap x_map" in src
-        assert tma == (kernel == "tma")
+        assert tma == (kernel != "wgmma")
+        assert ("setmaxnreg_inc_sync_aligned_u32_168" in src) == (kernel == "persistent")

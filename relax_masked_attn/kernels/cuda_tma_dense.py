@@ -22,9 +22,22 @@ It is the dense kernel of ``sm_90a`` builds (``DispatchDense``). On an H200 (``b
 8192 rows, fp16, one run) it reaches 0.81-0.97x cuBLAS on the seven BERT-base and Qwen3-0.6B
 linears (424-614 TFLOP/s), where the ``cp.async`` ``wgmma`` kernel reaches 0.72-0.88x; whole
 models run 3-7% faster with it (``bench_models.py --hopper-dense wgmma`` builds the other).
-What it still lacks against cuBLAS: persistent blocks with a tile scheduler, and an epilogue
-that overlaps the next tile's main loop (the products of BERT-base have only 12 k-steps at
-k = 768, so a block's epilogue is a large share of its time).
+What it still lacks against cuBLAS is overlap between tiles: a block's ring fill and epilogue
+run while its tensor cores idle, and the products of BERT-base have only 12 k-steps at
+k = 768, so these are a large share of a block's time.
+
+``persistent=True`` builds the persistent form (:data:`PERSISTENT_BLOCKS` blocks walk the
+output tiles ``bid, bid + grid, ...``): the staging tile of the epilogue lies apart from the
+ring (so at most 3 stages of 256-column tiles fit in 226 KiB), and the producer, once this
+tile's k-steps are issued, loads the next tile's first ``stages`` k-steps into the slots the
+consumers free, so the next main loop starts on a full ring while this tile's epilogue runs.
+The ring's slot and phase follow the block's k-step count across tiles. TVM 0.27's sync
+planner cannot place a barrier inside a role's branch, so the roles split and rejoin in every
+tile; each warpgroup returns to the launch budget (``setmaxnreg`` to
+:data:`LAUNCH_REGISTERS`) before the join, so that the code after it is not held to the
+producer's 40 registers. **Not yet run on a GPU** (ptxas: 168 registers, no spills; the
+``gpu`` tests check it against NumPy, ``bench_dense.py`` times it in its ``persistent``
+column and ``bench_models.py --hopper-dense persistent`` in whole models); no model uses it.
 """
 
 from __future__ import annotations
@@ -49,22 +62,40 @@ from .memo import memoized
 
 PRODUCER_REGISTERS = 40  # setmaxnreg: the producer warpgroup's registers a thread
 CONSUMER_REGISTERS = 232  # and each consumer's: 128 x 40 + 256 x 232 <= 65536
+# What ptxas gives each of the 384 threads at launch (__launch_bounds__(384)): the persistent
+# form returns every warpgroup to it where the roles join in each tile (so that the code after
+# the join is not held to the producer's budget) and splits it again in the next.
+LAUNCH_REGISTERS = 168
+# Blocks of the persistent form: one an SM of an H100 SXM / H200 (132 SMs). On a GPU with
+# fewer SMs the extra blocks wait for a free one: slower, not wrong.
+PERSISTENT_BLOCKS = 132
 
 
 @memoized
 def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
-                     tiles=None) -> tirx.PrimFunc:
+                     tiles=None, persistent: bool = False) -> tirx.PrimFunc:
     """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])`` for
     ``sm_90a``; ``tiles`` is ``(tile_n, stages)`` (default:
-    :func:`~relax_masked_attn.kernels.config.wgmma_dense_tiles`)."""
+    :func:`~relax_masked_attn.kernels.config.wgmma_dense_tiles`; with ``persistent`` at most 3
+    stages, which is what fits next to the staging tile). ``persistent``: the
+    :func:`persistent form <_persistent_body>`."""
     epilogue = epilogue or Epilogue()
     tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)
+    if persistent and tiles is None:
+        stages = min(stages, 3)
     tile_m, tile_k = 128, TILE_COLUMNS
     if n % tile_n or k % tile_k or tile_n not in (128, 256) or stages < 2:
         raise ValueError(f"tma_dense_kernel: n={n}, k={k} do not fit tiles ({tile_n}, 64) "
                          f"with {stages} stages (128 or 256 columns, at least 2 stages)")
     stage_elems = (tile_m + tile_n) * tile_k  # x's rows, then w's, 128 bytes each
-    pool_elems = stages * stage_elems + 512  # + 1 KiB to realign the pool to 1024 bytes
+    # Persistent: the staging tile of the epilogue first, the ring after it (1 KiB aligned),
+    # so that the producer fills the ring for the next tile during this one's epilogue.
+    staging_elems = -(-(tile_m * (tile_n + 8)) // 512) * 512 if persistent else 0
+    # + 1 KiB to realign the pool to 1024 bytes
+    pool_elems = staging_elems + stages * stage_elems + 512
+    if pool_elems * 2 > 226 * 1024:  # of the 227 KiB a block, 1 KiB for its barriers
+        raise ValueError(f"tma_dense_kernel: {stages} stages of ({tile_n}, 64) tiles need "
+                         f"{pool_elems * 2} bytes of shared memory, more than 226 KiB")
     stage_bytes = stage_elems * 2
     num_kt = k // tile_k
     ab = "f16" if dtype == "float16" else "bf16"
@@ -142,5 +173,94 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         if wg > 0:
             store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
 
-    small = with_small_batches(n, k, dtype, epilogue, body, tile_n, 128)
+    def total_of(m):
+        """Output tiles of the product (written out where used: a name bound in the macro
+        would be a host variable that the kernel does not receive)."""
+        return (m + tile_m - 1) // tile_m * (n // tile_n)
+
+    def grid_of(m):
+        """Blocks of the persistent form."""
+        return T.min(total_of(m), PERSISTENT_BLOCKS)
+
+    @T.macro
+    def persistent_body(x, w, bias_buf, residual, outs, m):
+        x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
+        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
+        bid = T.launch_thread("blockIdx.x", grid_of(m))
+        tx = T.launch_thread("threadIdx.x", 128)
+        wg = T.launch_thread("threadIdx.y", 3)
+        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        full = T.alloc_buffer((stages,), "uint64", scope="shared")
+        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
+        acc = T.alloc_buffer((acc_len,), "float32", scope="local")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        realign_pool(base, smem)
+        ring = T.Cast("int32", base[1]) + staging_elems  # 1 KiB aligned, past the staging tile
+        if tx == 0 and wg == 0:
+            for s in T.unroll(stages):
+                init_barrier(full.ptr_to([s]), 1)
+                init_barrier(empty.ptr_to([s]), 2)
+        T.tvm_storage_sync("shared")
+        ahead = min(stages, num_kt)  # k-steps of the next tile the producer loads in advance
+        for it in T.serial((total_of(m) - bid + grid_of(m) - 1) // grid_of(m)):  # bid, bid + grid..
+            tile = bid + it * grid_of(m)
+            bm = tile // (n // tile_n)
+            bn = tile % (n // tile_n)
+            if wg == 0:
+                T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
+                if tx == 0:
+                    # this tile's k-steps not loaded in advance, then the next tile's first
+                    for j in T.serial(T.if_then_else(it == 0, num_kt, num_kt - ahead)
+                                      + T.if_then_else(tile + grid_of(m) < total_of(m), ahead, 0)):
+                        kt = j + T.if_then_else(it == 0, 0, ahead)  # k-step from this tile's
+                        g = it * num_kt + kt  # the block's k-step count: ring slot and phase
+                        nxt = tile + kt // num_kt * grid_of(m)
+                        if g >= stages:
+                            wait_barrier(empty.ptr_to([g % stages]), (g // stages + 1) % 2)
+                        load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map,
+                                      nxt // (n // tile_n) * tile_m, kt % num_kt * tile_k,
+                                      full.ptr_to([g % stages]), stage_bytes)
+                        copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems
+                                                   + tile_m * tile_k]),
+                                      w_map, nxt % (n // tile_n) * tile_n, kt % num_kt * tile_k,
+                                      full.ptr_to([g % stages]))
+                T.ptx["setmaxnreg.inc.sync.aligned.u32"](LAUNCH_REGISTERS)
+            else:
+                T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
+                for i in T.unroll(acc_len):
+                    acc[i] = T.float32(0)
+                for kt in T.serial(num_kt):
+                    g = it * num_kt + kt
+                    wait_barrier(full.ptr_to([g % stages]), g // stages % 2)
+                    slot = base[0] + T.Cast("uint32", (ring + g % stages * stage_elems) * 2)
+                    T.ptx.wgmma.fence.sync.aligned()
+                    for kk in T.unroll(tile_k // 16):
+                        T.ptx[wgmma](
+                            *[acc[i] for i in range(acc_len)],
+                            swizzle128_descriptor(slot + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
+                            swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
+                            T.bool(True), 1, 1, 0, 0,
+                        )
+                    T.ptx.wgmma.commit_group.sync.aligned()
+                    T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
+                    if kt > 0 and tx == 0:
+                        T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g - 1) % stages]),
+                                                         T.uint32(1))
+                T.ptx.wgmma.wait_group.sync.aligned(0)
+                if tx == 0:  # the tile's last slot, free for the producer
+                    T.ptx.mbarrier.arrive.shared.b64(
+                        empty.ptr_to([(it * num_kt + num_kt - 1) % stages]), T.uint32(1))
+                # Each consumer writes its 64 rows of the staging tile (apart from the ring)
+                # before the roles join; no accumulator lives past the join.
+                stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx)
+                T.ptx["setmaxnreg.dec.sync.aligned.u32"](LAUNCH_REGISTERS)
+            T.tvm_storage_sync("shared")
+            if wg > 0:
+                store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
+            T.tvm_storage_sync("shared")  # the staging tile read before the next tile's writes
+
+    small = with_small_batches(n, k, dtype, epilogue, persistent_body if persistent else body,
+                               tile_n, 128)
     return dense_func(n, k, dtype, small, epilogue)
