@@ -106,6 +106,58 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
     stage_accumulators = wgmma_staging(dtype, epilogue, tile_n, out_stride)
 
     @T.macro
+    def init_ring(full, empty, tx, wg):
+        """One thread initializes the ring's barriers; the block then syncs."""
+        if tx == 0 and wg == 0:
+            for s in T.unroll(stages):
+                init_barrier(full.ptr_to([s]), 1)  # the producer's expect_tx
+                init_barrier(empty.ptr_to([s]), 2)  # one arrival a consumer warpgroup
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def load_step(smem, ring, full, empty, x_map, w_map, g, bm, bn, kt):
+        """The producer's thread: k-step ``kt`` of output tile (``bm``, ``bn``) into the ring
+        slot of the block's k-step count ``g``, once both consumers have released the slot's
+        previous tiles; both copies complete the slot's ``full`` barrier by their bytes."""
+        if g >= stages:
+            wait_barrier(empty.ptr_to([g % stages]), (g // stages + 1) % 2)
+        load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map, bm * tile_m,
+                      kt * tile_k, full.ptr_to([g % stages]), stage_bytes)  # both copies' bytes
+        copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems + tile_m * tile_k]), w_map,
+                      bn * tile_n, kt * tile_k, full.ptr_to([g % stages]))
+
+    @T.macro
+    def consume(acc, full, empty, pool, ring, g0, wg, tx):
+        """Consumer warpgroup ``wg``'s main loop over a tile's k-steps into ``acc``; ``g0``: the
+        block's k-steps before this tile (ring slot and phase of k-step ``kt``: those of count
+        ``g0 + kt``), ``pool``/``ring``: the pool's shared address and the ring's first
+        element. Each k-step: wait on its slot's ``full``, 4 ``wgmma`` from the slot, one group
+        kept in flight, the previous k-step's slot released on ``empty``; the last slot is
+        released once the tile's products are done."""
+        for i in T.unroll(acc_len):
+            acc[i] = T.float32(0)
+        for kt in T.serial(num_kt):
+            wait_barrier(full.ptr_to([(g0 + kt) % stages]), (g0 + kt) // stages % 2)
+            slot = pool + T.Cast("uint32", (ring + (g0 + kt) % stages * stage_elems) * 2)
+            T.ptx.wgmma.fence.sync.aligned()
+            for kk in T.unroll(tile_k // 16):
+                T.ptx[wgmma](
+                    *[acc[i] for i in range(acc_len)],
+                    swizzle128_descriptor(slot + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
+                    swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
+                    T.bool(True), 1, 1, 0, 0,
+                )
+            T.ptx.wgmma.commit_group.sync.aligned()
+            T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
+            if kt > 0 and tx == 0:
+                T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + kt - 1) % stages]),
+                                                 T.uint32(1))
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        if tx == 0:
+            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + num_kt - 1) % stages]),
+                                             T.uint32(1))
+
+    @T.macro
     def body(x, w, bias_buf, residual, outs, m):
         x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
@@ -125,43 +177,15 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         base = T.alloc_buffer((2,), "uint32", scope="local")
         realign_pool(base, smem)
         pad = T.Cast("int32", base[1])  # elements to the first 1 KiB boundary of the pool
-        if tx == 0 and wg == 0:
-            for s in T.unroll(stages):
-                init_barrier(full.ptr_to([s]), 1)  # the producer's expect_tx
-                init_barrier(empty.ptr_to([s]), 2)  # one arrival a consumer warpgroup
-        T.tvm_storage_sync("shared")
+        init_ring(full, empty, tx, wg)
         if wg == 0:
             T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
             if tx == 0:
                 for kt in T.serial(num_kt):
-                    if kt >= stages:  # both consumers are done with this slot's last tiles
-                        wait_barrier(empty.ptr_to([kt % stages]), (kt // stages + 1) % 2)
-                    load_row_tile(smem.ptr_to([pad + kt % stages * stage_elems]), x_map,
-                                  bm * tile_m, kt * tile_k, full.ptr_to([kt % stages]),
-                                  stage_bytes)  # both copies' bytes
-                    copy_row_tile(smem.ptr_to([pad + kt % stages * stage_elems + tile_m * tile_k]),
-                                  w_map, bn * tile_n, kt * tile_k, full.ptr_to([kt % stages]))
+                    load_step(smem, pad, full, empty, x_map, w_map, kt, bm, bn, kt)
         else:
             T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
-            for i in T.unroll(acc_len):
-                acc[i] = T.float32(0)
-            for kt in T.serial(num_kt):
-                wait_barrier(full.ptr_to([kt % stages]), kt // stages % 2)
-                slot = base[0] + T.Cast("uint32", (pad + kt % stages * stage_elems) * 2)
-                T.ptx.wgmma.fence.sync.aligned()
-                for kk in T.unroll(tile_k // 16):
-                    T.ptx[wgmma](
-                        *[acc[i] for i in range(acc_len)],
-                        swizzle128_descriptor(slot + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
-                        swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
-                        T.bool(True), 1, 1, 0, 0,
-                    )
-                T.ptx.wgmma.commit_group.sync.aligned()
-                T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
-                if kt > 0 and tx == 0:
-                    T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(kt - 1) % stages]),
-                                                     T.uint32(1))
-            T.ptx.wgmma.wait_group.sync.aligned(0)
+            consume(acc, full, empty, base[0], pad, 0, wg, tx)
             # Epilogue through shared memory (staged_store): each consumer writes its rows of
             # the staging tile (in the output dtype, bias and activation applied) once both are
             # done with the ring (named barrier 1, the consumers' 256 threads), so that no
@@ -198,11 +222,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         base = T.alloc_buffer((2,), "uint32", scope="local")
         realign_pool(base, smem)
         ring = T.Cast("int32", base[1]) + staging_elems  # 1 KiB aligned, past the staging tile
-        if tx == 0 and wg == 0:
-            for s in T.unroll(stages):
-                init_barrier(full.ptr_to([s]), 1)
-                init_barrier(empty.ptr_to([s]), 2)
-        T.tvm_storage_sync("shared")
+        init_ring(full, empty, tx, wg)
         ahead = min(stages, num_kt)  # k-steps of the next tile the producer loads in advance
         for it in T.serial((total_of(m) - bid + grid_of(m) - 1) // grid_of(m)):  # bid, bid + grid..
             tile = bid + it * grid_of(m)
@@ -217,41 +237,12 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                         kt = j + T.if_then_else(it == 0, 0, ahead)  # k-step from this tile's
                         g = it * num_kt + kt  # the block's k-step count: ring slot and phase
                         nxt = tile + kt // num_kt * grid_of(m)
-                        if g >= stages:
-                            wait_barrier(empty.ptr_to([g % stages]), (g // stages + 1) % 2)
-                        load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map,
-                                      nxt // (n // tile_n) * tile_m, kt % num_kt * tile_k,
-                                      full.ptr_to([g % stages]), stage_bytes)
-                        copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems
-                                                   + tile_m * tile_k]),
-                                      w_map, nxt % (n // tile_n) * tile_n, kt % num_kt * tile_k,
-                                      full.ptr_to([g % stages]))
+                        load_step(smem, ring, full, empty, x_map, w_map, g,
+                                  nxt // (n // tile_n), nxt % (n // tile_n), kt % num_kt)
                 T.ptx["setmaxnreg.inc.sync.aligned.u32"](LAUNCH_REGISTERS)
             else:
                 T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
-                for i in T.unroll(acc_len):
-                    acc[i] = T.float32(0)
-                for kt in T.serial(num_kt):
-                    g = it * num_kt + kt
-                    wait_barrier(full.ptr_to([g % stages]), g // stages % 2)
-                    slot = base[0] + T.Cast("uint32", (ring + g % stages * stage_elems) * 2)
-                    T.ptx.wgmma.fence.sync.aligned()
-                    for kk in T.unroll(tile_k // 16):
-                        T.ptx[wgmma](
-                            *[acc[i] for i in range(acc_len)],
-                            swizzle128_descriptor(slot + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
-                            swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
-                            T.bool(True), 1, 1, 0, 0,
-                        )
-                    T.ptx.wgmma.commit_group.sync.aligned()
-                    T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
-                    if kt > 0 and tx == 0:
-                        T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g - 1) % stages]),
-                                                         T.uint32(1))
-                T.ptx.wgmma.wait_group.sync.aligned(0)
-                if tx == 0:  # the tile's last slot, free for the producer
-                    T.ptx.mbarrier.arrive.shared.b64(
-                        empty.ptr_to([(it * num_kt + num_kt - 1) % stages]), T.uint32(1))
+                consume(acc, full, empty, base[0], ring, it * num_kt, wg, tx)
                 # Each consumer writes its 64 rows of the staging tile (apart from the ring)
                 # before the roles join; no accumulator lives past the join.
                 stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx)
