@@ -323,11 +323,12 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers); see 
 ]
 
 
-WGMMA_SWEEP = [  # (blocks an SM, O += P V overlapping the next wait, K/V stages); config.py
-    (2, False, 1),
-    (2, False, 2),
-    (1, False, 2),
-    (2, True, 2),
+WGMMA_SWEEP = [  # (blocks an SM, O += P V overlapping the next wait, K/V stages, output
+    (2, False, 1, False),  # staged through shared memory); config.py
+    (2, False, 2, False),
+    (2, False, 2, True),
+    (1, False, 2, False),
+    (2, True, 2, False),
 ]
 
 

@@ -100,3 +100,37 @@ def test_agrees_with_upstream_on_valid_rows(mode, dtype):
 def test_other_head_dims(mode, dtype, head_dim):
     """head_dims the tensor-core kernel does not take run (correctly) on the portable kernel."""
     check(mode, 4, 2, head_dim, dtype, [(3, 130, 130)], seed=head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_wgmma_staged_output(monkeypatch, mode, dtype, head_dim):
+    """The wgmma kernel with its output staged through shared memory and written in 16-byte
+    vectors (the fourth field of ``config.wgmma_attention_tiles``, off by default until it is
+    measured): every mode, GQA, the length patterns, lengths off the tiles, and the packed op
+    with rows of no sequence around its sequences."""
+    import relax_masked_attn as rma
+    from relax_masked_attn.kernels import cuda_wgmma
+
+    from .conftest import assert_packed_matches_reference, op_module, packed_inputs, vm_main
+
+    monkeypatch.setattr(cuda_wgmma, "wgmma_attention_tiles", lambda d, dt: (2, False, 2, True))
+    cuda_wgmma.wgmma_attention_kernel.cache_clear()  # no default-tile kernel from before
+    try:
+        run = vm_main(op_module(8, 4, head_dim, dtype, mode), "cuda-sm90a")
+        rng = np.random.default_rng(head_dim)
+        q, k, v = random_qkv(5, 1000, 1000, 8, 4, head_dim, dtype, rng)
+        valid_len = np.array([1, 7, 127, 129, 1000], dtype="int32")
+        assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
+        q, k, v = random_qkv(3, 130, 130, 8, 4, head_dim, dtype, rng)
+        for pattern in PATTERNS:
+            valid_len = lengths(pattern, 3, 130, rng)
+            assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
+        causal = mode.startswith("causal")
+        packed = vm_main(rma.op.standalone_packed_module(8, 4, head_dim, dtype, causal, 300),
+                         "cuda-sm90a")
+        q, k, v, seq_start = packed_inputs([5, 0, 300, 129], 8, 4, head_dim, dtype, rng, 3, 4)
+        assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start, causal)
+    finally:
+        cuda_wgmma.wgmma_attention_kernel.cache_clear()  # nor a staged one after

@@ -58,12 +58,13 @@ def wgmma_attention_kernel(
     ``packed``), on ``wgmma``; for targets :func:`supports` accepts.
 
     ``tiles`` = (blocks an SM the registers are capped for, whether O += P V overlaps the next
-    tile's wait) overrides :func:`~relax_masked_attn.kernels.config.wgmma_attention_tiles`."""
+    tile's wait, K/V stages, whether the output leaves through shared memory) overrides
+    :func:`~relax_masked_attn.kernels.config.wgmma_attention_tiles`."""
     if head_dim not in SUPPORTED_HEAD_DIMS or dtype not in ("float16", "bfloat16"):
         raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
-    min_blocks, defer_pv, stages = tiles or wgmma_attention_tiles(head_dim, dtype)
+    min_blocks, defer_pv, stages, staged_out = tiles or wgmma_attention_tiles(head_dim, dtype)
     if stages not in (1, 2):
         raise ValueError(f"wgmma_attention_kernel: 1 or 2 K/V stages, not {stages}")
     d = head_dim
@@ -232,17 +233,49 @@ def wgmma_attention_kernel(
                         if not defer_pv:
                             T.ptx.wgmma.wait_group.sync.aligned(0)
 
-                # Normalize and store this thread's real rows.
                 T.ptx.wgmma.wait_group.sync.aligned(0)
-                for r in T.unroll(2):
-                    l_i[r] = T.cuda.warp_sum(l_i[r], 4)
-                    if row0 + r * 8 < n:
+                if staged_out:
+                    # Normalize into this warpgroup's own rows of the Q tile (its products are
+                    # done with them; the swizzled layout keeps a warp's 8 rows in distinct
+                    # banks), then write the real rows out in 16-byte vectors.
+                    pair = T.alloc_buffer((2,), dtype, scope="local")
+                    words = T.alloc_buffer((4,), "uint32", scope="local")
+                    smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data,
+                                               scope="shared.dyn")
+                    out_words = T.decl_buffer(
+                        (out.shape[0] * out.shape[1] * (heads_q * d // 2),), "uint32",
+                        data=out.data)
+                    for r in T.unroll(2):
+                        l_i[r] = T.cuda.warp_sum(l_i[r], 4)
                         for j in T.unroll(d // 8):
                             for c in T.unroll(2):
-                                out[bi, q_off + row0 + r * 8, h, j * 8 + t4 * 2 + c] = T.Cast(
-                                    dtype, o_acc[j * 4 + 2 * r + c] / l_i[r]
-                                )
-                T.cuda.cta_sync()  # every warp is done with Q before a next tile reloads it
+                                pair[c] = T.Cast(dtype, o_acc[j * 4 + 2 * r + c] / l_i[r])
+                            smem[T.Ramp(pad + swizzled(ROWS, row0 - r0 + r * 8, j) + t4 * 2, 1,
+                                        2)] = pair[T.Ramp(0, 1, 2)]
+                    T.tvm_storage_sync("shared")
+                    for it in T.unroll(64 * chunks // 128):
+                        rr = wg * 64 + (it * 128 + tx % 128) // chunks  # row of the tile
+                        cc = (it * 128 + tx % 128) % chunks  # its 16-byte chunk
+                        if r0 + rr < n:
+                            # (pad is a multiple of 8: the pool starts 16-byte aligned)
+                            words[T.Ramp(0, 1, 4)] = smem_words[T.Ramp(
+                                pad // 8 * 4 + swizzled(ROWS, rr, cc) // 2, 1, 4)]
+                            out_words[T.Ramp(((bi * out.shape[1] + q_off + r0 + rr) * heads_q + h)
+                                             * (d // 2) + cc * 4, 1, 4)] = words[T.Ramp(0, 1, 4)]
+                    # every warp is done with Q before the next reload (the planner's own
+                    # barrier: these shared accesses are ones it sees)
+                    T.tvm_storage_sync("shared")
+                else:
+                    # Normalize and store this thread's real rows, 4 bytes a store.
+                    for r in T.unroll(2):
+                        l_i[r] = T.cuda.warp_sum(l_i[r], 4)
+                        if row0 + r * 8 < n:
+                            for j in T.unroll(d // 8):
+                                for c in T.unroll(2):
+                                    out[bi, q_off + row0 + r * 8, h, j * 8 + t4 * 2 + c] = T.Cast(
+                                        dtype, o_acc[j * 4 + 2 * r + c] / l_i[r]
+                                    )
+                    T.cuda.cta_sync()  # every warp is done with Q before a next tile reloads it
 
     @T.macro
     def body(q, k, v, geom, out, batch, seq_q, seq_kv):
