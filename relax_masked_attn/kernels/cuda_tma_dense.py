@@ -21,7 +21,7 @@ maps land the tiles in the 128-byte-swizzled layout the ``wgmma`` descriptors re
 It is the dense kernel of ``sm_90a`` builds (``DispatchDense``). On an H200 (``bench_dense.py``,
 8192 rows, fp16, one run) it reaches 0.81-0.97x cuBLAS on the seven BERT-base and Qwen3-0.6B
 linears (424-614 TFLOP/s), where the ``cp.async`` ``wgmma`` kernel reaches 0.72-0.88x; whole
-models run 3-7% faster with it (``bench_models.py --hopper-dense wgmma`` builds the other).
+models run 5-6% faster with it (``bench_models.py --hopper-dense wgmma`` builds the other).
 What it still lacks against cuBLAS is overlap between tiles: a block's ring fill and epilogue
 run while its tensor cores idle, and the products of BERT-base have only 12 k-steps at
 k = 768, so these are a large share of a block's time.
