@@ -5,7 +5,15 @@ import pytest
 
 from relax_masked_attn import MODES
 
-from .conftest import assert_matches_reference, compiled_op, lengths, random_qkv
+from .conftest import (
+    assert_matches_reference,
+    assert_packed_matches_reference,
+    compiled_op,
+    compiled_packed,
+    lengths,
+    packed_inputs,
+    random_qkv,
+)
 
 HEADS = [(4, 4), (4, 2), (8, 2)]  # MHA, GQA 2:1, GQA 4:1
 PATTERNS = ["zero", "full", "mixed", "one_zero"]
@@ -81,3 +89,24 @@ def test_huge_finite_scores_stay_within_the_contract(mode, magnitude):
     run = compiled_op("llvm", 4, 2, 32, "float32", mode, scale)
     valid_len = np.array([24, 13], dtype="int32")
     assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode, scale)
+
+
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+def test_every_row_and_head_is_computed_around_the_part_count(mode):
+    """The kernel's parallel parts: a part a (row, head) pair below cpu.PARTS pairs (the rows
+    interleaved), else PARTS parts taking pairs in bit-reversed order; padded batches and
+    packed sequences on both sides of the boundary, of mixed lengths, against the reference."""
+    from relax_masked_attn.kernels.cpu import PARTS
+
+    run = compiled_op("llvm", 4, 2, 32, "float32", mode)
+    rng = np.random.default_rng(17)
+    for batch in (PARTS // 4 - 1, PARTS // 4, PARTS // 4 + 1, PARTS // 2 + 3):
+        q, k, v = random_qkv(batch, 9, 9, 4, 2, 32, "float32", rng)
+        valid_len = rng.integers(0, 10, batch).astype("int32")
+        assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
+    packed = compiled_packed("llvm", 4, 2, 32, "float32", mode.startswith("causal"), 9)
+    for count in (PARTS // 4 - 1, PARTS // 4 + 1):
+        q, k, v, seq_start = packed_inputs(rng.integers(0, 10, count), 4, 2, 32, "float32", rng,
+                                           2, 3)
+        assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start,
+                                        mode.startswith("causal"))
