@@ -93,3 +93,20 @@ def test_aarch64_build_of_minilm(minilm_path):
     assert "zz_dense_bias_gelu_n1536_k384_float32" in asm
     assert "prefill" in asm
     assert len(NEON_FMA.findall(asm)) >= 100
+
+
+def test_parallel_bodies_take_only_their_buffers_from_the_workspace_pool():
+    """TVM 0.27 takes each buffer of a parallel body, and each scalar bound by a plain assignment
+    (``x = ...`` in TVMScript), from its workspace pool, for every parallel part: the kernels
+    bind their scalars with ``T.let``, so that the allocations a part makes are its buffers
+    alone (the dense kernel's accumulators; the attention kernel's tiles, at most 11)."""
+    target = TARGETS["haswell"][0]
+    dense = cpu_dense.dense_kernel(384, 1536, "float32", Epilogue(True, "gelu", True),
+                                   cpu_dense.tiles_for(target))
+    attention = cpu_kernel(8, 2, 64, "float32", "causal_padded_left", 0.125, packed=True,
+                           isa="avx2")
+    for func, buffers in ((dense, 1), (attention, 11)):
+        ll = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                            target=target).inspect_source("ll")
+        sizes = [int(b) for b in re.findall(r"call ptr %\d+\(i32 1, i32 %dev_id, i64 (\d+)", ll)]
+        assert 1 <= len(sizes) <= buffers and min(sizes) > 8, sizes  # no scalar among them

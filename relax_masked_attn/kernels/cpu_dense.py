@@ -86,8 +86,8 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
             for s in T.serial(slices):
                 for p in T.serial(panels):
                     for b in T.serial(blocks):
-                        row0 = task // col_tasks * tiles.task_rows + b * rows
-                        col0 = (task % col_tasks * panels + p) * cols
+                        row0: T.let[T.int64] = task // col_tasks * tiles.task_rows + b * rows
+                        col0: T.let[T.int64] = (task % col_tasks * panels + p) * cols
                         if row0 < m:
                             for i in T.unroll(rows):
                                 for j in T.vectorized(cols):
