@@ -32,7 +32,10 @@ from tvm import relax
 
 from relax_masked_attn.kernels import cuda_dense, cuda_tma_dense
 from relax_masked_attn.kernels.epilogue import Epilogue
-from relax_masked_attn.passes.dispatch_dense import standalone_linear_module
+from relax_masked_attn.passes.dispatch_dense import (
+    HOPPER_DENSE_KERNELS,
+    standalone_linear_module,
+)
 from relax_masked_attn.targets import device_cuda_target
 
 SHAPES = [  # (n, k, bias, what)
@@ -59,12 +62,6 @@ SWEEP = [  # (tile_m, tile_n, tile_k, warps_m, warps_n, stages)
 # (tile_n, stages), sm_90a only
 WGMMA_SWEEP = [(128, 4), (128, 3), (128, 5), (128, 6), (256, 3), (256, 4)]
 TMA_SWEEP = [(128, 4), (128, 6), (256, 3), (256, 4)]
-# The Hopper kernels timed raw, by column name: generator(n, k, dtype, epilogue)
-HOPPER_KERNELS = {
-    "wgmma": cuda_dense.wgmma_dense_kernel,
-    "tma": cuda_tma_dense.tma_dense_kernel,
-    "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
-}
 
 
 def raw_kernel(func, target, inputs, out):
@@ -85,7 +82,7 @@ def sweep(args, dev, target, tdtype) -> None:
         configs += [(cuda_dense.wgmma_dense_kernel, tiles, hopper) for tiles in WGMMA_SWEEP]
     if cuda_dense.has_wgmma(hopper) and args.sweep in ("tma", "both"):
         configs += [(cuda_tma_dense.tma_dense_kernel, tiles, hopper) for tiles in TMA_SWEEP]
-        configs += [(HOPPER_KERNELS["persistent"], tiles, hopper)
+        configs += [(HOPPER_DENSE_KERNELS["persistent"], tiles, hopper)
                     for tiles in ((128, 3), (128, 4), (256, 2), (256, 3))]
     print("tile sweep (ms, raw kernel; p: persistent):", "  ".join(
         ("p" if isinstance(c[0], functools.partial) else "") + str(c[1]) for c in configs))
@@ -285,7 +282,7 @@ def main() -> None:
     targets = {"mma.sync": target}
     hopper = device_cuda_target()
     if cuda_dense.has_wgmma(hopper):
-        targets.update(dict.fromkeys(HOPPER_KERNELS, hopper))
+        targets.update(dict.fromkeys(HOPPER_DENSE_KERNELS, hopper))
     tdtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows; TFLOP/s, ratio = "
           "torch time / ours")
@@ -302,9 +299,9 @@ def main() -> None:
         flops = 2.0 * args.rows * n * k
         cells, errors = [], []
         for name, tgt in targets.items():
-            if name in HOPPER_KERNELS:
+            if name in HOPPER_DENSE_KERNELS:
                 out = torch.empty(args.rows, n, device="cuda", dtype=tdtype)
-                run = raw_kernel(HOPPER_KERNELS[name](n, k, args.dtype, Epilogue(bias)),
+                run = raw_kernel(HOPPER_DENSE_KERNELS[name](n, k, args.dtype, Epilogue(bias)),
                                  tgt, [t for t in (x, w, b) if t is not None], out)
                 run()
             else:

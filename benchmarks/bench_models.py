@@ -29,6 +29,7 @@ import torch
 import tvm
 
 from relax_masked_attn.embedding import EmbeddingModel, kernel_kind, pad_batch
+from relax_masked_attn.passes import dispatch_dense
 from relax_masked_attn.targets import device_cuda_target
 
 WORDS = ["the", "model", "compiles", "attention", "kernels", "for", "padded", "batches", "of",
@@ -247,15 +248,7 @@ def bench_cuda(args) -> None:
 
     os.environ["RELAX_MASKED_ATTN_CACHE"] = tempfile.mkdtemp()  # cold starts are measured
 
-    if args.hopper_dense != "tma":
-        import functools
-
-        from relax_masked_attn.kernels import cuda_dense, cuda_tma_dense
-        from relax_masked_attn.passes import dispatch_dense
-
-        dispatch_dense.HOPPER_DENSE = (
-            cuda_dense.wgmma_dense_kernel if args.hopper_dense == "wgmma"
-            else functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True))
+    dispatch_dense.HOPPER_DENSE = dispatch_dense.HOPPER_DENSE_KERNELS[args.hopper_dense]
     print(f"CUDA: {torch.cuda.get_device_name()}, fp16, ours built for {args.arch} "
           f"(sm_90a dense: {args.hopper_dense}; ratio = "
           "transformers time / ours); lengths uniform in [shortest, longest]")
@@ -319,7 +312,7 @@ def main() -> None:
     parser.add_argument("--qwen-vocab", type=int, default=151669,
                         help="CUDA: Qwen3's vocabulary (real: 151669)")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")
-    parser.add_argument("--hopper-dense", choices=["wgmma", "tma", "persistent"],
+    parser.add_argument("--hopper-dense", choices=list(dispatch_dense.HOPPER_DENSE_KERNELS),
                         default="tma", help="CUDA: the dense kernel of sm_90a builds (tma: the "
                         "warp-specialized kernels/cuda_tma_dense.py; persistent: its persistent "
                         "form; wgmma: cuda_dense.wgmma_dense_kernel)")

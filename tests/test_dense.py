@@ -702,15 +702,9 @@ def test_models_build_with_either_hopper_dense_kernel(monkeypatch, kernel):
     """The pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for
     sm_90a with the warp-specialized TMA kernel (the default ``HOPPER_DENSE``), its persistent
     form and the ``cp.async`` one (``bench_models.py --hopper-dense``)."""
-    import functools
-
     from relax_masked_attn.passes import dispatch_dense as dd
 
-    if kernel == "wgmma":
-        monkeypatch.setattr(dd, "HOPPER_DENSE", cuda_dense.wgmma_dense_kernel)
-    if kernel == "persistent":
-        monkeypatch.setattr(dd, "HOPPER_DENSE", functools.partial(
-            cuda_tma_dense.tma_dense_kernel, persistent=True))
+    monkeypatch.setattr(dd, "HOPPER_DENSE", dd.HOPPER_DENSE_KERNELS[kernel])
     for mod in (siblings_module(768, (768, 768, 768), "float16", True),
                 swiglu_module(1024, 3072, "float16")):
         ex = tvm.compile(mod, target=SM90A, relax_pipeline=relax.get_pipeline("relax_masked_attn"))

@@ -77,8 +77,8 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
     """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])`` for
     ``sm_90a``; ``tiles`` is ``(tile_n, stages)`` (default:
     :func:`~relax_masked_attn.kernels.config.wgmma_dense_tiles`; with ``persistent`` at most 3
-    stages, which is what fits next to the staging tile). ``persistent``: the
-    :func:`persistent form <_persistent_body>`."""
+    stages, which is what fits next to the staging tile). ``persistent``: the persistent form
+    (this module's docstring)."""
     epilogue = epilogue or Epilogue()
     tile_n, stages = tiles or wgmma_dense_tiles(n, dtype)
     if persistent and tiles is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 import tvm
 import tvm_ffi
@@ -24,10 +25,17 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
     return cuda_dense.supports(target, n, k, dtype)
 
 
-# The generator of the dense kernels ``sm_90a`` targets get: the warp-specialized TMA kernel.
-# ``bench_models.py --hopper-dense wgmma`` puts ``cuda_dense.wgmma_dense_kernel`` (the same
-# PrimFunc, every thread copying through ``cp.async``) here to compare whole models.
-HOPPER_DENSE = cuda_tma_dense.tma_dense_kernel
+# The Hopper dense kernel generators by name, each ``(n, k, dtype, epilogue)`` -> the same
+# PrimFunc: the warp-specialized TMA kernel, its persistent form, and the kernel whose threads
+# all copy through ``cp.async``. ``HOPPER_DENSE`` is the one ``sm_90a`` targets get;
+# ``bench_models.py --hopper-dense NAME`` puts another there to compare whole models, and
+# ``bench_dense.py`` times each.
+HOPPER_DENSE_KERNELS = {
+    "wgmma": cuda_dense.wgmma_dense_kernel,
+    "tma": cuda_tma_dense.tma_dense_kernel,
+    "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
+}
+HOPPER_DENSE = HOPPER_DENSE_KERNELS["tma"]
 
 
 def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
