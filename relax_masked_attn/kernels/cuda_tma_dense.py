@@ -157,46 +157,6 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
             T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + num_kt - 1) % stages]),
                                              T.uint32(1))
 
-    @T.macro
-    def body(x, w, bias_buf, residual, outs, m):
-        x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-        w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
-        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
-        bn = T.launch_thread("blockIdx.x", n // tile_n)
-        bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
-        # threadIdx.y names the warpgroup: the split-k kernel of the same PrimFunc runs 128
-        # threads along x (apache-tvm 0.27 gives every kernel of a PrimFunc the same extent
-        # for a launch dimension of the same name).
-        tx = T.launch_thread("threadIdx.x", 128)
-        wg = T.launch_thread("threadIdx.y", 3)
-        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
-        full = T.alloc_buffer((stages,), "uint64", scope="shared")
-        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
-        acc = T.alloc_buffer((acc_len,), "float32", scope="local")
-        base = T.alloc_buffer((2,), "uint32", scope="local")
-        realign_pool(base, smem)
-        pad = T.Cast("int32", base[1])  # elements to the first 1 KiB boundary of the pool
-        init_ring(full, empty, tx, wg)
-        if wg == 0:
-            T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
-            if tx == 0:
-                for kt in T.serial(num_kt):
-                    load_step(smem, pad, full, empty, x_map, w_map, kt, bm, bn, kt)
-        else:
-            T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
-            consume(acc, full, empty, base[0], pad, 0, wg, tx)
-            # Epilogue through shared memory (staged_store): each consumer writes its rows of
-            # the staging tile (in the output dtype, bias and activation applied) once both are
-            # done with the ring (named barrier 1, the consumers' 256 threads), so that no
-            # accumulator lives past the join of the roles, where the producer's register
-            # budget would cap every thread's.
-            T.ptx.bar.sync(T.uint32(1), T.uint32(256))
-            stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx)
-        T.tvm_storage_sync("shared")
-        if wg > 0:
-            store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
-
     def total_of(m):
         """Output tiles of the product (written out where used: a name bound in the macro
         would be a host variable that the kernel does not receive)."""
@@ -207,24 +167,11 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         return T.min(total_of(m), PERSISTENT_BLOCKS)
 
     @T.macro
-    def persistent_body(x, w, bias_buf, residual, outs, m):
-        x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-        w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
-        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
-        bid = T.launch_thread("blockIdx.x", grid_of(m))
-        tx = T.launch_thread("threadIdx.x", 128)
-        wg = T.launch_thread("threadIdx.y", 3)
-        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
-        full = T.alloc_buffer((stages,), "uint64", scope="shared")
-        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
-        acc = T.alloc_buffer((acc_len,), "float32", scope="local")
-        base = T.alloc_buffer((2,), "uint32", scope="local")
-        realign_pool(base, smem)
-        ring = T.Cast("int32", base[1]) + staging_elems  # 1 KiB aligned, past the staging tile
-        init_ring(full, empty, tx, wg)
+    def persistent_tiles(x_map, w_map, bias_buf, residual, outs, m, bid, tx, wg, smem, full,
+                         empty, acc, base, ring):
+        """The persistent form's walk over the block's output tiles ``bid, bid + grid, ...``."""
         ahead = min(stages, num_kt)  # k-steps of the next tile the producer loads in advance
-        for it in T.serial((total_of(m) - bid + grid_of(m) - 1) // grid_of(m)):  # bid, bid + grid..
+        for it in T.serial((total_of(m) - bid + grid_of(m) - 1) // grid_of(m)):
             tile = bid + it * grid_of(m)
             bm = tile // (n // tile_n)
             bn = tile % (n // tile_n)
@@ -252,6 +199,54 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                 store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
             T.tvm_storage_sync("shared")  # the staging tile read before the next tile's writes
 
-    small = with_small_batches(n, k, dtype, epilogue, persistent_body if persistent else body,
-                               tile_n, 128)
+    @T.macro
+    def body(x, w, bias_buf, residual, outs, m):
+        x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
+        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
+        if persistent:
+            bid = T.launch_thread("blockIdx.x", grid_of(m))
+        else:
+            bn = T.launch_thread("blockIdx.x", n // tile_n)
+            bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
+        # threadIdx.y names the warpgroup: the split-k kernel of the same PrimFunc runs 128
+        # threads along x (apache-tvm 0.27 gives every kernel of a PrimFunc the same extent
+        # for a launch dimension of the same name).
+        tx = T.launch_thread("threadIdx.x", 128)
+        wg = T.launch_thread("threadIdx.y", 3)
+        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        full = T.alloc_buffer((stages,), "uint64", scope="shared")
+        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
+        acc = T.alloc_buffer((acc_len,), "float32", scope="local")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        realign_pool(base, smem)
+        # the ring's first element: the pool's first 1 KiB boundary, past the staging tile of
+        # the persistent form
+        ring = T.Cast("int32", base[1]) + staging_elems
+        init_ring(full, empty, tx, wg)
+        if persistent:
+            persistent_tiles(x_map, w_map, bias_buf, residual, outs, m, bid, tx, wg, smem, full,
+                             empty, acc, base, ring)
+        else:
+            if wg == 0:
+                T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
+                if tx == 0:
+                    for kt in T.serial(num_kt):
+                        load_step(smem, ring, full, empty, x_map, w_map, kt, bm, bn, kt)
+            else:
+                T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
+                consume(acc, full, empty, base[0], ring, 0, wg, tx)
+                # Epilogue through shared memory (staged_store): each consumer writes its rows
+                # of the staging tile (in the output dtype, bias and activation applied) once
+                # both are done with the ring (named barrier 1, the consumers' 256 threads), so
+                # that no accumulator lives past the join of the roles, where the producer's
+                # register budget would cap every thread's.
+                T.ptx.bar.sync(T.uint32(1), T.uint32(256))
+                stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx)
+            T.tvm_storage_sync("shared")
+            if wg > 0:
+                store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
+
+    small = with_small_batches(n, k, dtype, epilogue, body, tile_n, 128)
     return dense_func(n, k, dtype, small, epilogue)
