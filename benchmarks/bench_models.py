@@ -313,9 +313,12 @@ def main() -> None:
                         help="CUDA: Qwen3's vocabulary (real: 151669)")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")
     parser.add_argument("--hopper-dense", choices=list(dispatch_dense.HOPPER_DENSE_KERNELS),
-                        default="tma", help="CUDA: the dense kernel of sm_90a builds (tma: the "
-                        "warp-specialized kernels/cuda_tma_dense.py; persistent: its persistent "
-                        "form; wgmma: cuda_dense.wgmma_dense_kernel)")
+                        default=next(name for name, make in
+                                     dispatch_dense.HOPPER_DENSE_KERNELS.items()
+                                     if make is dispatch_dense.HOPPER_DENSE),
+                        help="CUDA: the dense kernel of sm_90a builds (default: the dispatch's; "
+                        "tma: the warp-specialized kernels/cuda_tma_dense.py; persistent: its "
+                        "persistent form; wgmma: cuda_dense.wgmma_dense_kernel)")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
 

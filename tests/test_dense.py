@@ -631,6 +631,11 @@ def test_persistent_tma_kernel_walks_tiles_with_its_roles_rejoined(epilogue, til
     for call in ("dec_sync_aligned_u32_40", "inc_sync_aligned_u32_232",
                  "inc_sync_aligned_u32_168", "dec_sync_aligned_u32_168"):
         assert full.count(f"setmaxnreg_{call}()") == 1, call
+    # the producer takes its registers back only after both consumers hold theirs
+    assert full.index("bar_sync_count_sync((uint)2, (uint)384)") < full.index(
+        "setmaxnreg_inc_sync_aligned_u32_168()")
+    assert full.index("setmaxnreg_inc_sync_aligned_u32_232()") < full.index(
+        "bar_arrive_arrive((uint)2, (uint)384)")
     assert full.count("for (int it = 0;") == 1
     assert "cp_async_bulk_tensor" in full and "mbarrier_try_wait_parity" in full
     with pytest.raises(ValueError, match="226 KiB"):
@@ -697,11 +702,12 @@ def test_tma_kernel_matches_numpy(n, k, tiles, persistent, bias, activation, res
                                    rtol=tol, atol=tol, err_msg=f"{rows} rows")
 
 
-@pytest.mark.parametrize("kernel", ["tma", "wgmma", "persistent"])
+@pytest.mark.parametrize("kernel", ["persistent", "tma", "wgmma"])
 def test_models_build_with_either_hopper_dense_kernel(monkeypatch, kernel):
     """The pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for
-    sm_90a with the warp-specialized TMA kernel (the default ``HOPPER_DENSE``), its persistent
-    form and the ``cp.async`` one (``bench_models.py --hopper-dense``)."""
+    sm_90a with the warp-specialized TMA kernel's persistent form (the default
+    ``HOPPER_DENSE``), its one-shot form and the ``cp.async`` one (``bench_models.py
+    --hopper-dense``)."""
     from relax_masked_attn.passes import dispatch_dense as dd
 
     monkeypatch.setattr(dd, "HOPPER_DENSE", dd.HOPPER_DENSE_KERNELS[kernel])

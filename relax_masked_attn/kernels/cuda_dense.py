@@ -7,9 +7,10 @@ generators, both in TVMScript with explicit threads and the same PrimFunc signat
 
 * :func:`wgmma_dense_kernel` for ``sm_90a`` (H100/H200 with the Hopper-only ``a`` features):
   ``wgmma.mma_async`` on descriptors of swizzled shared tiles, output staged through shared
-  memory for 16-byte stores; 0.72-0.88x of cuBLAS on the H200 (docs/performance.md). Models
-  built for ``sm_90a`` get its warp-specialized form, :mod:`.cuda_tma_dense` (TMA copies from a
-  producer warpgroup; 0.81-0.97x), which shares its epilogue, tiles and small-batch path;
+  memory for 16-byte stores; 0.78-0.97x of cuBLAS on the H200 (docs/performance.md). Models
+  built for ``sm_90a`` get its warp-specialized persistent form, :mod:`.cuda_tma_dense` (TMA
+  copies from a producer warpgroup; 0.85-1.05x), which shares its epilogue, tiles and
+  small-batch path;
 * :func:`dense_kernel` for every other sm80+ target (A100, L40, and ``sm_90`` without the
   ``a``), described below; 0.55-0.61x of cuBLAS on the same shapes (the H200, where cuBLAS runs
   ``wgmma``).

@@ -18,26 +18,27 @@ maps land the tiles in the 128-byte-swizzled layout the ``wgmma`` descriptors re
 (:mod:`.hopper`); rows of ``x`` past ``m`` arrive as zeros. The epilogue is the shared one
 (:func:`~relax_masked_attn.kernels.cuda_dense.staged_store`) on the consumers' 256 threads.
 
-It is the dense kernel of ``sm_90a`` builds (``DispatchDense``). On an H200 (``bench_dense.py``,
-8192 rows, fp16, one run) it reaches 0.81-0.97x cuBLAS on the seven BERT-base and Qwen3-0.6B
-linears (424-614 TFLOP/s), where the ``cp.async`` ``wgmma`` kernel reaches 0.72-0.88x; whole
-models run 5-6% faster with it (``bench_models.py --hopper-dense wgmma`` builds the other).
-What it still lacks against cuBLAS is overlap between tiles: a block's ring fill and epilogue
-run while its tensor cores idle, and the products of BERT-base have only 12 k-steps at
-k = 768, so these are a large share of a block's time.
+Its persistent form (``persistent=True``) is the dense kernel of ``sm_90a`` builds
+(``DispatchDense``): :data:`PERSISTENT_BLOCKS` blocks walk the output tiles ``bid, bid + grid,
+...``; the staging tile of the epilogue lies apart from the ring (so at most 3 stages of
+256-column tiles fit in 226 KiB), and the producer, once this tile's k-steps are issued, loads
+the next tile's first ``stages`` k-steps into the slots the consumers free, so the next main
+loop starts on a full ring while this tile's epilogue runs. The ring's slot and phase follow
+the block's k-step count across tiles. TVM 0.27's sync planner cannot place a barrier inside a
+role's branch, so the roles split and rejoin in every tile; each warpgroup returns to the
+launch budget (``setmaxnreg`` to :data:`LAUNCH_REGISTERS`) before the join, so that the code
+after it is not held to the producer's 40 registers. The producer takes its registers back
+only after both consumers hold theirs (named barrier :data:`CONSUMERS_HOLD`): ``setmaxnreg``
+draws on one pool a block, and without that order the producer's idle warps took the registers
+its own ``dec`` had just freed, the consumers' ``inc`` waited for ever and the kernel hung.
 
-``persistent=True`` builds the persistent form (:data:`PERSISTENT_BLOCKS` blocks walk the
-output tiles ``bid, bid + grid, ...``): the staging tile of the epilogue lies apart from the
-ring (so at most 3 stages of 256-column tiles fit in 226 KiB), and the producer, once this
-tile's k-steps are issued, loads the next tile's first ``stages`` k-steps into the slots the
-consumers free, so the next main loop starts on a full ring while this tile's epilogue runs.
-The ring's slot and phase follow the block's k-step count across tiles. TVM 0.27's sync
-planner cannot place a barrier inside a role's branch, so the roles split and rejoin in every
-tile; each warpgroup returns to the launch budget (``setmaxnreg`` to
-:data:`LAUNCH_REGISTERS`) before the join, so that the code after it is not held to the
-producer's 40 registers. **Not yet run on a GPU** (ptxas: 168 registers, no spills; the
-``gpu`` tests check it against NumPy, ``bench_dense.py`` times it in its ``persistent``
-column and ``bench_models.py --hopper-dense persistent`` in whole models); no model uses it.
+On an H200 (``bench_dense.py``, 8192 rows, fp16, one run) the persistent form reaches
+0.85-1.05x cuBLAS on the seven BERT-base and Qwen3-0.6B linears (493-606 TFLOP/s), the one-shot
+form 0.85-1.03x, the ``cp.async`` ``wgmma`` kernel 0.78-0.97x; whole BERT-base runs 1% faster
+with the persistent form than the one-shot one (``bench_models.py --hopper-dense NAME`` builds
+either). Below cuBLAS most on BERT-base's two large products (0.93x at n x k = 3072 x 768,
+0.85x at 768 x 3072): the second's 192 output tiles are 1.45 waves of 132 blocks, an uneven
+load that cuBLAS's Hopper kernels spread by splitting k (stream-k) and this kernel does not.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ LAUNCH_REGISTERS = 168
 # Blocks of the persistent form: one an SM of an H100 SXM / H200 (132 SMs). On a GPU with
 # fewer SMs the extra blocks wait for a free one: slower, not wrong.
 PERSISTENT_BLOCKS = 132
+# Named barrier of the persistent form: the consumers arrive once their `setmaxnreg.inc` has
+# its registers, the producer waits there before its own `inc` (ids 0: __syncthreads, 1: the
+# consumers' barrier of the one-shot form).
+CONSUMERS_HOLD = 2
 
 
 @memoized
@@ -186,9 +191,14 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                         nxt = tile + kt // num_kt * grid_of(m)
                         load_step(smem, ring, full, empty, x_map, w_map, g,
                                   nxt // (n // tile_n), nxt % (n // tile_n), kt % num_kt)
+                # Not before both consumers hold their registers: the pool has the 128 x 128
+                # this takes only once they have given theirs back, where otherwise it would
+                # take what the producer's `dec` freed and the consumers' `inc` waits on.
+                T.ptx.bar.sync(T.uint32(CONSUMERS_HOLD), T.uint32(384))
                 T.ptx["setmaxnreg.inc.sync.aligned.u32"](LAUNCH_REGISTERS)
             else:
                 T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
+                T.ptx.bar.arrive(T.uint32(CONSUMERS_HOLD), T.uint32(384))
                 consume(acc, full, empty, base[0], ring, it * num_kt, wg, tx)
                 # Each consumer writes its 64 rows of the staging tile (apart from the ring)
                 # before the roles join; no accumulator lives past the join.
