@@ -105,17 +105,17 @@ def test_other_head_dims(mode, dtype, head_dim):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_wgmma_staged_output(monkeypatch, mode, dtype, head_dim):
-    """The wgmma kernel with its output staged through shared memory and written in 16-byte
-    vectors (the fourth field of ``config.wgmma_attention_tiles``, off by default until it is
-    measured): every mode, GQA, the length patterns, lengths off the tiles, and the packed op
-    with rows of no sequence around its sequences."""
+def test_wgmma_direct_output(monkeypatch, mode, dtype, head_dim):
+    """The wgmma kernel with its output written straight from the accumulators (4-byte stores;
+    the fourth field of ``config.wgmma_attention_tiles`` off, the default stages it through
+    shared memory): every mode, GQA, the length patterns, lengths off the tiles, and the packed
+    op with rows of no sequence around its sequences."""
     import relax_masked_attn as rma
     from relax_masked_attn.kernels import cuda_wgmma
 
     from .conftest import assert_packed_matches_reference, op_module, packed_inputs, vm_main
 
-    monkeypatch.setattr(cuda_wgmma, "wgmma_attention_tiles", lambda d, dt: (2, False, 2, True))
+    monkeypatch.setattr(cuda_wgmma, "wgmma_attention_tiles", lambda d, dt: (2, False, 2, False))
     cuda_wgmma.wgmma_attention_kernel.cache_clear()  # no default-tile kernel from before
     try:
         run = vm_main(op_module(8, 4, head_dim, dtype, mode), "cuda-sm90a")
@@ -133,4 +133,4 @@ def test_wgmma_staged_output(monkeypatch, mode, dtype, head_dim):
         q, k, v, seq_start = packed_inputs([5, 0, 300, 129], 8, 4, head_dim, dtype, rng, 3, 4)
         assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start, causal)
     finally:
-        cuda_wgmma.wgmma_attention_kernel.cache_clear()  # nor a staged one after
+        cuda_wgmma.wgmma_attention_kernel.cache_clear()  # nor a direct-store one after
