@@ -312,14 +312,14 @@ def line_plot(xs, series: dict[str, list[float]], filename: str, title: str) -> 
     print(f"chart written to {filename}")
 
 
-TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers); see kernels/config.py
-    (4, 1, 64, True),
-    (4, 2, 32, False),
-    (4, 2, 32, True),
-    (8, 1, 64, True),
-    (8, 2, 32, False),
-    (4, 2, 64, False),
-    (8, 1, 32, True),
+TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers, output staged
+    (4, 2, 64, False, False),  # through shared memory); see kernels/config.py
+    (4, 2, 64, False, True),
+    (4, 1, 64, True, False),
+    (4, 1, 64, True, True),
+    (4, 2, 32, False, False),
+    (8, 1, 64, True, False),
+    (8, 2, 32, False, False),
 ]
 
 

@@ -30,12 +30,12 @@ def test_shared_tiles_keep_their_full_size():
     past 48 KiB (head_dim 128) they are views of one dynamic pool, K's at Q's size, V's after."""
     from relax_masked_attn.kernels.config import tensor_core_tiles
 
-    warps, atoms, cols, _ = tensor_core_tiles(64, "float16")
+    warps, atoms, cols, *_ = tensor_core_tiles(64, "float16")
     src = cuda_source(op_module(16, 8, 64, "float16", "padded"))
     assert src.count(f"half q_smem_ptr[{warps * atoms * 16 * 64}]") == 1
     assert src.count(f"half k_smem_ptr[{cols * 64}]") == 1
     assert src.count(f"half v_smem_ptr[{cols * 64}]") == 1
-    warps, atoms, cols, _ = tensor_core_tiles(128, "float16")
+    warps, atoms, cols, *_ = tensor_core_tiles(128, "float16")
     src = cuda_source(op_module(16, 8, 128, "float16", "padded"))
     assert "extern __shared__" in src and "q_smem_ptr[" not in src
     rows = warps * atoms * 16
@@ -154,3 +154,38 @@ def test_int32_indexing_is_guarded_before_the_launch():
     dense = cuda_dense.dense_kernel(256, 128, "float16")
     host = tvm.compile(tvm.IRModule({"main": dense}), target=SM90).mod.inspect_source()
     assert "dense kernel (256x128) is too large" in host
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("packed", [False, True])
+def test_staged_output_stores_16_bytes_without_spilling(head_dim, packed, tmp_path):
+    """The output staged through the Q tile (``tensor_core_tiles``' last field): the real rows
+    leave in 16-byte vectors read from shared memory in one piece (not gathered word by word),
+    and nvcc's ptxas builds the padded op's kernel for sm_80 spilling no more than the 4-byte
+    form (the packed op's at head_dim 128 spills 12-32 bytes more: ``config.tensor_core_tiles``)."""
+    import re
+    import shutil
+    import subprocess
+
+    from relax_masked_attn.kernels.config import tensor_core_tiles
+
+    sm80 = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    spills = []
+    for staged in (False, True):
+        tiles = (*tensor_core_tiles(head_dim, "float16")[:4], staged)
+        func = cuda_mma.tensor_core_kernel(8, 4, head_dim, "float16", "padded", 0.125,
+                                           tiles=tiles, packed=packed)
+        src = tvm.compile(tvm.IRModule({"main": func}), target=sm80).mod.imports[0].inspect_source()
+        stores = re.findall(r"\*\(uint4\*\)\(\(\(uint\*\)out\w*\) \+", src)
+        assert bool(stores) == staged
+        assert "make_uint4" not in src
+        if shutil.which("nvcc") is None:
+            continue
+        (tmp_path / "k.cu").write_text(src)
+        run = subprocess.run(["nvcc", "-cubin", "-arch=sm_80", "-Xptxas", "-v", "-o",
+                              str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        spills.append(int(re.search(r"(\d+) bytes spill stores", run.stderr).group(1)))
+    if spills and not packed:
+        assert spills[1] <= spills[0]

@@ -102,23 +102,38 @@ def test_other_head_dims(mode, dtype, head_dim):
     check(mode, 4, 2, head_dim, dtype, [(3, 130, 130)], seed=head_dim)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+def other_output_layout(kernel: str):
+    """(module, its generator, the name of its tiles function, those tiles with the output
+    layout that is not the default, target) of the ``wgmma`` or ``mma.sync`` attention kernel."""
+    from relax_masked_attn.kernels import config, cuda_mma, cuda_wgmma
+
+    if kernel == "wgmma":
+        return (cuda_wgmma, cuda_wgmma.wgmma_attention_kernel, "wgmma_attention_tiles",
+                lambda d, dt: (2, False, 2, False), "cuda-sm90a")
+    return (cuda_mma, cuda_mma.tensor_core_kernel, "tensor_core_tiles",
+            lambda d, dt: (*config.tensor_core_tiles(d, dt)[:4], True), "cuda")
+
+
+@pytest.mark.parametrize("kernel,head_dim", [("wgmma", 64), ("wgmma", 128), ("mma", 32),
+                                             ("mma", 64), ("mma", 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_wgmma_direct_output(monkeypatch, mode, dtype, head_dim):
-    """The wgmma kernel with its output written straight from the accumulators (4-byte stores;
-    the fourth field of ``config.wgmma_attention_tiles`` off, the default stages it through
-    shared memory): every mode, GQA, the length patterns, lengths off the tiles, and the packed
-    op with rows of no sequence around its sequences."""
+def test_other_output_layout(monkeypatch, kernel, mode, dtype, head_dim):
+    """Each tensor-core kernel with the output layout its tiles do not choose (the last field of
+    ``config.wgmma_attention_tiles`` / ``config.tensor_core_tiles``): the ``wgmma`` kernel
+    storing 4 bytes straight from the accumulators, the ``mma.sync`` kernel staging its output
+    through shared memory for 16-byte stores (``geometry.staged_output``). Every mode, GQA, the
+    length patterns, lengths off the tiles, and the packed op with rows of no sequence around its
+    sequences."""
     import relax_masked_attn as rma
-    from relax_masked_attn.kernels import cuda_wgmma
 
     from .conftest import assert_packed_matches_reference, op_module, packed_inputs, vm_main
 
-    monkeypatch.setattr(cuda_wgmma, "wgmma_attention_tiles", lambda d, dt: (2, False, 2, False))
-    cuda_wgmma.wgmma_attention_kernel.cache_clear()  # no default-tile kernel from before
+    module, generator, tiles_name, tiles, target = other_output_layout(kernel)
+    monkeypatch.setattr(module, tiles_name, tiles)
+    generator.cache_clear()  # no default-tile kernel from before
     try:
-        run = vm_main(op_module(8, 4, head_dim, dtype, mode), "cuda-sm90a")
+        run = vm_main(op_module(8, 4, head_dim, dtype, mode), target)
         rng = np.random.default_rng(head_dim)
         q, k, v = random_qkv(5, 1000, 1000, 8, 4, head_dim, dtype, rng)
         valid_len = np.array([1, 7, 127, 129, 1000], dtype="int32")
@@ -129,8 +144,8 @@ def test_wgmma_direct_output(monkeypatch, mode, dtype, head_dim):
             assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
         causal = mode.startswith("causal")
         packed = vm_main(rma.op.standalone_packed_module(8, 4, head_dim, dtype, causal, 300),
-                         "cuda-sm90a")
+                         target)
         q, k, v, seq_start = packed_inputs([5, 0, 300, 129], 8, 4, head_dim, dtype, rng, 3, 4)
         assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start, causal)
     finally:
-        cuda_wgmma.wgmma_attention_kernel.cache_clear()  # nor a direct-store one after
+        generator.cache_clear()  # nor one of the other layout after

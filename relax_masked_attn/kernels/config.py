@@ -60,9 +60,10 @@ def portable_gpu_tiles(head_dim: int, dtype: str) -> tuple[int, int]:
     return 64, 32 if head_dim <= 128 else 16
 
 
-def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool]:
-    """(warps, m16 tiles a warp, key rows a tile, Q fragments kept in registers) of one block of
-    the tensor-core attention kernel; a block owns ``warps * atoms * 16`` query rows.
+def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool, bool]:
+    """(warps, m16 tiles a warp, key rows a tile, Q fragments kept in registers, output staged
+    through shared memory) of one block of the tensor-core attention kernel; a block owns
+    ``warps * atoms * 16`` query rows.
 
     head_dim 64 and 128: 4 warps x 2 m16 tiles = 128 query rows, 64-key tiles, Q re-read from
     shared memory every k-step (FlashAttention-2's layout): each K/V fragment loaded with
@@ -76,11 +77,19 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool]:
 
     Other head dims: 4 warps x 1 m16 tile = 64 query rows, 64-key tiles, Q in registers: Q, K
     and V take 3 * 64 * head_dim * 2 bytes of shared memory.
+
+    The staged output (each warp normalizes O into its own rows of the Q tile, then the block
+    writes 16-byte vectors: ``geometry.staged_output``, as the ``wgmma`` kernel does, where it
+    is 28% faster on the H200) builds for sm_80 with no spills at head_dim 32 and 64 and for the
+    padded op at 128 (ptxas, nvcc 13; the packed op's head_dim 128 kernel spills 12-32 bytes
+    at the 255-register cap, where the 4-byte form spills none). It is not yet run on a GPU, so
+    it stays off until ``test_other_output_layout`` and ``bench_kernel.py --sweep`` have passed
+    and measured it.
     """
     del dtype
     if head_dim in (64, 128):
-        return 4, 2, 64, False
-    return 4, 1, 64, True
+        return 4, 2, 64, False, False
+    return 4, 1, 64, True, False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from ..targets import compute_capability
 from .config import tensor_core_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax
-from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
+from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer, staged_output
 from .memo import memoized
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -61,7 +61,7 @@ def tensor_core_kernel(
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
     d = head_dim
-    warps, atoms, cols, q_in_regs = tiles or tensor_core_tiles(head_dim, dtype)
+    warps, atoms, cols, q_in_regs, staged_out = tiles or tensor_core_tiles(head_dim, dtype)
     rows = warps * atoms * 16  # query rows of a block
     warp_rows = atoms * 16  # query rows of a warp: `atoms` m16 tiles sharing each K/V fragment
     threads = warps * 32
@@ -80,11 +80,14 @@ def tensor_core_kernel(
     online_softmax = fragment_softmax(atoms, sn, on, qk_scale, causal)
 
     load_rows = row_loader(threads, chunks)
+    # The output through the Q tile (staged_out): chunk c of row r at chunk c ^ (r % swz).
+    stage, write = staged_output(dtype, d, heads_q, lambda r, c: r * d + (c ^ (r % swz)) * 8)
     # Q, K and V tiles: static shared memory up to 48 KiB, the most sm_80/86/89 (A100, A10,
     # L4, L40) allow a kernel statically; above (head_dim 128: 64 KiB), one dynamic pool that
     # the three tiles view, which TVM's runtime lets the kernel have when it loads it.
     tile_elems = (rows + 2 * cols) * d
     dynamic = tile_elems * 2 > 48 * 1024
+    q_scope = "shared.dyn" if dynamic else "shared"
 
     def xor_swizzled(smem):
         """Chunk ``c`` of row ``r`` at chunk ``c ^ (r % swz)`` of the 2-D tile ``smem``."""
@@ -259,16 +262,31 @@ def tensor_core_kernel(
                                             o_acc[a, 2 * jj + half, 2], o_acc[a, 2 * jj + half, 3],
                                         )
 
-                # Normalize and store the real rows of this warp.
-                for a in T.unroll(atoms):
-                    for i in T.unroll(2):
-                        l_i[a, i] = T.cuda.warp_sum(l_i[a, i], 4)
-                        rr = w0 + a * 16 + g + i * 8
-                        if rr < n:
-                            for j in T.unroll(on):
-                                for c in T.unroll(2):
-                                    out[bi, q_off + rr, h, j * 8 + t4 * 2 + c] = T.Cast(
-                                        dtype, o_acc[a, j, 2 * i + c] / l_i[a, i]
-                                    )
+                if staged_out:
+                    # Each warp normalizes into its own rows of the Q tile (only it reads them,
+                    # and its products are done), then the block writes the real rows out in
+                    # 16-byte vectors.
+                    q_flat = T.decl_buffer((rows * d,), dtype, data=q_smem.data,
+                                           scope=q_scope)
+                    q_words = T.decl_buffer((rows * d // 2,), "uint32", data=q_smem.data,
+                                            scope=q_scope)
+                    for a in T.unroll(atoms):
+                        stage(q_flat, 0, o_acc, l_i, a, warp * warp_rows + a * 16 + g, t4)
+                    T.tvm_storage_sync("shared")
+                    write(q_words, 0, out, bi, q_off, h, r0, n, 0, rows, tx, threads)
+                    # every warp is done with the Q tile before a next tile reloads it
+                    T.tvm_storage_sync("shared")
+                else:
+                    # Normalize and store the real rows of this warp, 4 bytes a store.
+                    for a in T.unroll(atoms):
+                        for i in T.unroll(2):
+                            l_i[a, i] = T.cuda.warp_sum(l_i[a, i], 4)
+                            rr = w0 + a * 16 + g + i * 8
+                            if rr < n:
+                                for j in T.unroll(on):
+                                    for c in T.unroll(2):
+                                        out[bi, q_off + rr, h, j * 8 + t4 * 2 + c] = T.Cast(
+                                            dtype, o_acc[a, j, 2 * i + c] / l_i[a, i]
+                                        )
 
     return attention_func(heads_q, heads_kv, head_dim, dtype, body, packed=packed, left=left)

@@ -34,7 +34,7 @@ from ..targets import cuda_arch
 from .config import wgmma_attention_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax
-from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer
+from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer, staged_output
 from .hopper import realign_pool, swizzle128_descriptor
 from .memo import memoized
 
@@ -86,6 +86,7 @@ def wgmma_attention_kernel(
         return (c // 8) * (count * 64) + r * 64 + ((c % 8) ^ (r % 8)) * 8
 
     load_rows = row_loader(THREADS, chunks)
+    stage, write = staged_output(dtype, d, heads_q, lambda r, c: swizzled(ROWS, r, c))
 
     def swizzled_tile(smem, region, count):
         """Chunk ``c`` of row ``r`` of the ``count``-row tile at element ``region`` of ``smem``."""
@@ -236,32 +237,12 @@ def wgmma_attention_kernel(
                 T.ptx.wgmma.wait_group.sync.aligned(0)
                 if staged_out:
                     # Normalize into this warpgroup's own rows of the Q tile (its products are
-                    # done with them; the swizzled layout keeps a warp's 8 rows in distinct
-                    # banks), then write the real rows out in 16-byte vectors.
-                    pair = T.alloc_buffer((2,), dtype, scope="local")
-                    words = T.alloc_buffer((4,), "uint32", scope="local")
+                    # done with them), then write the real rows out in 16-byte vectors.
                     smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data,
                                                scope="shared.dyn")
-                    out_words = T.decl_buffer(
-                        (out.shape[0] * out.shape[1] * (heads_q * d // 2),), "uint32",
-                        data=out.data)
-                    for r in T.unroll(2):
-                        l_i[r] = T.cuda.warp_sum(l_i[r], 4)
-                        for j in T.unroll(d // 8):
-                            for c in T.unroll(2):
-                                pair[c] = T.Cast(dtype, o_acc[j * 4 + 2 * r + c] / l_i[r])
-                            smem[T.Ramp(pad + swizzled(ROWS, row0 - r0 + r * 8, j) + t4 * 2, 1,
-                                        2)] = pair[T.Ramp(0, 1, 2)]
+                    stage(smem, pad, o_acc3, l_i2, 0, row0 - r0, t4)
                     T.tvm_storage_sync("shared")
-                    for it in T.unroll(64 * chunks // 128):
-                        rr = wg * 64 + (it * 128 + tx % 128) // chunks  # row of the tile
-                        cc = (it * 128 + tx % 128) % chunks  # its 16-byte chunk
-                        if r0 + rr < n:
-                            # (pad is a multiple of 8: the pool starts 16-byte aligned)
-                            words[T.Ramp(0, 1, 4)] = smem_words[T.Ramp(
-                                pad // 8 * 4 + swizzled(ROWS, rr, cc) // 2, 1, 4)]
-                            out_words[T.Ramp(((bi * out.shape[1] + q_off + r0 + rr) * heads_q + h)
-                                             * (d // 2) + cc * 4, 1, 4)] = words[T.Ramp(0, 1, 4)]
+                    write(smem_words, pad, out, bi, q_off, h, r0, n, wg * 64, 64, tx % 128, 128)
                     # every warp is done with Q before the next reload (the planner's own
                     # barrier: these shared accesses are ones it sees)
                     T.tvm_storage_sync("shared")

@@ -1,6 +1,7 @@
 """The attention kernels' shared frame: log2-domain constants, where each batch row's real
 block lies (:class:`Rows`, padded and packed), the op's PrimFunc signatures
-(:func:`attention_func`) and the zeroing of rows outside every real block."""
+(:func:`attention_func`), the zeroing of rows outside every real block and the tensor-core
+kernels' output epilogue through shared memory (:func:`staged_output`)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,58 @@ def padding_zeroer(dtype: str, head_dim: int, threads: int):
                       zero16, tx)
 
     return zero_padding
+
+
+def staged_output(dtype: str, head_dim: int, heads_q: int, chunk_offset):
+    """The output epilogue of both tensor-core attention kernels, through shared memory: two
+    ``T.macro`` s, ``(stage, write)``.
+
+    ``stage(smem, base, o_acc, l_i, a, row, t4)``: this thread's rows ``row`` and ``row + 8`` of
+    the tile (m16 tile ``a`` of ``o_acc [atoms, head_dim / 8, 4]``: element ``[a, j, 2 i + c]``
+    is row ``row + 8 i``, column ``8 j + 2 t4 + c``; ``l_i [atoms, 2]`` holds this lane's part of
+    the two row sums), normalized and cast, into the staging tile at element ``base`` of the
+    flat shared buffer ``smem``, 4 bytes a store.
+
+    ``write(words, base, out, bi, q_off, h, r0, n, first, count, tid, nthreads)``: rows
+    ``[first, first + count)`` of the staged tile whose query row ``r0 + r`` is real (``< n``),
+    from ``words`` (the same shared memory as uint32) to ``out``, 16 bytes a store, by
+    ``nthreads`` threads (``count * head_dim / 8`` a multiple of it).
+
+    ``chunk_offset(r, c)``: element offset of 16-byte chunk ``c`` of row ``r`` in the staging
+    tile (each kernel's own swizzle: a warp's 8 rows of one chunk in distinct banks). A block
+    syncs between the two; stores of 16 bytes send whole 32-byte sectors, where the fragments'
+    own 4-byte stores send a quarter of each."""
+    chunks = head_dim // 8
+
+    @T.macro
+    def stage(smem, base, o_acc, l_i, a, row, t4):
+        pair = T.alloc_buffer((2,), dtype, scope="local")
+        for i in T.unroll(2):
+            l_i[a, i] = T.cuda.warp_sum(l_i[a, i], 4)
+            for j in T.unroll(chunks):
+                for c in T.unroll(2):
+                    pair[c] = T.Cast(dtype, o_acc[a, j, 2 * i + c] / l_i[a, i])
+                smem[T.Ramp(base + chunk_offset(row + i * 8, j) + t4 * 2, 1, 2)] = pair[
+                    T.Ramp(0, 1, 2)]
+
+    @T.macro
+    def write(words, base, out, bi, q_off, h, r0, n, first, count, tid, nthreads):
+        vec = T.alloc_buffer((4,), "uint32", scope="local")
+        out_words = T.decl_buffer((out.shape[0] * out.shape[1] * (heads_q * head_dim // 2),),
+                                  "uint32", data=out.data)
+        for it in T.unroll(count * chunks // nthreads):
+            rr = first + (it * nthreads + tid) // chunks  # row of the tile
+            cc = (it * nthreads + tid) % chunks  # its 16-byte chunk
+            if r0 + rr < n:
+                # base and every chunk's offset are multiples of 8 elements (16 bytes); written
+                # as base // 8 * 4 so that the word index is provably a multiple of 4 and the
+                # load one 16-byte vector
+                vec[T.Ramp(0, 1, 4)] = words[T.Ramp(base // 8 * 4 + chunk_offset(rr, cc) // 2, 1,
+                                                    4)]
+                out_words[T.Ramp(((bi * out.shape[1] + q_off + r0 + rr) * heads_q + h)
+                                 * (head_dim // 2) + cc * 4, 1, 4)] = vec[T.Ramp(0, 1, 4)]
+
+    return stage, write
 
 
 def attention_func(
