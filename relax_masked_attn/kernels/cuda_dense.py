@@ -277,9 +277,11 @@ def with_small_batches(n: int, k: int, dtype: str, epilogue: Epilogue, body, til
     then a kernel that adds the partial sums and applies the epilogue (a gated one pairs gate
     and up columns as :func:`gate_group` interleaves them, ``tile_n / 2`` of each a block).
 
-    apache-tvm 0.27 unifies the launch dimensions of every kernel of a PrimFunc by name, so all
-    three kernels share ``blockIdx.x`` (``n / tile_n``), ``blockIdx.y`` (128-row tiles) and
-    ``threadIdx.x`` (``threads``); the split product and the sum share ``blockIdx.z``. The split
+    All three kernels launch ``blockIdx.x`` (``n / tile_n``), ``blockIdx.y`` (128-row tiles)
+    and ``threadIdx.x`` (``threads``) alike; the split product and the sum add ``blockIdx.z``.
+    (apache-tvm 0.27 gives each kernel of a PrimFunc its own launch extents: two kernels in the
+    branches of one PrimFunc with 128 and 256 threads along x compile to
+    ``__launch_bounds__(128)`` and ``(256)``.) The split
     product runs tiles of ``SMALL_ROWS`` x 128 (``tile_n / 128`` of them a block of x, told
     apart by z: for the Hopper kernels' 256-column blocks that doubles the blocks and halves
     their shared memory), its warps side by side along n, so that every warp works on rows the

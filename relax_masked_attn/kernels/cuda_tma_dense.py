@@ -220,9 +220,8 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         else:
             bn = T.launch_thread("blockIdx.x", n // tile_n)
             bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
-        # threadIdx.y names the warpgroup: the split-k kernel of the same PrimFunc runs 128
-        # threads along x (apache-tvm 0.27 gives every kernel of a PrimFunc the same extent
-        # for a launch dimension of the same name).
+        # threadIdx.y names the warpgroup, threadIdx.x the thread within it (128, as many as
+        # the split-k kernels of the same PrimFunc launch along x).
         tx = T.launch_thread("threadIdx.x", 128)
         wg = T.launch_thread("threadIdx.y", 3)
         smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
