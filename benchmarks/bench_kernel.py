@@ -323,12 +323,12 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers, outpu
 ]
 
 
-WGMMA_SWEEP = [  # (blocks an SM, O += P V overlapping the next wait, K/V stages, output
-    (2, False, 1, False),  # staged through shared memory); config.py
-    (2, False, 2, False),
-    (2, False, 2, True),
-    (1, False, 2, False),
-    (2, True, 2, False),
+WGMMA_SWEEP = [  # (blocks an SM, O += P V deferred, K/V stages, output staged through shared
+    (2, False, 2, True, False),  # memory, softmax overlapping O += P V); config.py
+    (2, False, 2, True, True),
+    (1, False, 2, True, True),
+    (2, False, 2, False, False),
+    (1, False, 2, True, False),
 ]
 
 

@@ -102,34 +102,40 @@ def test_other_head_dims(mode, dtype, head_dim):
     check(mode, 4, 2, head_dim, dtype, [(3, 130, 130)], seed=head_dim)
 
 
-def other_output_layout(kernel: str):
-    """(module, its generator, the name of its tiles function, those tiles with the output
-    layout that is not the default, target) of the ``wgmma`` or ``mma.sync`` attention kernel."""
+def kernel_variant(variant: str):
+    """(module, its generator, the name of its tiles function, tiles of ``variant``, target):
+    a layout of the ``wgmma`` or ``mma.sync`` attention kernel that its default tiles do not
+    choose."""
     from relax_masked_attn.kernels import config, cuda_mma, cuda_wgmma
 
-    if kernel == "wgmma":
-        return (cuda_wgmma, cuda_wgmma.wgmma_attention_kernel, "wgmma_attention_tiles",
-                lambda d, dt: (2, False, 2, False), "cuda-sm90a")
+    wgmma = (cuda_wgmma, cuda_wgmma.wgmma_attention_kernel, "wgmma_attention_tiles")
+    if variant == "wgmma-direct-store":  # 4-byte stores straight from the accumulators
+        return (*wgmma, lambda d, dt: (2, False, 2, False, False), "cuda-sm90a")
+    if variant == "wgmma-overlap":  # the softmax of tile kt + 1 during O += P V(kt)
+        return (*wgmma, lambda d, dt: (2 if d == 64 else 1, False, 2, True, True), "cuda-sm90a")
+    assert variant == "mma-staged"  # the output staged through shared memory
     return (cuda_mma, cuda_mma.tensor_core_kernel, "tensor_core_tiles",
             lambda d, dt: (*config.tensor_core_tiles(d, dt)[:4], True), "cuda")
 
 
-@pytest.mark.parametrize("kernel,head_dim", [("wgmma", 64), ("wgmma", 128), ("mma", 32),
-                                             ("mma", 64), ("mma", 128)])
+@pytest.mark.parametrize("variant,head_dim", [
+    ("wgmma-direct-store", 64), ("wgmma-direct-store", 128), ("wgmma-overlap", 64),
+    ("wgmma-overlap", 128), ("mma-staged", 32), ("mma-staged", 64), ("mma-staged", 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_other_output_layout(monkeypatch, kernel, mode, dtype, head_dim):
-    """Each tensor-core kernel with the output layout its tiles do not choose (the last field of
-    ``config.wgmma_attention_tiles`` / ``config.tensor_core_tiles``): the ``wgmma`` kernel
-    storing 4 bytes straight from the accumulators, the ``mma.sync`` kernel staging its output
-    through shared memory for 16-byte stores (``geometry.staged_output``). Every mode, GQA, the
-    length patterns, lengths off the tiles, and the packed op with rows of no sequence around its
+def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
+    """The tensor-core kernels' layouts that their tiles (``config.wgmma_attention_tiles``,
+    ``config.tensor_core_tiles``) do not choose by default: the ``wgmma`` kernel storing 4 bytes
+    straight from the accumulators, or overlapping the softmax of key tile kt + 1 with
+    O += P V(kt); the ``mma.sync`` kernel staging its output through shared memory for 16-byte
+    stores (``geometry.staged_output``). Every mode, GQA, the length patterns, lengths off the
+    tiles (one key tile, two, many), and the packed op with rows of no sequence around its
     sequences."""
     import relax_masked_attn as rma
 
     from .conftest import assert_packed_matches_reference, op_module, packed_inputs, vm_main
 
-    module, generator, tiles_name, tiles, target = other_output_layout(kernel)
+    module, generator, tiles_name, tiles, target = kernel_variant(variant)
     monkeypatch.setattr(module, tiles_name, tiles)
     generator.cache_clear()  # no default-tile kernel from before
     try:

@@ -83,7 +83,7 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool, b
     is 28% faster on the H200) builds for sm_80 with no spills at head_dim 32 and 64 and for the
     padded op at 128 (ptxas, nvcc 13; the packed op's head_dim 128 kernel spills 12-32 bytes
     at the 255-register cap, where the 4-byte form spills none). It is not yet run on a GPU, so
-    it stays off until ``test_other_output_layout`` and ``bench_kernel.py --sweep`` have passed
+    it stays off until ``test_kernel_variants`` and ``bench_kernel.py --sweep`` have passed
     and measured it.
     """
     del dtype
@@ -166,10 +166,11 @@ def wgmma_dense_tiles(n: int, dtype: str) -> tuple[int, int]:
     return (256 if n % 256 == 0 else 128), 4
 
 
-def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool, int, bool]:
+def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool, int, bool, bool]:
     """(blocks an SM the registers are capped for, whether O += P V overlaps the wait for the
-    next key tile, K/V stages, whether the output leaves through shared memory) of the
-    ``wgmma`` attention kernel (``kernels/cuda_wgmma.py``).
+    next key tile, K/V stages, whether the output leaves through shared memory, whether the
+    softmax of key tile kt + 1 overlaps O += P V(kt)) of the ``wgmma`` attention kernel
+    (``kernels/cuda_wgmma.py``).
 
     The staged output (each warpgroup normalizes O into its own rows of the Q tile, then the
     block writes 16-byte vectors) replaces 4-byte stores, as in the dense kernels: on the H200
@@ -183,14 +184,22 @@ def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool, int, bo
     (32, 512, 12, 64) / (16, 1024, 16/8, 128), one run):
 
     =============================  ===============  =========================================
-    (blocks, overlap, st., staged)  TFLOP/s          note
+    (blocks, defer, st., staged)   TFLOP/s          note
     =============================  ===============  =========================================
     (2, False, 2, True)            275.0 / 338.5    chosen: 128 registers, no spills
     (2, False, 2, False)           215.5 / 264.3    4-byte stores straight from registers
-    (2, True, 2, False)            216.7 / 267.7    overlap: no better
+    (2, True, 2, False)            216.7 / 267.7    O += P V deferred: no better
     (1, False, 2, False)           215.6 / 228.9    148 registers, one block an SM
     (2, False, 1, False)           178.3 / 246.0    a few bytes spilled at 128 registers
     =============================  ===============  =========================================
+
+    (all five with the last field off). The last field is FlashAttention-3's intra-warpgroup
+    overlap (``cuda_wgmma``'s ``overlapped_tiles``): S(kt + 1) is issued before
+    O += P V(kt), and the softmax of tile kt + 1 runs on the CUDA cores while O += P V(kt)
+    runs on the tensor cores; P(kt) stays packed in registers meanwhile (16 more a thread). It
+    is built and checked by ptxas and not yet run on a GPU, so it stays off until
+    ``test_kernel_variants``' overlapped cases and ``bench_kernel.py --sweep`` have passed
+    and measured it.
     """
     del head_dim, dtype
-    return 2, False, 2, True
+    return 2, False, 2, True, False

@@ -13,7 +13,14 @@ warpgroup MMA:
   through an MN-major descriptor (the tile is stored like K's; ``imm-trans-b`` reads it as
   ``[keys, head_dim]``);
 * tiles arrive by ``cp.async`` (K of the next tile during O += P V, V during S), made visible
-  to the tensor cores with ``fence.proxy.async``; the online softmax runs in registers.
+  to the tensor cores with ``fence.proxy.async``; the online softmax runs in registers;
+* the output leaves through shared memory in 16-byte vectors (``geometry.staged_output``).
+
+Each query tile's key tiles run in one of two loops (``config.wgmma_attention_tiles``):
+``serial_tiles``, each tile's S, softmax and O += P V in turn (the default), or
+``overlapped_tiles``, FlashAttention-3's intra-warpgroup overlap: S of tile kt + 1 is issued
+before O += P V(kt), and its softmax runs while O += P V(kt) is on the tensor cores (built,
+checked by ptxas, not yet run on a GPU).
 
 Descriptors on 128-byte-swizzled tiles: 16-byte chunk ``c`` of a 64-element row ``r`` is stored
 at chunk ``c ^ (r % 8)``; 8 rows make a 1024-byte atom; a tile wider than 64 elements is stored
@@ -33,7 +40,7 @@ from ..modes import is_causal, is_left_padded
 from ..targets import cuda_arch
 from .config import wgmma_attention_tiles
 from .cuda_copy import row_loader
-from .fragment_softmax import fragment_softmax
+from .fragment_softmax import fragment_softmax, rescale
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer, staged_output
 from .hopper import realign_pool, swizzle128_descriptor
 from .memo import memoized
@@ -64,9 +71,13 @@ def wgmma_attention_kernel(
         raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
-    min_blocks, defer_pv, stages, staged_out = tiles or wgmma_attention_tiles(head_dim, dtype)
+    min_blocks, defer_pv, stages, staged_out, overlap = (
+        tiles or wgmma_attention_tiles(head_dim, dtype))
     if stages not in (1, 2):
         raise ValueError(f"wgmma_attention_kernel: 1 or 2 K/V stages, not {stages}")
+    if overlap and (stages != 2 or defer_pv):
+        raise ValueError("wgmma_attention_kernel: the overlapped loop runs on 2 stages, with "
+                         "O += P V not deferred")
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
     q_elems, kv_elems = ROWS * d, COLS * d
@@ -80,6 +91,8 @@ def wgmma_attention_kernel(
     s_len, o_len = COLS // 2, d // 2  # fp32 accumulators a thread
     zero_padding = padding_zeroer(dtype, d, THREADS)
     online_softmax = fragment_softmax(1, COLS // 8, d // 8, qk_scale, causal)
+    scores_only = fragment_softmax(1, COLS // 8, d // 8, qk_scale, causal, rescale_output=False)
+    rescale_o = rescale(1, d // 8)
 
     def swizzled(count, r, c):
         """Element offset of 16-byte chunk ``c`` of row ``r`` in a ``count``-row tile."""
@@ -97,6 +110,175 @@ def wgmma_attention_kernel(
         """cp.async rows [c0, c0 + count) of head ``h``'s real block into the swizzled tile at
         element ``region``."""
         load_rows(swizzled_tile(smem, region, count), src, bi, h, off, n, c0, end, count, tx)
+
+    @T.macro
+    def s_product(s_acc, descs, stage):
+        """Issue S = Q K^T of this warpgroup's 64 rows on the K tile of ring stage ``stage``
+        into ``s_acc`` (zeroed first), committed as one wgmma group."""
+        for i in T.unroll(s_len):
+            s_acc[i] = T.float32(0)
+        T.ptx.wgmma.fence.sync.aligned()
+        for kk in T.unroll(d // 16):
+            T.ptx[wgmma_s](
+                *[s_acc[i] for i in range(s_len)],
+                descs[0] + T.uint64(((kk // 4) * (ROWS * 64) * 2 + (kk % 4) * 32) >> 4),
+                descs[1] + T.uint64(((kk // 4) * (COLS * 64) * 2 + (kk % 4) * 32) >> 4)
+                + T.Cast("uint64", stage * (kv_elems // 4)),
+                T.bool(True), 1, 1, 0, 0,
+            )
+        T.ptx.wgmma.commit_group.sync.aligned()
+
+    @T.macro
+    def pack_p(p_frag, s_acc):
+        """P's A fragments from S's accumulators: step kk's are S tiles 2kk and 2kk + 1, rows g
+        and g + 8, packed to 16 bits (all packed before the first wgmma reads them: the
+        instructions read their registers asynchronously)."""
+        for kk in T.unroll(COLS // 16):
+            for x in T.unroll(4):
+                T.ptx[pack](
+                    p_frag[kk, x],
+                    s_acc[(2 * kk + x // 2) * 4 + (x % 2) * 2 + 1],
+                    s_acc[(2 * kk + x // 2) * 4 + (x % 2) * 2],
+                )
+
+    @T.macro
+    def pv_product(o_acc, p_frag, descs, stage):
+        """Issue O += P V, 16 keys a step, on the V tile of ring stage ``stage``, committed as
+        one wgmma group."""
+        T.ptx.wgmma.fence.sync.aligned()
+        for kk in T.unroll(COLS // 16):
+            T.ptx[wgmma_o](
+                *[o_acc[i] for i in range(o_len)],
+                p_frag[kk, 0], p_frag[kk, 1], p_frag[kk, 2], p_frag[kk, 3],
+                descs[2] + T.uint64((kk * 16 * 128) >> 4)
+                + T.Cast("uint64", stage * (kv_elems // 4)),
+                T.bool(True), 1, 1, 1,
+            )
+        T.ptx.wgmma.commit_group.sync.aligned()
+
+    @T.macro
+    def reset_rows(m_i, l_i, o_acc):
+        """A query tile's running maxima, sums and output accumulators, before its first key."""
+        for i in T.unroll(2):
+            m_i[i] = NEG_INF
+            l_i[i] = T.float32(0)
+        for i in T.unroll(o_len):
+            o_acc[i] = T.float32(0)
+
+    @T.macro
+    def serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3, m_i, l_i,
+                     m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off, n, r0, w0, row0,
+                     kv_end, num_kt, t4, tx):
+        """The key tiles of one query tile, each tile's S, softmax and O += P V in turn (the
+        other warpgroups of the SM keep the tensor cores busy meanwhile)."""
+        load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
+        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+        if stages == 2:
+            load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end,
+                      COLS, tx)
+        T.ptx.cp.async_.commit_group()
+        reset_rows(m_i, l_i, o_acc)
+        for kt in T.serial(num_kt):
+            c0 = kt * COLS
+            T.ptx.cp.async_.wait_group(0)
+            T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
+            if defer_pv:
+                T.ptx.wgmma.wait_group.sync.aligned(0)  # O += P V(kt - 1) ran meanwhile
+            T.cuda.cta_sync()  # K(kt) (and Q) landed; every warp is done with V(kt - 1)
+            if stages == 2:
+                # K and V of tile kt + 1 into the other stage, a whole tile ahead.
+                if kt + 1 < num_kt:
+                    load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
+                              h_kv, kv_off, n, c0 + COLS, kv_end, COLS, tx)
+                    load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems
+                              + kv_elems, v, bi, h_kv, kv_off, n, c0 + COLS, kv_end,
+                              COLS, tx)
+            else:
+                load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, c0,
+                          kv_end, COLS, tx)
+            T.ptx.cp.async_.commit_group()
+            # A causal tile wholly right of this warpgroup's rows adds nothing to them.
+            if (not causal) or c0 < w0 + 64:
+                s_product(s_acc, descs, kt % stages)
+                T.ptx.wgmma.wait_group.sync.aligned(0)
+                # Accumulator i is element (0, i // 4, i % 4) of the m16n8 layout
+                # (fragment_softmax). Scale into the log2 domain, masking tiles that
+                # cross the end of the real keys or this warpgroup's diagonal.
+                online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0, kv_end,
+                               c0 + COLS > kv_end or (causal and c0 + COLS - 1 > w0),
+                               row0, t4)
+
+            if stages == 1:
+                T.ptx.cp.async_.wait_group(0)
+                T.ptx.fence.proxy.async_.shared__cta()
+                T.cuda.cta_sync()  # V(kt) landed; every warpgroup is done with K(kt)
+                if kt + 1 < num_kt:
+                    load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, c0 + COLS,
+                              kv_end, COLS, tx)
+                    T.ptx.cp.async_.commit_group()
+
+            if (not causal) or c0 < w0 + 64:
+                pack_p(p_frag, s_acc)
+                pv_product(o_acc, p_frag, descs, kt % stages)
+                if not defer_pv:
+                    T.ptx.wgmma.wait_group.sync.aligned(0)
+
+
+    @T.macro
+    def overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3, m_i,
+                         l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off, n, r0, w0,
+                         row0, kv_end, num_kt, t4, tx):
+        """The key tiles of one query tile with the softmax of tile kt + 1 on the CUDA cores
+        while O += P V(kt) runs on the tensor cores (FlashAttention-3's intra-warpgroup
+        overlap). Tile t's K and V sit in ring stage t % 2; entering tile kt, K(kt + 1) and V(kt)
+        are in flight and P(kt) is packed; each tile loads K(kt + 2) into the stage S(kt) read
+        and V(kt + 1) into the one O += P V(kt - 1) read, both done once the block syncs."""
+        # Q and K(0); then K(1) and V(0), which fly during S(0) and its softmax
+        load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
+        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+        T.ptx.cp.async_.commit_group()
+        reset_rows(m_i, l_i, o_acc)
+        if num_kt > 1:
+            load_tile(smem, pad + q_elems + 2 * kv_elems, k, bi, h_kv, kv_off, n, COLS, kv_end,
+                      COLS, tx)
+        load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+        T.ptx.cp.async_.commit_group()
+        T.ptx.cp.async_.wait_group(1)
+        T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
+        T.cuda.cta_sync()  # Q and K(0) landed
+        s_product(s_acc, descs, 0)
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, 0, kv_end,
+                       COLS > kv_end or (causal and COLS - 1 > w0), row0, t4)
+        pack_p(p_frag, s_acc)
+        for kt in T.serial(num_kt):
+            c0 = kt * COLS
+            T.ptx.cp.async_.wait_group(0)
+            T.ptx.fence.proxy.async_.shared__cta()
+            T.cuda.cta_sync()  # K(kt + 1), V(kt) landed; every warp is done with S(kt), PV(kt - 1)
+            if kt + 2 < num_kt:
+                load_tile(smem, pad + q_elems + kt % 2 * 2 * kv_elems, k, bi, h_kv, kv_off, n,
+                          c0 + 2 * COLS, kv_end, COLS, tx)
+            if kt + 1 < num_kt:
+                load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems + kv_elems, v, bi,
+                          h_kv, kv_off, n, c0 + COLS, kv_end, COLS, tx)
+            T.ptx.cp.async_.commit_group()
+            # A causal tile wholly right of this warpgroup's rows adds nothing to them (and
+            # neither does any after it: a visible tile kt + 1 means a visible tile kt).
+            if kt + 1 < num_kt and ((not causal) or c0 + COLS < w0 + 64):
+                s_product(s_acc, descs, (kt + 1) % 2)
+                pv_product(o_acc, p_frag, descs, kt % 2)
+                T.ptx.wgmma.wait_group.sync.aligned(1)  # S(kt + 1) done; O += P V(kt) runs on
+                scores_only(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0 + COLS, kv_end,
+                            c0 + 2 * COLS > kv_end or (causal and c0 + 2 * COLS - 1 > w0),
+                            row0, t4)
+                T.ptx.wgmma.wait_group.sync.aligned(0)
+                rescale_o(o_acc3, alpha2)  # O in the scale of the new row maxima
+                pack_p(p_frag, s_acc)
+            else:
+                if (not causal) or c0 < w0 + 64:
+                    pv_product(o_acc, p_frag, descs, kt % 2)
+                    T.ptx.wgmma.wait_group.sync.aligned(0)
 
     @T.macro
     def block(q, k, v, geom, out, seq_q, bh, qt_launch, tx):
@@ -146,94 +328,15 @@ def wgmma_attention_kernel(
             row0 = w0 + (tx % 128) // 32 * 16 + g
             if r0 < n:
                 kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
-                load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
-                load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
-                if stages == 2:
-                    load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end,
-                              COLS, tx)
-                T.ptx.cp.async_.commit_group()
-                for i in T.unroll(2):
-                    m_i[i] = NEG_INF
-                    l_i[i] = T.float32(0)
-                for i in T.unroll(o_len):
-                    o_acc[i] = T.float32(0)
                 num_kt = (kv_end + COLS - 1) // COLS
-                for kt in T.serial(num_kt):
-                    c0 = kt * COLS
-                    T.ptx.cp.async_.wait_group(0)
-                    T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
-                    if defer_pv:
-                        T.ptx.wgmma.wait_group.sync.aligned(0)  # O += P V(kt - 1) ran meanwhile
-                    T.cuda.cta_sync()  # K(kt) (and Q) landed; every warp is done with V(kt - 1)
-                    if stages == 2:
-                        # K and V of tile kt + 1 into the other stage, a whole tile ahead.
-                        if kt + 1 < num_kt:
-                            load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
-                                      h_kv, kv_off, n, c0 + COLS, kv_end, COLS, tx)
-                            load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems
-                                      + kv_elems, v, bi, h_kv, kv_off, n, c0 + COLS, kv_end,
-                                      COLS, tx)
-                    else:
-                        load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, c0,
-                                  kv_end, COLS, tx)
-                    T.ptx.cp.async_.commit_group()
-                    # A causal tile wholly right of this warpgroup's rows adds nothing to them.
-                    if (not causal) or c0 < w0 + 64:
-                        for i in T.unroll(s_len):
-                            s_acc[i] = T.float32(0)
-                        T.ptx.wgmma.fence.sync.aligned()
-                        for kk in T.unroll(d // 16):
-                            T.ptx[wgmma_s](
-                                *[s_acc[i] for i in range(s_len)],
-                                descs[0] + T.uint64(
-                                    ((kk // 4) * (ROWS * 64) * 2 + (kk % 4) * 32) >> 4),
-                                descs[1] + T.uint64(
-                                    ((kk // 4) * (COLS * 64) * 2 + (kk % 4) * 32) >> 4)
-                                + T.Cast("uint64", kt % stages * (kv_elems // 4)),
-                                T.bool(True), 1, 1, 0, 0,
-                            )
-                        T.ptx.wgmma.commit_group.sync.aligned()
-                        T.ptx.wgmma.wait_group.sync.aligned(0)
-                        # Accumulator i is element (0, i // 4, i % 4) of the m16n8 layout
-                        # (fragment_softmax). Scale into the log2 domain, masking tiles that
-                        # cross the end of the real keys or this warpgroup's diagonal.
-                        online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0, kv_end,
-                                       c0 + COLS > kv_end or (causal and c0 + COLS - 1 > w0),
-                                       row0, t4)
-
-                    if stages == 1:
-                        T.ptx.cp.async_.wait_group(0)
-                        T.ptx.fence.proxy.async_.shared__cta()
-                        T.cuda.cta_sync()  # V(kt) landed; every warpgroup is done with K(kt)
-                        if kt + 1 < num_kt:
-                            load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, c0 + COLS,
-                                      kv_end, COLS, tx)
-                            T.ptx.cp.async_.commit_group()
-
-                    if (not causal) or c0 < w0 + 64:
-                        # O += P V, 16 keys a step; P's A fragment of step kk: S tiles 2kk and
-                        # 2kk + 1, rows g and g + 8, packed to 16 bits (all packed before the
-                        # first wgmma: the instructions read their registers asynchronously).
-                        for kk in T.unroll(COLS // 16):
-                            for x in T.unroll(4):
-                                T.ptx[pack](
-                                    p_frag[kk, x],
-                                    s_acc[(2 * kk + x // 2) * 4 + (x % 2) * 2 + 1],
-                                    s_acc[(2 * kk + x // 2) * 4 + (x % 2) * 2],
-                                )
-                        T.ptx.wgmma.fence.sync.aligned()
-                        for kk in T.unroll(COLS // 16):
-                            T.ptx[wgmma_o](
-                                *[o_acc[i] for i in range(o_len)],
-                                p_frag[kk, 0], p_frag[kk, 1], p_frag[kk, 2], p_frag[kk, 3],
-                                descs[2] + T.uint64((kk * 16 * 128) >> 4)
-                                + T.Cast("uint64", kt % stages * (kv_elems // 4)),
-                                T.bool(True), 1, 1, 1,
-                            )
-                        T.ptx.wgmma.commit_group.sync.aligned()
-                        if not defer_pv:
-                            T.ptx.wgmma.wait_group.sync.aligned(0)
-
+                if overlap:
+                    overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
+                                     o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv,
+                                     q_off, kv_off, n, r0, w0, row0, kv_end, num_kt, t4, tx)
+                else:
+                    serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
+                                 m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
+                                 n, r0, w0, row0, kv_end, num_kt, t4, tx)
                 T.ptx.wgmma.wait_group.sync.aligned(0)
                 if staged_out:
                     # Normalize into this warpgroup's own rows of the Q tile (its products are

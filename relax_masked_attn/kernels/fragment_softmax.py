@@ -14,14 +14,19 @@ from tvm.script import tirx as T
 from .geometry import NEG_INF
 
 
-def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, causal: bool):
+def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, causal: bool,
+                     rescale_output: bool = True):
     """A ``T.macro`` ``online_softmax(s, o, m_i, m_new, alpha, l_i, c0, kv_end, masked,
     row_base, t4)`` over ``s [atoms, s_tiles, 4]`` (S of one key tile, raw products; it leaves
     ``P = exp2(S * qk_scale - max)``), ``o [atoms, o_tiles, 4]`` (the output accumulators,
     rescaled) and the running row statistics ``m_i``, ``l_i`` (with scratch ``m_new``,
     ``alpha``), each ``[atoms, 2]`` for rows ``g`` and ``g + 8``. Where ``masked`` (a tile
     crossing the end ``kv_end`` of the real keys, or the causal diagonal), invisible scores
-    become ``NEG_INF``."""
+    become ``NEG_INF``.
+
+    ``rescale_output=False`` leaves ``o`` alone (a kernel whose O += P V of the previous tile
+    is still in flight scales ``o`` by ``alpha`` once it is done: :func:`rescale`)."""
+    scale_rows = _row_scaler(o_tiles)
 
     @T.macro
     def online_softmax(s, o, m_i, m_new, alpha, l_i, c0, kv_end, masked, row_base, t4):
@@ -58,8 +63,32 @@ def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, ca
                     s[a, j, 2 * i] = T.exp2(s[a, j, 2 * i] - m_new[a, i])
                     s[a, j, 2 * i + 1] = T.exp2(s[a, j, 2 * i + 1] - m_new[a, i])
                     l_i[a, i] = l_i[a, i] + s[a, j, 2 * i] + s[a, j, 2 * i + 1]
-            for j in T.unroll(o_tiles):
-                for c in T.unroll(4):
-                    o[a, j, c] = o[a, j, c] * alpha[a, c // 2]
+            if rescale_output:
+                scale_rows(o, alpha, a)
 
     return online_softmax
+
+
+def rescale(atoms: int, o_tiles: int):
+    """A ``T.macro`` ``rescale_o(o, alpha)``: the output accumulators ``o [atoms, o_tiles, 4]``
+    times the row factors ``alpha [atoms, 2]`` that :func:`fragment_softmax` left."""
+    scale_rows = _row_scaler(o_tiles)
+
+    @T.macro
+    def rescale_o(o, alpha):
+        for a in T.unroll(atoms):
+            scale_rows(o, alpha, a)
+
+    return rescale_o
+
+
+def _row_scaler(o_tiles: int):
+    """``scale_rows(o, alpha, a)``: m16 tile ``a`` of ``o`` times its rows' ``alpha``."""
+
+    @T.macro
+    def scale_rows(o, alpha, a):
+        for j in T.unroll(o_tiles):
+            for c in T.unroll(4):
+                o[a, j, c] = o[a, j, c] * alpha[a, c // 2]
+
+    return scale_rows
