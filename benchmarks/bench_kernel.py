@@ -323,10 +323,11 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers, outpu
 ]
 
 
-WGMMA_SWEEP = [  # (blocks an SM, O += P V deferred, K/V stages, output staged through shared
-    (2, False, 2, True, False),  # memory, softmax overlapping O += P V); config.py
+WGMMA_SWEEP = [  # config.WgmmaAttentionTiles: (blocks an SM, O += P V deferred, K/V stages,
+    (2, False, 2, True, False),  # output staged, softmax overlapping O += P V[, keys a tile])
     (2, False, 2, True, True),
     (1, False, 2, True, True),
+    (1, False, 2, True, True, 128),  # and 128-key tiles
     (2, False, 2, False, False),
     (1, False, 2, True, False),
 ]

@@ -191,15 +191,16 @@ def test_staged_output_stores_16_bytes_without_spilling(head_dim, packed, tmp_pa
         assert spills[1] <= spills[0]
 
 
-@pytest.mark.parametrize("head_dim,blocks", [(64, 2), (128, 1)])
+@pytest.mark.parametrize("head_dim,blocks,keys", [(64, 2, 64), (128, 1, 64), (64, 1, 128),
+                                                 (128, 1, 128)])
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_overlapped_wgmma_kernel_keeps_its_products_asynchronous(head_dim, blocks, mode, packed,
-                                                                 tmp_path):
-    """The softmax-overlapping loop (``wgmma_attention_tiles``' last field): each key tile
-    issues S of the next before O += P V of this one and waits for all but the last group, and
-    nvcc's ptxas builds it (two blocks an SM at head_dim 64, one at 128) with no spills and no
-    serialized wgmma."""
+def test_overlapped_wgmma_kernel_keeps_its_products_asynchronous(head_dim, blocks, keys, mode,
+                                                                 packed, tmp_path):
+    """The softmax-overlapping loop (``WgmmaAttentionTiles.overlap``): each key tile issues S
+    of the next before O += P V of this one and waits for all but the last group, and nvcc's
+    ptxas builds it (64-key tiles: two blocks an SM at head_dim 64, one at 128; 128-key tiles:
+    one) with no spills and no serialized wgmma."""
     import re
     import shutil
     import subprocess
@@ -207,16 +208,16 @@ def test_overlapped_wgmma_kernel_keeps_its_products_asynchronous(head_dim, block
     from relax_masked_attn.kernels import cuda_wgmma
 
     func = cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, packed=packed,
-                                             tiles=(blocks, False, 2, True, True))
+                                             tiles=(blocks, False, 2, True, True, keys))
     sm90a = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     src = tvm.compile(tvm.IRModule({"main": func}), target=sm90a).mod.imports[0].inspect_source()
     wait1 = src.index("wgmma_wait_group_wait_group_sync_aligned_1();")  # the call
-    s_next = src.rindex("ss_mma_async_sync_aligned_m64n64k16", 0, wait1)
+    s_next = src.rindex(f"ss_mma_async_sync_aligned_m64n{keys}k16", 0, wait1)
     pv = src.rindex(f"rs_mma_async_sync_aligned_m64n{head_dim}k16", 0, wait1)
     assert s_next < pv  # S(kt + 1) issued, then O += P V(kt), then the wait for S alone
     with pytest.raises(ValueError, match="2 stages"):
         cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1,
-                                          tiles=(blocks, True, 2, True, True))
+                                          tiles=(blocks, True, 2, True, True, keys))
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc")
     (tmp_path / "k.cu").write_text(src)

@@ -113,6 +113,8 @@ def kernel_variant(variant: str):
         return (*wgmma, lambda d, dt: (2, False, 2, False, False), "cuda-sm90a")
     if variant == "wgmma-overlap":  # the softmax of tile kt + 1 during O += P V(kt)
         return (*wgmma, lambda d, dt: (2 if d == 64 else 1, False, 2, True, True), "cuda-sm90a")
+    if variant == "wgmma-128-keys":  # and tiles of 128 keys, one block an SM
+        return (*wgmma, lambda d, dt: (1, False, 2, True, True, 128), "cuda-sm90a")
     assert variant == "mma-staged"  # the output staged through shared memory
     return (cuda_mma, cuda_mma.tensor_core_kernel, "tensor_core_tiles",
             lambda d, dt: (*config.tensor_core_tiles(d, dt)[:4], True), "cuda")
@@ -120,17 +122,18 @@ def kernel_variant(variant: str):
 
 @pytest.mark.parametrize("variant,head_dim", [
     ("wgmma-direct-store", 64), ("wgmma-direct-store", 128), ("wgmma-overlap", 64),
-    ("wgmma-overlap", 128), ("mma-staged", 32), ("mma-staged", 64), ("mma-staged", 128)])
+    ("wgmma-overlap", 128), ("wgmma-128-keys", 64), ("wgmma-128-keys", 128), ("mma-staged", 32),
+    ("mma-staged", 64), ("mma-staged", 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
     """The tensor-core kernels' layouts that their tiles (``config.wgmma_attention_tiles``,
     ``config.tensor_core_tiles``) do not choose by default: the ``wgmma`` kernel storing 4 bytes
     straight from the accumulators, or overlapping the softmax of key tile kt + 1 with
-    O += P V(kt); the ``mma.sync`` kernel staging its output through shared memory for 16-byte
-    stores (``geometry.staged_output``). Every mode, GQA, the length patterns, lengths off the
-    tiles (one key tile, two, many), and the packed op with rows of no sequence around its
-    sequences."""
+    O += P V(kt) (on tiles of 64 or 128 keys); the ``mma.sync`` kernel staging its output
+    through shared memory for 16-byte stores (``geometry.staged_output``). Every mode, GQA,
+    the length patterns, lengths off the tiles (one key tile, two, many), and the packed op
+    with rows of no sequence around its sequences."""
     import relax_masked_attn as rma
 
     from .conftest import assert_packed_matches_reference, op_module, packed_inputs, vm_main

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from ..targets import VECTOR_LANES
 
@@ -166,11 +167,20 @@ def wgmma_dense_tiles(n: int, dtype: str) -> tuple[int, int]:
     return (256 if n % 256 == 0 else 128), 4
 
 
-def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool, int, bool, bool]:
-    """(blocks an SM the registers are capped for, whether O += P V overlaps the wait for the
-    next key tile, K/V stages, whether the output leaves through shared memory, whether the
-    softmax of key tile kt + 1 overlaps O += P V(kt)) of the ``wgmma`` attention kernel
-    (``kernels/cuda_wgmma.py``).
+class WgmmaAttentionTiles(NamedTuple):
+    """The layout of the ``wgmma`` attention kernel (``kernels/cuda_wgmma.py``); a plain tuple
+    of the first five fields (sweeps) means 64-key tiles."""
+
+    blocks: int  # blocks an SM the registers are capped for (__launch_bounds__)
+    defer_pv: bool  # O += P V(kt) waited for only after the next tile's loads
+    stages: int  # K/V ring stages
+    staged_out: bool  # the output leaves through shared memory in 16-byte vectors
+    overlap: bool  # the softmax of key tile kt + 1 during O += P V(kt)
+    key_tile: int = 64  # keys a tile (64 or 128)
+
+
+def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
+    """The layout (:class:`WgmmaAttentionTiles`) of the ``wgmma`` attention kernel.
 
     The staged output (each warpgroup normalizes O into its own rows of the Q tile, then the
     block writes 16-byte vectors) replaces 4-byte stores, as in the dense kernels: on the H200
@@ -200,6 +210,11 @@ def wgmma_attention_tiles(head_dim: int, dtype: str) -> tuple[int, bool, int, bo
     is built and checked by ptxas and not yet run on a GPU, so it stays off until
     ``test_kernel_variants``' overlapped cases and ``bench_kernel.py --sweep`` have passed
     and measured it.
+
+    128-key tiles (FlashAttention-3's for causal head_dim 128) halve the barriers and softmax
+    passes a query tile makes; S then takes 64 registers a thread, so they go with one block an
+    SM (160 KiB of shared memory at head_dim 128, two stages). Built and checked by ptxas, not
+    yet run on a GPU; in the sweep as ``(1, False, 2, True, True, 128)``.
     """
     del head_dim, dtype
-    return 2, False, 2, True, False
+    return WgmmaAttentionTiles(2, False, 2, True, False)

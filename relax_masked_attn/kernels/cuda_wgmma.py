@@ -1,7 +1,7 @@
 """The Hopper (``sm_90a``) tensor-core kernel of both attention ops, on ``wgmma.mma_async``.
 
 Same FlashAttention-2 structure and the same tile geometry as :mod:`.cuda_mma` (a block owns
-128 query rows of one (batch row, query head); 64-key tiles; only tiles holding real, visible
+128 query rows of one (batch row, query head); key tiles; only tiles holding real, visible
 keys are loaded; padding rows zeroed by the same grid), but the products run on Hopper's
 warpgroup MMA:
 
@@ -19,8 +19,9 @@ warpgroup MMA:
 Each query tile's key tiles run in one of two loops (``config.wgmma_attention_tiles``):
 ``serial_tiles``, each tile's S, softmax and O += P V in turn (the default), or
 ``overlapped_tiles``, FlashAttention-3's intra-warpgroup overlap: S of tile kt + 1 is issued
-before O += P V(kt), and its softmax runs while O += P V(kt) is on the tensor cores (built,
-checked by ptxas, not yet run on a GPU).
+before O += P V(kt), and its softmax runs while O += P V(kt) is on the tensor cores; key
+tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``; the overlap and 128-key tiles are
+built and checked by ptxas, not yet run on a GPU).
 
 Descriptors on 128-byte-swizzled tiles: 16-byte chunk ``c`` of a 64-element row ``r`` is stored
 at chunk ``c ^ (r % 8)``; 8 rows make a 1024-byte atom; a tile wider than 64 elements is stored
@@ -38,7 +39,7 @@ from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
 from ..targets import cuda_arch
-from .config import wgmma_attention_tiles
+from .config import WgmmaAttentionTiles, wgmma_attention_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax, rescale
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer, staged_output
@@ -46,7 +47,7 @@ from .hopper import realign_pool, swizzle128_descriptor
 from .memo import memoized
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-ROWS, COLS, THREADS = 128, 64, 256  # query rows a block (2 warpgroups x 64), keys a tile
+ROWS, THREADS = 128, 256  # query rows a block (2 warpgroups x 64)
 
 
 def supports(target: Target, head_dim: int, dtype: str) -> bool:
@@ -71,27 +72,31 @@ def wgmma_attention_kernel(
         raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
-    min_blocks, defer_pv, stages, staged_out, overlap = (
-        tiles or wgmma_attention_tiles(head_dim, dtype))
-    if stages not in (1, 2):
-        raise ValueError(f"wgmma_attention_kernel: 1 or 2 K/V stages, not {stages}")
+    min_blocks, defer_pv, stages, staged_out, overlap, cols = WgmmaAttentionTiles(
+        *(tiles or wgmma_attention_tiles(head_dim, dtype)))
+    if stages not in (1, 2) or cols not in (64, 128):
+        raise ValueError(f"wgmma_attention_kernel: 1 or 2 K/V stages of 64 or 128 keys, not "
+                         f"{stages} of {cols}")
     if overlap and (stages != 2 or defer_pv):
         raise ValueError("wgmma_attention_kernel: the overlapped loop runs on 2 stages, with "
                          "O += P V not deferred")
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
-    q_elems, kv_elems = ROWS * d, COLS * d
+    q_elems, kv_elems = ROWS * d, cols * d
     # Q, then K and V of each stage; + 1 KiB to realign the pool to 1024 bytes
     pool_elems = q_elems + 2 * stages * kv_elems + 512
+    if pool_elems * 2 * min_blocks > 227 * 1024:
+        raise ValueError(f"wgmma_attention_kernel: {min_blocks} blocks of {pool_elems * 2} bytes "
+                         "of shared memory do not fit an SM's 227 KiB")
     qk_scale = float(sm_scale * LOG2E)
     ab = "f16" if dtype == "float16" else "bf16"
-    wgmma_s = f"wgmma.mma_async.sync.aligned.m64n{COLS}k16.f32.{ab}.{ab}"
+    wgmma_s = f"wgmma.mma_async.sync.aligned.m64n{cols}k16.f32.{ab}.{ab}"
     wgmma_o = f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{ab}.{ab}"
     pack = f"cvt.rn.{ab}x2.f32"
-    s_len, o_len = COLS // 2, d // 2  # fp32 accumulators a thread
+    s_len, o_len = cols // 2, d // 2  # fp32 accumulators a thread
     zero_padding = padding_zeroer(dtype, d, THREADS)
-    online_softmax = fragment_softmax(1, COLS // 8, d // 8, qk_scale, causal)
-    scores_only = fragment_softmax(1, COLS // 8, d // 8, qk_scale, causal, rescale_output=False)
+    online_softmax = fragment_softmax(1, cols // 8, d // 8, qk_scale, causal)
+    scores_only = fragment_softmax(1, cols // 8, d // 8, qk_scale, causal, rescale_output=False)
     rescale_o = rescale(1, d // 8)
 
     def swizzled(count, r, c):
@@ -122,7 +127,7 @@ def wgmma_attention_kernel(
             T.ptx[wgmma_s](
                 *[s_acc[i] for i in range(s_len)],
                 descs[0] + T.uint64(((kk // 4) * (ROWS * 64) * 2 + (kk % 4) * 32) >> 4),
-                descs[1] + T.uint64(((kk // 4) * (COLS * 64) * 2 + (kk % 4) * 32) >> 4)
+                descs[1] + T.uint64(((kk // 4) * (cols * 64) * 2 + (kk % 4) * 32) >> 4)
                 + T.Cast("uint64", stage * (kv_elems // 4)),
                 T.bool(True), 1, 1, 0, 0,
             )
@@ -133,7 +138,7 @@ def wgmma_attention_kernel(
         """P's A fragments from S's accumulators: step kk's are S tiles 2kk and 2kk + 1, rows g
         and g + 8, packed to 16 bits (all packed before the first wgmma reads them: the
         instructions read their registers asynchronously)."""
-        for kk in T.unroll(COLS // 16):
+        for kk in T.unroll(cols // 16):
             for x in T.unroll(4):
                 T.ptx[pack](
                     p_frag[kk, x],
@@ -146,7 +151,7 @@ def wgmma_attention_kernel(
         """Issue O += P V, 16 keys a step, on the V tile of ring stage ``stage``, committed as
         one wgmma group."""
         T.ptx.wgmma.fence.sync.aligned()
-        for kk in T.unroll(COLS // 16):
+        for kk in T.unroll(cols // 16):
             T.ptx[wgmma_o](
                 *[o_acc[i] for i in range(o_len)],
                 p_frag[kk, 0], p_frag[kk, 1], p_frag[kk, 2], p_frag[kk, 3],
@@ -172,14 +177,14 @@ def wgmma_attention_kernel(
         """The key tiles of one query tile, each tile's S, softmax and O += P V in turn (the
         other warpgroups of the SM keep the tensor cores busy meanwhile)."""
         load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
-        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
         if stages == 2:
             load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end,
-                      COLS, tx)
+                      cols, tx)
         T.ptx.cp.async_.commit_group()
         reset_rows(m_i, l_i, o_acc)
         for kt in T.serial(num_kt):
-            c0 = kt * COLS
+            c0 = kt * cols
             T.ptx.cp.async_.wait_group(0)
             T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
             if defer_pv:
@@ -189,13 +194,13 @@ def wgmma_attention_kernel(
                 # K and V of tile kt + 1 into the other stage, a whole tile ahead.
                 if kt + 1 < num_kt:
                     load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
-                              h_kv, kv_off, n, c0 + COLS, kv_end, COLS, tx)
+                              h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
                     load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems
-                              + kv_elems, v, bi, h_kv, kv_off, n, c0 + COLS, kv_end,
-                              COLS, tx)
+                              + kv_elems, v, bi, h_kv, kv_off, n, c0 + cols, kv_end,
+                              cols, tx)
             else:
                 load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, c0,
-                          kv_end, COLS, tx)
+                          kv_end, cols, tx)
             T.ptx.cp.async_.commit_group()
             # A causal tile wholly right of this warpgroup's rows adds nothing to them.
             if (not causal) or c0 < w0 + 64:
@@ -205,7 +210,7 @@ def wgmma_attention_kernel(
                 # (fragment_softmax). Scale into the log2 domain, masking tiles that
                 # cross the end of the real keys or this warpgroup's diagonal.
                 online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0, kv_end,
-                               c0 + COLS > kv_end or (causal and c0 + COLS - 1 > w0),
+                               c0 + cols > kv_end or (causal and c0 + cols - 1 > w0),
                                row0, t4)
 
             if stages == 1:
@@ -213,8 +218,8 @@ def wgmma_attention_kernel(
                 T.ptx.fence.proxy.async_.shared__cta()
                 T.cuda.cta_sync()  # V(kt) landed; every warpgroup is done with K(kt)
                 if kt + 1 < num_kt:
-                    load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, c0 + COLS,
-                              kv_end, COLS, tx)
+                    load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, c0 + cols,
+                              kv_end, cols, tx)
                     T.ptx.cp.async_.commit_group()
 
             if (not causal) or c0 < w0 + 64:
@@ -235,13 +240,13 @@ def wgmma_attention_kernel(
         and V(kt + 1) into the one O += P V(kt - 1) read, both done once the block syncs."""
         # Q and K(0); then K(1) and V(0), which fly during S(0) and its softmax
         load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
-        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
         T.ptx.cp.async_.commit_group()
         reset_rows(m_i, l_i, o_acc)
         if num_kt > 1:
-            load_tile(smem, pad + q_elems + 2 * kv_elems, k, bi, h_kv, kv_off, n, COLS, kv_end,
-                      COLS, tx)
-        load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end, COLS, tx)
+            load_tile(smem, pad + q_elems + 2 * kv_elems, k, bi, h_kv, kv_off, n, cols, kv_end,
+                      cols, tx)
+        load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
         T.ptx.cp.async_.commit_group()
         T.ptx.cp.async_.wait_group(1)
         T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
@@ -249,28 +254,28 @@ def wgmma_attention_kernel(
         s_product(s_acc, descs, 0)
         T.ptx.wgmma.wait_group.sync.aligned(0)
         online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, 0, kv_end,
-                       COLS > kv_end or (causal and COLS - 1 > w0), row0, t4)
+                       cols > kv_end or (causal and cols - 1 > w0), row0, t4)
         pack_p(p_frag, s_acc)
         for kt in T.serial(num_kt):
-            c0 = kt * COLS
+            c0 = kt * cols
             T.ptx.cp.async_.wait_group(0)
             T.ptx.fence.proxy.async_.shared__cta()
             T.cuda.cta_sync()  # K(kt + 1), V(kt) landed; every warp is done with S(kt), PV(kt - 1)
             if kt + 2 < num_kt:
                 load_tile(smem, pad + q_elems + kt % 2 * 2 * kv_elems, k, bi, h_kv, kv_off, n,
-                          c0 + 2 * COLS, kv_end, COLS, tx)
+                          c0 + 2 * cols, kv_end, cols, tx)
             if kt + 1 < num_kt:
                 load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems + kv_elems, v, bi,
-                          h_kv, kv_off, n, c0 + COLS, kv_end, COLS, tx)
+                          h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
             T.ptx.cp.async_.commit_group()
             # A causal tile wholly right of this warpgroup's rows adds nothing to them (and
             # neither does any after it: a visible tile kt + 1 means a visible tile kt).
-            if kt + 1 < num_kt and ((not causal) or c0 + COLS < w0 + 64):
+            if kt + 1 < num_kt and ((not causal) or c0 + cols < w0 + 64):
                 s_product(s_acc, descs, (kt + 1) % 2)
                 pv_product(o_acc, p_frag, descs, kt % 2)
                 T.ptx.wgmma.wait_group.sync.aligned(1)  # S(kt + 1) done; O += P V(kt) runs on
-                scores_only(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0 + COLS, kv_end,
-                            c0 + 2 * COLS > kv_end or (causal and c0 + 2 * COLS - 1 > w0),
+                scores_only(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0 + cols, kv_end,
+                            c0 + 2 * cols > kv_end or (causal and c0 + 2 * cols - 1 > w0),
                             row0, t4)
                 T.ptx.wgmma.wait_group.sync.aligned(0)
                 rescale_o(o_acc3, alpha2)  # O in the scale of the new row maxima
@@ -286,13 +291,13 @@ def wgmma_attention_kernel(
         base = T.alloc_buffer((2,), "uint32", scope="local")
         s_acc = T.alloc_buffer((s_len,), "float32", scope="local")
         o_acc = T.alloc_buffer((o_len,), "float32", scope="local")
-        p_frag = T.alloc_buffer((COLS // 16, 4), "uint32", scope="local")
+        p_frag = T.alloc_buffer((cols // 16, 4), "uint32", scope="local")
         m_i = T.alloc_buffer((2,), "float32", scope="local")  # running max, rows g, g + 8
         l_i = T.alloc_buffer((2,), "float32", scope="local")  # this lane's part of the sums
         m_new = T.alloc_buffer((2,), "float32", scope="local")
         alpha = T.alloc_buffer((2,), "float32", scope="local")
         # The same registers as fragment_softmax's [atoms = 1, tiles, 4] and [1, 2] views.
-        s_acc3 = T.decl_buffer((1, COLS // 8, 4), "float32", data=s_acc.data, scope="local")
+        s_acc3 = T.decl_buffer((1, cols // 8, 4), "float32", data=s_acc.data, scope="local")
         o_acc3 = T.decl_buffer((1, d // 8, 4), "float32", data=o_acc.data, scope="local")
         m_i2 = T.decl_buffer((1, 2), "float32", data=m_i.data, scope="local")
         l_i2 = T.decl_buffer((1, 2), "float32", data=l_i.data, scope="local")
@@ -316,7 +321,7 @@ def wgmma_attention_kernel(
         descs[0] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
         descs[1] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
         descs[2] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
-                               COLS * 128)
+                               cols * 128)
 
         zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
         reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
@@ -328,7 +333,7 @@ def wgmma_attention_kernel(
             row0 = w0 + (tx % 128) // 32 * 16 + g
             if r0 < n:
                 kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
-                num_kt = (kv_end + COLS - 1) // COLS
+                num_kt = (kv_end + cols - 1) // cols
                 if overlap:
                     overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
                                      o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv,
