@@ -142,17 +142,34 @@ def test_bucketed_inputs_hold_the_same_tokens(side):
     assert (index_b[8:] == 0).all()
 
 
-def test_packed_tokens_never_outgrow_the_padded_bucket():
-    """The packed-token bucket is a multiple of TOKEN_STEP capped at the padded bucket's
+@pytest.mark.parametrize("step", [embedding.TOKEN_STEP, embedding.CPU_TOKEN_STEP])
+def test_packed_tokens_never_outgrow_the_padded_bucket(step):
+    """The packed-token bucket is a multiple of the step capped at the padded bucket's
     batch x seq, which holds every token: one text of 29 tokens runs 32 rows, not 64."""
-    assert embedding.bucket_shape(1, 29, 29, 512) == (1, 32, 32)
+    assert embedding.bucket_shape(1, 29, 29, 512, step) == (1, 32, 32)
     rng = np.random.default_rng(0)
     for _ in range(500):
         batch, seq = int(rng.integers(1, 40)), int(rng.integers(1, 600))
         tokens = int(rng.integers(1, batch * seq + 1))
-        batch_b, seq_b, tokens_b = embedding.bucket_shape(batch, seq, tokens, 512)
+        batch_b, seq_b, tokens_b = embedding.bucket_shape(batch, seq, tokens, 512, step)
         assert batch_b >= batch and seq_b >= seq and tokens <= tokens_b <= batch_b * seq_b
-        assert tokens_b % embedding.TOKEN_STEP == 0 or tokens_b == batch_b * seq_b
+        assert tokens_b % step == 0 or tokens_b == batch_b * seq_b
+        assert tokens_b - tokens < step
+
+
+def test_a_cpu_model_runs_a_short_text_at_its_token_count_rounded_to_8(tiny_bert, monkeypatch):
+    """On CPU the packed tokens round up to a multiple of 8 (the layers' time follows the rows):
+    one text of 20 tokens runs 24 rows, where the CUDA step would run the 32 of its padded
+    bucket; the embedding is that of the text run at its exact shape."""
+    ours = EmbeddingModel.from_pretrained(tiny_bert[0], use_cache=False)
+    assert ours.token_step == embedding.CPU_TOKEN_STEP == 8
+    ids = np.random.default_rng(2).integers(1, 120, (1, 20))
+    mask = np.ones_like(ids)
+    got = ours.embed_ids(ids, mask)
+    assert list(ours._shapes) == [(1, 32, 24)]
+    monkeypatch.setattr(embedding, "bucket_inputs", lambda ids, mask, index, *_: (ids, mask, index))
+    want = ours.embed_ids(ids, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
