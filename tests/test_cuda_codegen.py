@@ -227,3 +227,45 @@ def test_overlapped_wgmma_kernel_keeps_its_products_asynchronous(head_dim, block
     assert run.returncode == 0, run.stderr[-2000:]
     assert re.search(r"\b0 bytes spill stores", run.stderr)
     assert "C7512" not in run.stderr
+
+
+@pytest.mark.parametrize("head_dim,blocks,keys", [(64, 2, 64), (128, 2, 64), (128, 1, 128)])
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, mode, packed, tmp_path):
+    """K and V by TMA (``WgmmaAttentionTiles.tma_kv``): the kernel takes both tensor maps, one
+    thread copies each tile's boxes (``head_dim / 64`` of K and of V) behind a stage's barrier,
+    every thread waits on it, and the V rows past the real keys are zeroed before the products;
+    Q still arrives by ``cp.async``. nvcc's ptxas builds it without serialized wgmma."""
+    import re
+    import shutil
+    import subprocess
+
+    from relax_masked_attn.kernels import cuda_wgmma
+
+    tiles = (blocks, False, 2, True, False, keys, True)
+    func = cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, packed=packed,
+                                             tiles=tiles)
+    sm90a = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    src = tvm.compile(tvm.IRModule({"main": func}), target=sm90a).mod.imports[0].inspect_source()
+    kernel = src[src.rindex("__launch_bounds__"):]
+    assert "const __grid_constant__ CUtensorMap k_map" in kernel
+    assert "const __grid_constant__ CUtensorMap v_map" in kernel
+    copies = re.findall(r"async_bulk_tensor_3d\w*\(", kernel)
+    assert len(copies) == 2 * 2 * head_dim // 64  # the first tile's and the next one's
+    assert "mbarrier_try_wait_parity" in kernel and "cp_async_cg" in kernel  # Q: cp.async
+    assert "make_uint4((uint)0, (uint)0, (uint)0, (uint)0)" in kernel  # V's tail zeroed
+    deferred = (blocks, True, 2, True, False, keys, True)
+    one_stage = (blocks, False, 1, True, False, keys, True)
+    overlapped = (blocks, False, 2, True, True, keys, True)
+    for bad in (deferred, one_stage, overlapped):
+        with pytest.raises(ValueError):
+            cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, tiles=bad)
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc")
+    (tmp_path / "k.cu").write_text(src)
+    run = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-Xptxas", "-v", "-o",
+                          str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "C7512" not in run.stderr

@@ -7,6 +7,7 @@ import pytest
 import tvm
 
 from relax_masked_attn import MODES
+from relax_masked_attn.modes import is_left_padded
 
 from .conftest import assert_matches_reference, compiled_op, lengths, random_qkv
 
@@ -115,6 +116,10 @@ def kernel_variant(variant: str):
         return (*wgmma, lambda d, dt: (2 if d == 64 else 1, False, 2, True, True), "cuda-sm90a")
     if variant == "wgmma-128-keys":  # and tiles of 128 keys, one block an SM
         return (*wgmma, lambda d, dt: (1, False, 2, True, True, 128), "cuda-sm90a")
+    if variant == "wgmma-tma":  # K and V tiles copied by TMA
+        return (*wgmma, lambda d, dt: (2, False, 2, True, False, 64, True), "cuda-sm90a")
+    if variant == "wgmma-tma-128-keys":
+        return (*wgmma, lambda d, dt: (1, False, 2, True, False, 128, True), "cuda-sm90a")
     assert variant == "mma-staged"  # the output staged through shared memory
     return (cuda_mma, cuda_mma.tensor_core_kernel, "tensor_core_tiles",
             lambda d, dt: (*config.tensor_core_tiles(d, dt)[:4], True), "cuda")
@@ -122,18 +127,20 @@ def kernel_variant(variant: str):
 
 @pytest.mark.parametrize("variant,head_dim", [
     ("wgmma-direct-store", 64), ("wgmma-direct-store", 128), ("wgmma-overlap", 64),
-    ("wgmma-overlap", 128), ("wgmma-128-keys", 64), ("wgmma-128-keys", 128), ("mma-staged", 32),
-    ("mma-staged", 64), ("mma-staged", 128)])
+    ("wgmma-overlap", 128), ("wgmma-128-keys", 64), ("wgmma-128-keys", 128), ("wgmma-tma", 64),
+    ("wgmma-tma", 128), ("wgmma-tma-128-keys", 128), ("mma-staged", 32), ("mma-staged", 64),
+    ("mma-staged", 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
     """The tensor-core kernels' layouts that their tiles (``config.wgmma_attention_tiles``,
     ``config.tensor_core_tiles``) do not choose by default: the ``wgmma`` kernel storing 4 bytes
-    straight from the accumulators, or overlapping the softmax of key tile kt + 1 with
-    O += P V(kt) (on tiles of 64 or 128 keys); the ``mma.sync`` kernel staging its output
-    through shared memory for 16-byte stores (``geometry.staged_output``). Every mode, GQA,
-    the length patterns, lengths off the tiles (one key tile, two, many), and the packed op
-    with rows of no sequence around its sequences."""
+    straight from the accumulators, overlapping the softmax of key tile kt + 1 with
+    O += P V(kt) (on tiles of 64 or 128 keys), or copying K and V by TMA (whose boxes take
+    the padding rows past a sequence as they are: they hold NaN here); the ``mma.sync`` kernel
+    staging its output through shared memory for 16-byte stores (``geometry.staged_output``).
+    Every mode, GQA, the length patterns, lengths off the tiles (one key tile, two, many), and
+    the packed op with rows of no sequence around its sequences."""
     import relax_masked_attn as rma
 
     from .conftest import assert_packed_matches_reference, op_module, packed_inputs, vm_main
@@ -146,7 +153,14 @@ def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
         rng = np.random.default_rng(head_dim)
         q, k, v = random_qkv(5, 1000, 1000, 8, 4, head_dim, dtype, rng)
         valid_len = np.array([1, 7, 127, 129, 1000], dtype="int32")
-        assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
+        # keys and values of the padding are NaN: no kernel may let them into a real row
+        poisoned_k, poisoned_v = k.copy(), v.copy()
+        for b, n in enumerate(valid_len):
+            pad = slice(0, 1000 - n) if is_left_padded(mode) else slice(n, 1000)
+            poisoned_k[b, pad] = np.nan
+            poisoned_v[b, pad] = np.nan
+        assert_matches_reference(run(q, poisoned_k, poisoned_v, valid_len), q, k, v, valid_len,
+                                 mode)
         q, k, v = random_qkv(3, 130, 130, 8, 4, head_dim, dtype, rng)
         for pattern in PATTERNS:
             valid_len = lengths(pattern, 3, 130, rng)

@@ -177,6 +177,7 @@ class WgmmaAttentionTiles(NamedTuple):
     staged_out: bool  # the output leaves through shared memory in 16-byte vectors
     overlap: bool  # the softmax of key tile kt + 1 during O += P V(kt)
     key_tile: int = 64  # keys a tile (64 or 128)
+    tma_kv: bool = False  # K and V tiles copied by TMA (one thread, an mbarrier a stage)
 
 
 def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
@@ -215,6 +216,14 @@ def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
     passes a query tile makes; S then takes 64 registers a thread, so they go with one block an
     SM (160 KiB of shared memory at head_dim 128, two stages). Built and checked by ptxas, not
     yet run on a GPU; in the sweep as ``(1, False, 2, True, True, 128)``.
+
+    ``tma_kv`` copies the K and V tiles by TMA (one thread issues a stage's boxes, every thread
+    waits on the stage's mbarrier; the serial loop only): no thread computes addresses or issues
+    ``cp.async`` for them, and ptxas needs fewer registers (96 against 107 at head_dim 64, and
+    no spill at 128 where the ``cp.async`` form spills 36 bytes). A box takes the rows past a
+    sequence as they are, so the V rows past the real keys are zeroed in shared memory before
+    the products (P is 0 there, but 0 times NaN is not). Built and checked by ptxas, not yet
+    run on a GPU; in the sweep as ``(2, False, 2, True, False, 64, True)`` and with 128 keys.
     """
     del head_dim, dtype
     return WgmmaAttentionTiles(2, False, 2, True, False)

@@ -20,8 +20,10 @@ Each query tile's key tiles run in one of two loops (``config.wgmma_attention_ti
 ``serial_tiles``, each tile's S, softmax and O += P V in turn (the default), or
 ``overlapped_tiles``, FlashAttention-3's intra-warpgroup overlap: S of tile kt + 1 is issued
 before O += P V(kt), and its softmax runs while O += P V(kt) is on the tensor cores; key
-tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``; the overlap and 128-key tiles are
-built and checked by ptxas, not yet run on a GPU).
+tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``), and K and V arrive by
+``cp.async`` or, in the serial loop, by TMA (``tma_kv``: one thread copies a stage's boxes
+behind an mbarrier; the V rows past the real keys are zeroed in shared memory). The overlap,
+128-key tiles and TMA copies are built and checked by ptxas, not yet run on a GPU.
 
 Descriptors on 128-byte-swizzled tiles: 16-byte chunk ``c`` of a 64-element row ``r`` is stored
 at chunk ``c ^ (r % 8)``; 8 rows make a 1024-byte atom; a tile wider than 64 elements is stored
@@ -43,7 +45,14 @@ from .config import WgmmaAttentionTiles, wgmma_attention_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax, rescale
 from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer, staged_output
-from .hopper import realign_pool, swizzle128_descriptor
+from .hopper import (
+    copy_head_tile,
+    encode_head_tiles,
+    init_barrier,
+    realign_pool,
+    swizzle128_descriptor,
+    wait_barrier,
+)
 from .memo import memoized
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -72,14 +81,16 @@ def wgmma_attention_kernel(
         raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
-    min_blocks, defer_pv, stages, staged_out, overlap, cols = WgmmaAttentionTiles(
+    min_blocks, defer_pv, stages, staged_out, overlap, cols, tma_kv = WgmmaAttentionTiles(
         *(tiles or wgmma_attention_tiles(head_dim, dtype)))
     if stages not in (1, 2) or cols not in (64, 128):
         raise ValueError(f"wgmma_attention_kernel: 1 or 2 K/V stages of 64 or 128 keys, not "
                          f"{stages} of {cols}")
-    if overlap and (stages != 2 or defer_pv):
-        raise ValueError("wgmma_attention_kernel: the overlapped loop runs on 2 stages, with "
-                         "O += P V not deferred")
+    if (overlap or tma_kv) and (stages != 2 or defer_pv):
+        raise ValueError("wgmma_attention_kernel: the overlapped loop and TMA copies run on 2 "
+                         "stages, with O += P V not deferred")
+    if overlap and tma_kv:
+        raise ValueError("wgmma_attention_kernel: TMA copies are built for the serial loop only")
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
     q_elems, kv_elems = ROWS * d, cols * d
@@ -115,6 +126,32 @@ def wgmma_attention_kernel(
         """cp.async rows [c0, c0 + count) of head ``h``'s real block into the swizzled tile at
         element ``region``."""
         load_rows(swizzled_tile(smem, region, count), src, bi, h, off, n, c0, end, count, tx)
+
+    kv_bytes = 2 * kv_elems * 2  # a stage: K and V tiles
+
+    @T.macro
+    def tma_kv_tile(smem, pad, k_map, v_map, full, stage, row, h_kv, tx):
+        """Thread 0: the TMA copies of the K and V tiles of key row ``row`` (of the maps' rows)
+        into ring stage ``stage``, completing barrier ``full[stage]`` by their bytes."""
+        if tx == 0:
+            T.ptx.mbarrier.arrive.expect_tx.shared.b64(full.ptr_to([stage]), T.uint32(kv_bytes))
+            for cb in T.unroll(d // 64):
+                copy_head_tile(smem.ptr_to([pad + q_elems + stage * 2 * kv_elems + cb * cols * 64]),
+                               k_map, row, h_kv, cb * 64, full.ptr_to([stage]))
+                copy_head_tile(smem.ptr_to([pad + q_elems + stage * 2 * kv_elems + kv_elems
+                                            + cb * cols * 64]),
+                               v_map, row, h_kv, cb * 64, full.ptr_to([stage]))
+
+    @T.macro
+    def zero_v_tail(words, pad, stage, first, tx):
+        """Zero the rows ``first`` on of the V tile in ``stage`` (keys past the real block,
+        which TMA copies as they are: P is 0 there, but 0 times a NaN or an infinity is not)."""
+        for it in T.serial((cols * chunks + THREADS - 1) // THREADS):
+            if (it * THREADS + tx) // chunks < cols and (it * THREADS + tx) // chunks >= first:
+                words[T.Ramp(pad // 8 * 4 + (q_elems + stage * 2 * kv_elems + kv_elems
+                                             + swizzled(cols, (it * THREADS + tx) // chunks,
+                                                        (it * THREADS + tx) % chunks)) // 2,
+                             1, 4)] = T.Broadcast(T.uint32(0), 4)
 
     @T.macro
     def s_product(s_acc, descs, stage):
@@ -173,14 +210,19 @@ def wgmma_attention_kernel(
     @T.macro
     def serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3, m_i, l_i,
                      m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off, n, r0, w0, row0,
-                     kv_end, num_kt, t4, tx):
+                     kv_end, num_kt, t4, tx, kv):
         """The key tiles of one query tile, each tile's S, softmax and O += P V in turn (the
-        other warpgroups of the SM keep the tensor cores busy meanwhile)."""
+        other warpgroups of the SM keep the tensor cores busy meanwhile). ``kv``: with TMA
+        copies, ``(k_map, v_map, full, phase, words)``: the tensor maps, a barrier a stage, the
+        parity each stage's next copy completes, the pool as uint32."""
         load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
-        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
-        if stages == 2:
-            load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end,
-                      cols, tx)
+        if tma_kv:
+            tma_kv_tile(smem, pad, kv[0], kv[1], kv[2], 0, bi * k.shape[1] + kv_off, h_kv, tx)
+        else:
+            load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
+            if stages == 2:
+                load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end,
+                          cols, tx)
         T.ptx.cp.async_.commit_group()
         reset_rows(m_i, l_i, o_acc)
         for kt in T.serial(num_kt):
@@ -189,15 +231,28 @@ def wgmma_attention_kernel(
             T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
             if defer_pv:
                 T.ptx.wgmma.wait_group.sync.aligned(0)  # O += P V(kt - 1) ran meanwhile
-            T.cuda.cta_sync()  # K(kt) (and Q) landed; every warp is done with V(kt - 1)
+            if tma_kv:
+                wait_barrier(kv[2].ptr_to([kt % 2]), kv[3][kt % 2])  # K(kt), V(kt) landed
+                kv[3][kt % 2] = kv[3][kt % 2] ^ 1
+                if c0 + cols > kv_end:
+                    zero_v_tail(kv[4], pad, kt % 2, kv_end - c0, tx)
+                    T.ptx.fence.proxy.async_.shared__cta()
+                # every warp is done with tile kt - 1's stage (and the zeros are seen)
+                T.tvm_storage_sync("shared")
+            else:
+                T.cuda.cta_sync()  # K(kt) (and Q) landed; every warp is done with V(kt - 1)
             if stages == 2:
                 # K and V of tile kt + 1 into the other stage, a whole tile ahead.
                 if kt + 1 < num_kt:
-                    load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
-                              h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
-                    load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems
-                              + kv_elems, v, bi, h_kv, kv_off, n, c0 + cols, kv_end,
-                              cols, tx)
+                    if tma_kv:
+                        tma_kv_tile(smem, pad, kv[0], kv[1], kv[2], (kt + 1) % 2,
+                                    bi * k.shape[1] + kv_off + c0 + cols, h_kv, tx)
+                    else:
+                        load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
+                                  h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
+                        load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems
+                                  + kv_elems, v, bi, h_kv, kv_off, n, c0 + cols, kv_end,
+                                  cols, tx)
             else:
                 load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, c0,
                           kv_end, cols, tx)
@@ -227,7 +282,6 @@ def wgmma_attention_kernel(
                 pv_product(o_acc, p_frag, descs, kt % stages)
                 if not defer_pv:
                     T.ptx.wgmma.wait_group.sync.aligned(0)
-
 
     @T.macro
     def overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3, m_i,
@@ -286,8 +340,10 @@ def wgmma_attention_kernel(
                     T.ptx.wgmma.wait_group.sync.aligned(0)
 
     @T.macro
-    def block(q, k, v, geom, out, seq_q, bh, qt_launch, tx):
+    def block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, k_map, v_map):
         smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data,
+                                   scope="shared.dyn")
         base = T.alloc_buffer((2,), "uint32", scope="local")
         s_acc = T.alloc_buffer((s_len,), "float32", scope="local")
         o_acc = T.alloc_buffer((o_len,), "float32", scope="local")
@@ -325,6 +381,15 @@ def wgmma_attention_kernel(
 
         zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
         reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
+        if tma_kv:
+            full = T.alloc_buffer((2,), "uint64", scope="shared")
+            phase = T.alloc_buffer((2,), "int32", scope="local")
+            if tx == 0:
+                init_barrier(full.ptr_to([0]), 1)
+                init_barrier(full.ptr_to([1]), 1)
+            phase[0] = 0
+            phase[1] = 0
+            T.tvm_storage_sync("shared")
 
         for rep in T.serial(reps):
             r0 = (qt_first + rep * grid_tiles) * ROWS  # first row of the tile, in the real block
@@ -338,16 +403,19 @@ def wgmma_attention_kernel(
                     overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
                                      o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv,
                                      q_off, kv_off, n, r0, w0, row0, kv_end, num_kt, t4, tx)
+                elif tma_kv:
+                    serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
+                                 m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
+                                 n, r0, w0, row0, kv_end, num_kt, t4, tx,
+                                 (k_map, v_map, full, phase, smem_words))
                 else:
                     serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
                                  m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
-                                 n, r0, w0, row0, kv_end, num_kt, t4, tx)
+                                 n, r0, w0, row0, kv_end, num_kt, t4, tx, None)
                 T.ptx.wgmma.wait_group.sync.aligned(0)
                 if staged_out:
                     # Normalize into this warpgroup's own rows of the Q tile (its products are
                     # done with them), then write the real rows out in 16-byte vectors.
-                    smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data,
-                                               scope="shared.dyn")
                     stage(smem, pad, o_acc3, l_i2, 0, row0 - r0, t4)
                     T.tvm_storage_sync("shared")
                     write(smem_words, pad, out, bi, q_off, h, r0, n, wg * 64, 64, tx % 128, 128)
@@ -367,12 +435,23 @@ def wgmma_attention_kernel(
                     T.cuda.cta_sync()  # every warp is done with Q before a next tile reloads it
 
     @T.macro
-    def body(q, k, v, geom, out, batch, seq_q, seq_kv):
+    def launch(q, k, v, geom, out, batch, seq_q, k_map, v_map):
         bh = T.launch_thread("blockIdx.x", batch * heads_q)
         qt_launch = T.launch_thread("blockIdx.y", (seq_q + ROWS - 1) // ROWS)
         tx = T.launch_thread("threadIdx.x", THREADS)
         # __launch_bounds__(256, min_blocks): registers capped so that blocks share an SM.
         with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
-            block(q, k, v, geom, out, seq_q, bh, qt_launch, tx)
+            block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, k_map, v_map)
+
+    @T.macro
+    def body(q, k, v, geom, out, batch, seq_q, seq_kv):
+        if tma_kv:  # host side: K's and V's tensor maps, [rows, heads_kv, head_dim]
+            k_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+            v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+            encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)
+            encode_head_tiles(v_map, v.data, dtype, v.shape[0] * v.shape[1], heads_kv, d, cols)
+            launch(q, k, v, geom, out, batch, seq_q, k_map, v_map)
+        else:
+            launch(q, k, v, geom, out, batch, seq_q, None, None)
 
     return attention_func(heads_q, heads_kv, head_dim, dtype, body, packed=packed, left=left)

@@ -46,6 +46,27 @@ def encode_row_tiles(tmap, data, dtype: str, rows, cols: int, box_rows: int):
 
 
 @T.macro
+def encode_head_tiles(tmap, data, dtype: str, rows, heads: int, head_dim: int, box_rows: int):
+    """Host side: the tensor map of ``[rows, heads, head_dim]`` (a ``[batch, seq, heads,
+    head_dim]`` tensor with ``rows = batch * seq``) of a 2-byte ``dtype`` at ``data``, read in
+    boxes of ``box_rows`` rows of one head by :data:`TILE_COLUMNS` columns, which land as
+    :func:`encode_row_tiles`' do (128-byte rows, 128-byte swizzle); rows past ``rows`` arrive
+    as zeros."""
+    T.tensormap_encode_tiled(tmap, data, head_dim, heads, rows, head_dim * 2,
+                             heads * head_dim * 2, TILE_COLUMNS, 1, box_rows, 1, 1, 1,
+                             descriptor_dtype=dtype, rank=3, swizzle=SWIZZLE_128B)
+
+
+@T.macro
+def copy_head_tile(dst, tmap, row, head, col, bar):
+    """One thread: start the TMA copy of the box at (``row``, ``head``, ``col``) of ``tmap``
+    (:func:`encode_head_tiles`) to shared pointer ``dst`` (1 KiB aligned); its bytes count
+    towards the current phase of barrier ``bar``."""
+    T.ptx["cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"](
+        dst, T.address_of(tmap), col, head, row, bar)
+
+
+@T.macro
 def init_barrier(bar, arrivals: int):
     """One thread: ``mbarrier.init`` of the shared 8-byte barrier at ``bar`` (a pointer) for
     ``arrivals`` arrivals a phase; the block must sync before any other thread uses it."""
