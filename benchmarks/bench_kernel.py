@@ -332,6 +332,8 @@ WGMMA_SWEEP = [
     (1, False, 2, True, True, 128),  # and 128-key tiles
     (2, False, 2, True, False, 64, True),  # K and V by TMA
     (1, False, 2, True, False, 128, True),
+    (2, False, 2, True, True, 64, True),  # overlapped, on TMA copies
+    (1, False, 2, True, True, 128, True),
     (2, False, 2, False, False),
     (1, False, 2, True, False),
 ]

@@ -229,21 +229,24 @@ def test_overlapped_wgmma_kernel_keeps_its_products_asynchronous(head_dim, block
     assert "C7512" not in run.stderr
 
 
-@pytest.mark.parametrize("head_dim,blocks,keys", [(64, 2, 64), (128, 2, 64), (128, 1, 128)])
+@pytest.mark.parametrize("head_dim,blocks,keys,overlap", [
+    (64, 2, 64, False), (128, 2, 64, False), (128, 1, 128, False), (64, 2, 64, True),
+    (128, 1, 64, True)])
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, mode, packed, tmp_path):
-    """K and V by TMA (``WgmmaAttentionTiles.tma_kv``): the kernel takes both tensor maps, one
-    thread copies each tile's boxes (``head_dim / 64`` of K and of V) behind a stage's barrier,
-    every thread waits on it, and the V rows past the real keys are zeroed before the products;
-    Q still arrives by ``cp.async``. nvcc's ptxas builds it without serialized wgmma."""
+def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, overlap, mode, packed, tmp_path):
+    """K and V by TMA (``WgmmaAttentionTiles.tma_kv``), in the serial and the overlapped loop:
+    the kernel takes both tensor maps, one thread copies each tile's boxes (``head_dim / 64`` of
+    K or of V) behind their barrier, every thread waits on it, and the V rows past the real keys
+    are zeroed before the products; Q still arrives by ``cp.async``. nvcc's ptxas builds it
+    without serialized wgmma."""
     import re
     import shutil
     import subprocess
 
     from relax_masked_attn.kernels import cuda_wgmma
 
-    tiles = (blocks, False, 2, True, False, keys, True)
+    tiles = (blocks, False, 2, True, overlap, keys, True)
     func = cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, packed=packed,
                                              tiles=tiles)
     sm90a = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
@@ -252,13 +255,13 @@ def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, mode, packed, tmp_
     assert "const __grid_constant__ CUtensorMap k_map" in kernel
     assert "const __grid_constant__ CUtensorMap v_map" in kernel
     copies = re.findall(r"async_bulk_tensor_3d\w*\(", kernel)
-    assert len(copies) == 2 * 2 * head_dim // 64  # the first tile's and the next one's
+    # the first tiles' and the next ones' (overlapped: K(0), K(1), V(0); K(kt + 2), V(kt + 1))
+    assert len(copies) == (5 if overlap else 4) * head_dim // 64
     assert "mbarrier_try_wait_parity" in kernel and "cp_async_cg" in kernel  # Q: cp.async
     assert "make_uint4((uint)0, (uint)0, (uint)0, (uint)0)" in kernel  # V's tail zeroed
     deferred = (blocks, True, 2, True, False, keys, True)
     one_stage = (blocks, False, 1, True, False, keys, True)
-    overlapped = (blocks, False, 2, True, True, keys, True)
-    for bad in (deferred, one_stage, overlapped):
+    for bad in (deferred, one_stage):
         with pytest.raises(ValueError):
             cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, tiles=bad)
     if shutil.which("nvcc") is None:

@@ -120,6 +120,9 @@ def kernel_variant(variant: str):
         return (*wgmma, lambda d, dt: (2, False, 2, True, False, 64, True), "cuda-sm90a")
     if variant == "wgmma-tma-128-keys":
         return (*wgmma, lambda d, dt: (1, False, 2, True, False, 128, True), "cuda-sm90a")
+    if variant == "wgmma-overlap-tma":  # the overlapped loop on TMA copies
+        return (*wgmma, lambda d, dt: (2 if d == 64 else 1, False, 2, True, True, 64, True),
+                "cuda-sm90a")
     assert variant == "mma-staged"  # the output staged through shared memory
     return (cuda_mma, cuda_mma.tensor_core_kernel, "tensor_core_tiles",
             lambda d, dt: (*config.tensor_core_tiles(d, dt)[:4], True), "cuda")
@@ -128,8 +131,8 @@ def kernel_variant(variant: str):
 @pytest.mark.parametrize("variant,head_dim", [
     ("wgmma-direct-store", 64), ("wgmma-direct-store", 128), ("wgmma-overlap", 64),
     ("wgmma-overlap", 128), ("wgmma-128-keys", 64), ("wgmma-128-keys", 128), ("wgmma-tma", 64),
-    ("wgmma-tma", 128), ("wgmma-tma-128-keys", 128), ("mma-staged", 32), ("mma-staged", 64),
-    ("mma-staged", 128)])
+    ("wgmma-tma", 128), ("wgmma-tma-128-keys", 128), ("wgmma-overlap-tma", 64),
+    ("wgmma-overlap-tma", 128), ("mma-staged", 32), ("mma-staged", 64), ("mma-staged", 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):

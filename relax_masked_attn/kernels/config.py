@@ -217,13 +217,16 @@ def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
     SM (160 KiB of shared memory at head_dim 128, two stages). Built and checked by ptxas, not
     yet run on a GPU; in the sweep as ``(1, False, 2, True, True, 128)``.
 
-    ``tma_kv`` copies the K and V tiles by TMA (one thread issues a stage's boxes, every thread
-    waits on the stage's mbarrier; the serial loop only): no thread computes addresses or issues
+    ``tma_kv`` copies the K and V tiles by TMA (one thread issues a tile's boxes, every thread
+    waits on its mbarrier, one for K and one for V a stage; both loops): no thread computes
+    addresses or issues
     ``cp.async`` for them, and ptxas needs fewer registers (96 against 107 at head_dim 64, and
     no spill at 128 where the ``cp.async`` form spills 36 bytes). A box takes the rows past a
     sequence as they are, so the V rows past the real keys are zeroed in shared memory before
-    the products (P is 0 there, but 0 times NaN is not). Built and checked by ptxas, not yet
-    run on a GPU; in the sweep as ``(2, False, 2, True, False, 64, True)`` and with 128 keys.
+    the products (P is 0 there, but 0 times NaN is not). With the overlap it fits two blocks an
+    SM at head_dim 64 (106-118 registers), not at 128 (144-180 bytes spilled, wgmma
+    serialized: one block there). Built and checked by ptxas, not yet run on a GPU; in the
+    sweep with and without the overlap, on 64- and 128-key tiles.
     """
     del head_dim, dtype
     return WgmmaAttentionTiles(2, False, 2, True, False)

@@ -21,9 +21,9 @@ Each query tile's key tiles run in one of two loops (``config.wgmma_attention_ti
 ``overlapped_tiles``, FlashAttention-3's intra-warpgroup overlap: S of tile kt + 1 is issued
 before O += P V(kt), and its softmax runs while O += P V(kt) is on the tensor cores; key
 tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``), and K and V arrive by
-``cp.async`` or, in the serial loop, by TMA (``tma_kv``: one thread copies a stage's boxes
-behind an mbarrier; the V rows past the real keys are zeroed in shared memory). The overlap,
-128-key tiles and TMA copies are built and checked by ptxas, not yet run on a GPU.
+``cp.async`` or by TMA (``tma_kv``: one thread copies a tile's boxes behind an mbarrier, one for
+K and one for V a stage; the V rows past the real keys are zeroed in shared memory). The
+overlap, 128-key tiles and TMA copies are built and checked by ptxas, not yet run on a GPU.
 
 Descriptors on 128-byte-swizzled tiles: 16-byte chunk ``c`` of a 64-element row ``r`` is stored
 at chunk ``c ^ (r % 8)``; 8 rows make a 1024-byte atom; a tile wider than 64 elements is stored
@@ -89,8 +89,6 @@ def wgmma_attention_kernel(
     if (overlap or tma_kv) and (stages != 2 or defer_pv):
         raise ValueError("wgmma_attention_kernel: the overlapped loop and TMA copies run on 2 "
                          "stages, with O += P V not deferred")
-    if overlap and tma_kv:
-        raise ValueError("wgmma_attention_kernel: TMA copies are built for the serial loop only")
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
     q_elems, kv_elems = ROWS * d, cols * d
@@ -127,20 +125,25 @@ def wgmma_attention_kernel(
         element ``region``."""
         load_rows(swizzled_tile(smem, region, count), src, bi, h, off, n, c0, end, count, tx)
 
-    kv_bytes = 2 * kv_elems * 2  # a stage: K and V tiles
+    @T.macro
+    def tma_tile(smem, pad, tmap, full, operand, stage, row, h_kv, tx):
+        """Thread 0: the TMA copy of the K (``operand`` 0) or V (1) tile of key row ``row`` (of
+        the map's rows) into ring stage ``stage``, completing barrier ``full[2 operand + stage]``
+        by its bytes (``head_dim / 64`` boxes)."""
+        if tx == 0:
+            T.ptx.mbarrier.arrive.expect_tx.shared.b64(full.ptr_to([2 * operand + stage]),
+                                                       T.uint32(kv_elems * 2))
+            for cb in T.unroll(d // 64):
+                copy_head_tile(smem.ptr_to([pad + q_elems + stage * 2 * kv_elems
+                                            + operand * kv_elems + cb * cols * 64]),
+                               tmap, row, h_kv, cb * 64, full.ptr_to([2 * operand + stage]))
 
     @T.macro
-    def tma_kv_tile(smem, pad, k_map, v_map, full, stage, row, h_kv, tx):
-        """Thread 0: the TMA copies of the K and V tiles of key row ``row`` (of the maps' rows)
-        into ring stage ``stage``, completing barrier ``full[stage]`` by their bytes."""
-        if tx == 0:
-            T.ptx.mbarrier.arrive.expect_tx.shared.b64(full.ptr_to([stage]), T.uint32(kv_bytes))
-            for cb in T.unroll(d // 64):
-                copy_head_tile(smem.ptr_to([pad + q_elems + stage * 2 * kv_elems + cb * cols * 64]),
-                               k_map, row, h_kv, cb * 64, full.ptr_to([stage]))
-                copy_head_tile(smem.ptr_to([pad + q_elems + stage * 2 * kv_elems + kv_elems
-                                            + cb * cols * 64]),
-                               v_map, row, h_kv, cb * 64, full.ptr_to([stage]))
+    def wait_tile(kv, operand, stage):
+        """Every thread: wait for the K (``operand`` 0) or V (1) tile in ``stage``; ``kv`` as
+        :func:`serial_tiles` takes it (the barrier's parity flips with each copy it completes)."""
+        wait_barrier(kv[2].ptr_to([2 * operand + stage]), kv[3][2 * operand + stage])
+        kv[3][2 * operand + stage] = kv[3][2 * operand + stage] ^ 1
 
     @T.macro
     def zero_v_tail(words, pad, stage, first, tx):
@@ -213,11 +216,12 @@ def wgmma_attention_kernel(
                      kv_end, num_kt, t4, tx, kv):
         """The key tiles of one query tile, each tile's S, softmax and O += P V in turn (the
         other warpgroups of the SM keep the tensor cores busy meanwhile). ``kv``: with TMA
-        copies, ``(k_map, v_map, full, phase, words)``: the tensor maps, a barrier a stage, the
-        parity each stage's next copy completes, the pool as uint32."""
+        copies, ``(k_map, v_map, full, phase, words)``: the tensor maps, the barriers of K's two
+        stages then V's, the parity each barrier's next copy completes, the pool as uint32."""
         load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
         if tma_kv:
-            tma_kv_tile(smem, pad, kv[0], kv[1], kv[2], 0, bi * k.shape[1] + kv_off, h_kv, tx)
+            tma_tile(smem, pad, kv[0], kv[2], 0, 0, bi * k.shape[1] + kv_off, h_kv, tx)
+            tma_tile(smem, pad, kv[1], kv[2], 1, 0, bi * k.shape[1] + kv_off, h_kv, tx)
         else:
             load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
             if stages == 2:
@@ -232,8 +236,8 @@ def wgmma_attention_kernel(
             if defer_pv:
                 T.ptx.wgmma.wait_group.sync.aligned(0)  # O += P V(kt - 1) ran meanwhile
             if tma_kv:
-                wait_barrier(kv[2].ptr_to([kt % 2]), kv[3][kt % 2])  # K(kt), V(kt) landed
-                kv[3][kt % 2] = kv[3][kt % 2] ^ 1
+                wait_tile(kv, 0, kt % 2)  # K(kt) landed
+                wait_tile(kv, 1, kt % 2)  # V(kt)
                 if c0 + cols > kv_end:
                     zero_v_tail(kv[4], pad, kt % 2, kv_end - c0, tx)
                     T.ptx.fence.proxy.async_.shared__cta()
@@ -245,8 +249,10 @@ def wgmma_attention_kernel(
                 # K and V of tile kt + 1 into the other stage, a whole tile ahead.
                 if kt + 1 < num_kt:
                     if tma_kv:
-                        tma_kv_tile(smem, pad, kv[0], kv[1], kv[2], (kt + 1) % 2,
-                                    bi * k.shape[1] + kv_off + c0 + cols, h_kv, tx)
+                        tma_tile(smem, pad, kv[0], kv[2], 0, (kt + 1) % 2,
+                                 bi * k.shape[1] + kv_off + c0 + cols, h_kv, tx)
+                        tma_tile(smem, pad, kv[1], kv[2], 1, (kt + 1) % 2,
+                                 bi * k.shape[1] + kv_off + c0 + cols, h_kv, tx)
                     else:
                         load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
                                   h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
@@ -286,25 +292,40 @@ def wgmma_attention_kernel(
     @T.macro
     def overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3, m_i,
                          l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off, n, r0, w0,
-                         row0, kv_end, num_kt, t4, tx):
+                         row0, kv_end, num_kt, t4, tx, kv):
         """The key tiles of one query tile with the softmax of tile kt + 1 on the CUDA cores
         while O += P V(kt) runs on the tensor cores (FlashAttention-3's intra-warpgroup
         overlap). Tile t's K and V sit in ring stage t % 2; entering tile kt, K(kt + 1) and V(kt)
         are in flight and P(kt) is packed; each tile loads K(kt + 2) into the stage S(kt) read
-        and V(kt + 1) into the one O += P V(kt - 1) read, both done once the block syncs."""
+        and V(kt + 1) into the one O += P V(kt - 1) read, both done once the block syncs. ``kv``
+        as :func:`serial_tiles` takes it."""
+        row = bi * k.shape[1] + kv_off  # the real block's first key, in the tensor maps' rows
         # Q and K(0); then K(1) and V(0), which fly during S(0) and its softmax
         load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
-        load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
+        if tma_kv:
+            tma_tile(smem, pad, kv[0], kv[2], 0, 0, row, h_kv, tx)
+        else:
+            load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
         T.ptx.cp.async_.commit_group()
         reset_rows(m_i, l_i, o_acc)
-        if num_kt > 1:
-            load_tile(smem, pad + q_elems + 2 * kv_elems, k, bi, h_kv, kv_off, n, cols, kv_end,
-                      cols, tx)
-        load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
-        T.ptx.cp.async_.commit_group()
-        T.ptx.cp.async_.wait_group(1)
+        if tma_kv:
+            if num_kt > 1:
+                tma_tile(smem, pad, kv[0], kv[2], 0, 1, row + cols, h_kv, tx)
+            tma_tile(smem, pad, kv[1], kv[2], 1, 0, row, h_kv, tx)
+        else:
+            if num_kt > 1:
+                load_tile(smem, pad + q_elems + 2 * kv_elems, k, bi, h_kv, kv_off, n, cols,
+                          kv_end, cols, tx)
+            load_tile(smem, pad + q_elems + kv_elems, v, bi, h_kv, kv_off, n, 0, kv_end, cols,
+                      tx)
+            T.ptx.cp.async_.commit_group()
+        T.ptx.cp.async_.wait_group(0 if tma_kv else 1)
         T.ptx.fence.proxy.async_.shared__cta()  # our copies, seen by the tensor cores
-        T.cuda.cta_sync()  # Q and K(0) landed
+        if tma_kv:
+            wait_tile(kv, 0, 0)
+            T.tvm_storage_sync("shared")
+        else:
+            T.cuda.cta_sync()  # Q and K(0) landed
         s_product(s_acc, descs, 0)
         T.ptx.wgmma.wait_group.sync.aligned(0)
         online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, 0, kv_end,
@@ -312,16 +333,32 @@ def wgmma_attention_kernel(
         pack_p(p_frag, s_acc)
         for kt in T.serial(num_kt):
             c0 = kt * cols
-            T.ptx.cp.async_.wait_group(0)
-            T.ptx.fence.proxy.async_.shared__cta()
-            T.cuda.cta_sync()  # K(kt + 1), V(kt) landed; every warp is done with S(kt), PV(kt - 1)
-            if kt + 2 < num_kt:
-                load_tile(smem, pad + q_elems + kt % 2 * 2 * kv_elems, k, bi, h_kv, kv_off, n,
-                          c0 + 2 * cols, kv_end, cols, tx)
-            if kt + 1 < num_kt:
-                load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems + kv_elems, v, bi,
-                          h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
-            T.ptx.cp.async_.commit_group()
+            if tma_kv:
+                if kt + 1 < num_kt:
+                    wait_tile(kv, 0, (kt + 1) % 2)  # K(kt + 1) landed
+                wait_tile(kv, 1, kt % 2)  # V(kt)
+                if c0 + cols > kv_end:
+                    zero_v_tail(kv[4], pad, kt % 2, kv_end - c0, tx)
+                    T.ptx.fence.proxy.async_.shared__cta()
+                # every warp is done with S(kt) and O += P V(kt - 1), and sees the zeros
+                T.tvm_storage_sync("shared")
+                if kt + 2 < num_kt:
+                    tma_tile(smem, pad, kv[0], kv[2], 0, kt % 2, row + c0 + 2 * cols, h_kv, tx)
+                if kt + 1 < num_kt:
+                    tma_tile(smem, pad, kv[1], kv[2], 1, (kt + 1) % 2, row + c0 + cols, h_kv,
+                             tx)
+            else:
+                T.ptx.cp.async_.wait_group(0)
+                T.ptx.fence.proxy.async_.shared__cta()
+                # K(kt + 1), V(kt) landed; every warp is done with S(kt), O += P V(kt - 1)
+                T.cuda.cta_sync()
+                if kt + 2 < num_kt:
+                    load_tile(smem, pad + q_elems + kt % 2 * 2 * kv_elems, k, bi, h_kv, kv_off,
+                              n, c0 + 2 * cols, kv_end, cols, tx)
+                if kt + 1 < num_kt:
+                    load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems + kv_elems, v,
+                              bi, h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
+                T.ptx.cp.async_.commit_group()
             # A causal tile wholly right of this warpgroup's rows adds nothing to them (and
             # neither does any after it: a visible tile kt + 1 means a visible tile kt).
             if kt + 1 < num_kt and ((not causal) or c0 + cols < w0 + 64):
@@ -382,13 +419,14 @@ def wgmma_attention_kernel(
         zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
         reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
         if tma_kv:
-            full = T.alloc_buffer((2,), "uint64", scope="shared")
-            phase = T.alloc_buffer((2,), "int32", scope="local")
+            # K stages 0 and 1, then V's: a barrier each, and the parity its next copy completes
+            full = T.alloc_buffer((4,), "uint64", scope="shared")
+            phase = T.alloc_buffer((4,), "int32", scope="local")
             if tx == 0:
-                init_barrier(full.ptr_to([0]), 1)
-                init_barrier(full.ptr_to([1]), 1)
-            phase[0] = 0
-            phase[1] = 0
+                for i in T.unroll(4):
+                    init_barrier(full.ptr_to([i]), 1)
+            for i in T.unroll(4):
+                phase[i] = 0
             T.tvm_storage_sync("shared")
 
         for rep in T.serial(reps):
@@ -400,9 +438,16 @@ def wgmma_attention_kernel(
                 kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
                 num_kt = (kv_end + cols - 1) // cols
                 if overlap:
-                    overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
-                                     o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv,
-                                     q_off, kv_off, n, r0, w0, row0, kv_end, num_kt, t4, tx)
+                    if tma_kv:
+                        overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
+                                         o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h,
+                                         h_kv, q_off, kv_off, n, r0, w0, row0, kv_end, num_kt,
+                                         t4, tx, (k_map, v_map, full, phase, smem_words))
+                    else:
+                        overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
+                                         o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h,
+                                         h_kv, q_off, kv_off, n, r0, w0, row0, kv_end, num_kt,
+                                         t4, tx, None)
                 elif tma_kv:
                     serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
                                  m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
