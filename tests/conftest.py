@@ -91,6 +91,22 @@ def build_target(target: str):
     return target
 
 
+def ptxas_report(src: str, arch: str, tmp_path) -> str:
+    """nvcc's ``-Xptxas -v`` report of CUDA source ``src`` built for ``arch`` (the test fails
+    if it does not build, and is skipped where no nvcc is installed)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc")
+    (tmp_path / "k.cu").write_text(src)
+    run = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o",
+                          str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stderr
+
+
 def vm_main(mod, target: str):
     """``main`` of ``mod`` compiled for ``target`` (see :func:`build_target`), as a function of
     NumPy arrays returning a NumPy array."""

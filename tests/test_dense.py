@@ -648,21 +648,15 @@ def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, persistent):
     the join of the roles was capped by the producer's budget: 1600 bytes spilled and the wgmma
     instructions serialized)."""
     import re
-    import shutil
-    import subprocess
 
-    if shutil.which("nvcc") is None:
-        pytest.skip("no nvcc")
+    from .conftest import ptxas_report
+
     src = tma_cuda_source(768, 3072, Epilogue(True, None, True), persistent=persistent)
     name = re.search(r"__launch_bounds__\(384\) (\w+)\(", src).group(1)
-    (tmp_path / "k.cu").write_text(src)
-    run = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-Xptxas", "-v", "-o",
-                          str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    report = run.stderr[run.stderr.index(f"Compiling entry function '{name}'"):]
+    full = ptxas_report(src, "sm_90a", tmp_path)
+    report = full[full.index(f"Compiling entry function '{name}'"):]
     assert "0 bytes spill stores, 0 bytes spill loads" in report.split("Compiling entry")[1]
-    assert "C7512" not in run.stderr  # "wgmma.mma_async instructions are serialized"
+    assert "C7512" not in full  # "wgmma.mma_async instructions are serialized"
 
 
 @pytest.mark.gpu

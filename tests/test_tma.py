@@ -3,8 +3,6 @@ rows copied to shared memory by ``cp.async.bulk.tensor`` behind an mbarrier, lan
 128-byte-swizzled layout that the ``wgmma`` descriptors read. What a warp-specialized Hopper
 kernel would build on; checked here with a kernel that copies a tensor through it."""
 
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -81,12 +79,9 @@ def test_the_tile_copy_compiles_to_tma(dtype):
 
 
 def test_ptxas_accepts_the_tile_copy(tmp_path):
-    if shutil.which("nvcc") is None:
-        pytest.skip("no nvcc")
-    (tmp_path / "k.cu").write_text(copy_source("float16")[0])
-    run = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-o", str(tmp_path / "k.cubin"),
-                          str(tmp_path / "k.cu")], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    from .conftest import ptxas_report
+
+    ptxas_report(copy_source("float16")[0], "sm_90a", tmp_path)
 
 
 @pytest.mark.gpu
