@@ -6,7 +6,7 @@ keys are loaded; padding rows zeroed by the same grid), but the products run on 
 warpgroup MMA:
 
 * the block is two warpgroups, each owning 64 of the query rows;
-* S = Q K^T: ``wgmma.m64n64k16`` with both operands read by the tensor cores from shared memory
+* S = Q K^T: ``wgmma.m64n{keys}k16`` with both operands read by the tensor cores from shared memory
   through matrix descriptors (Q and K tiles K-major, 128-byte swizzle, as the dense kernel's);
 * O += P V: ``wgmma.m64n{head_dim}k16`` with P straight from the S accumulators (registers: the
   accumulator layout of S is the A-fragment layout, packed to 16 bits) and V from shared memory
