@@ -74,8 +74,8 @@ def wgmma_attention_kernel(
     """The PrimFunc of :func:`~relax_masked_attn.kernels.cuda_mma.tensor_core_kernel` (padded or
     ``packed``), on ``wgmma``; for targets :func:`supports` accepts.
 
-    ``tiles`` = (blocks an SM the registers are capped for, whether O += P V overlaps the next
-    tile's wait, K/V stages, whether the output leaves through shared memory) overrides
+    ``tiles`` (a :class:`~relax_masked_attn.kernels.config.WgmmaAttentionTiles`, or a tuple of
+    its first fields) overrides
     :func:`~relax_masked_attn.kernels.config.wgmma_attention_tiles`."""
     if head_dim not in SUPPORTED_HEAD_DIMS or dtype not in ("float16", "bfloat16"):
         raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
@@ -220,8 +220,11 @@ def wgmma_attention_kernel(
         stages then V's, the parity each barrier's next copy completes, the pool as uint32."""
         load_tile(smem, pad, q, bi, h, q_off, n, r0, n, ROWS, tx)
         if tma_kv:
-            tma_tile(smem, pad, kv[0], kv[2], 0, 0, bi * k.shape[1] + kv_off, h_kv, tx)
-            tma_tile(smem, pad, kv[1], kv[2], 1, 0, bi * k.shape[1] + kv_off, h_kv, tx)
+            # the real block's first key, in the tensor maps' rows (bound here only: the
+            # cp.async form does not compute it)
+            row = bi * k.shape[1] + kv_off
+            tma_tile(smem, pad, kv[0], kv[2], 0, 0, row, h_kv, tx)
+            tma_tile(smem, pad, kv[1], kv[2], 1, 0, row, h_kv, tx)
         else:
             load_tile(smem, pad + q_elems, k, bi, h_kv, kv_off, n, 0, kv_end, cols, tx)
             if stages == 2:
@@ -249,10 +252,10 @@ def wgmma_attention_kernel(
                 # K and V of tile kt + 1 into the other stage, a whole tile ahead.
                 if kt + 1 < num_kt:
                     if tma_kv:
-                        tma_tile(smem, pad, kv[0], kv[2], 0, (kt + 1) % 2,
-                                 bi * k.shape[1] + kv_off + c0 + cols, h_kv, tx)
-                        tma_tile(smem, pad, kv[1], kv[2], 1, (kt + 1) % 2,
-                                 bi * k.shape[1] + kv_off + c0 + cols, h_kv, tx)
+                        tma_tile(smem, pad, kv[0], kv[2], 0, (kt + 1) % 2, row + c0 + cols,
+                                 h_kv, tx)
+                        tma_tile(smem, pad, kv[1], kv[2], 1, (kt + 1) % 2, row + c0 + cols,
+                                 h_kv, tx)
                     else:
                         load_tile(smem, pad + q_elems + (kt + 1) % 2 * 2 * kv_elems, k, bi,
                                   h_kv, kv_off, n, c0 + cols, kv_end, cols, tx)
@@ -376,6 +379,8 @@ def wgmma_attention_kernel(
                     pv_product(o_acc, p_frag, descs, kt % 2)
                     T.ptx.wgmma.wait_group.sync.aligned(0)
 
+    key_tiles = overlapped_tiles if overlap else serial_tiles  # a query tile's key loop
+
     @T.macro
     def block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, k_map, v_map):
         smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
@@ -437,26 +442,16 @@ def wgmma_attention_kernel(
             if r0 < n:
                 kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
                 num_kt = (kv_end + cols - 1) // cols
-                if overlap:
-                    if tma_kv:
-                        overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
-                                         o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h,
-                                         h_kv, q_off, kv_off, n, r0, w0, row0, kv_end, num_kt,
-                                         t4, tx, (k_map, v_map, full, phase, smem_words))
-                    else:
-                        overlapped_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3,
-                                         o_acc3, m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h,
-                                         h_kv, q_off, kv_off, n, r0, w0, row0, kv_end, num_kt,
-                                         t4, tx, None)
-                elif tma_kv:
-                    serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
-                                 m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
-                                 n, r0, w0, row0, kv_end, num_kt, t4, tx,
-                                 (k_map, v_map, full, phase, smem_words))
+                # (full and phase exist only with TMA copies: no name bound to None in TVMScript)
+                if tma_kv:
+                    key_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
+                              m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
+                              n, r0, w0, row0, kv_end, num_kt, t4, tx,
+                              (k_map, v_map, full, phase, smem_words))
                 else:
-                    serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
-                                 m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
-                                 n, r0, w0, row0, kv_end, num_kt, t4, tx, None)
+                    key_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3,
+                              m_i, l_i, m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off,
+                              n, r0, w0, row0, kv_end, num_kt, t4, tx, None)
                 T.ptx.wgmma.wait_group.sync.aligned(0)
                 if staged_out:
                     # Normalize into this warpgroup's own rows of the Q tile (its products are

@@ -28,7 +28,7 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
 # The Hopper dense kernel generators by name, each ``(n, k, dtype, epilogue)`` -> the same
 # PrimFunc: the warp-specialized TMA kernel, its persistent form, and the kernel whose threads
 # all copy through ``cp.async``. ``HOPPER_DENSE`` is the one ``sm_90a`` targets get (the
-# persistent form: 0.85-1.05x cuBLAS on an H200, the others below it on every shape);
+# persistent form: 0.85-1.05x cuBLAS on an H200, the others at or below it on every shape);
 # ``bench_models.py --hopper-dense NAME`` puts another there to compare whole models, and
 # ``bench_dense.py`` times each.
 HOPPER_DENSE_KERNELS = {
