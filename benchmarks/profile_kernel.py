@@ -28,7 +28,8 @@ args = parser.parse_args()
 batch, seq, hq, hkv, d = (int(x) for x in args.config.split(","))
 target = device_cuda_target()
 scale = d**-0.5
-if cuda_wgmma.supports(target, d, args.dtype):
+wgmma = cuda_wgmma.supports(target, d, args.dtype)
+if wgmma:
     tiles = None
     if args.tiles:
         fields = [int(x) for x in args.tiles.split(",")]
@@ -48,5 +49,5 @@ tensors = [tvm.runtime.from_dlpack(x) for x in (q, k, v, valid_len, out)]
 for _ in range(5):
     kernel(*tensors)
 torch.cuda.synchronize()
-print(f"ran the {'wgmma' if cuda_wgmma.supports(target, d, args.dtype) else 'mma.sync'} kernel "
-      f"on {target.attrs['arch']}: ({args.config}) {args.mode}")
+print(f"ran the {'wgmma' if wgmma else 'mma.sync'} kernel on {target.attrs['arch']}: "
+      f"({args.config}) {args.mode}")

@@ -177,7 +177,7 @@ class WgmmaAttentionTiles(NamedTuple):
     staged_out: bool  # the output leaves through shared memory in 16-byte vectors
     overlap: bool  # the softmax of key tile kt + 1 during O += P V(kt)
     key_tile: int = 64  # keys a tile (64 or 128)
-    tma_kv: bool = False  # K and V tiles copied by TMA (one thread, an mbarrier a stage)
+    tma_kv: bool = False  # K and V tiles copied by TMA (one thread; a K and a V mbarrier a stage)
 
 
 def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
