@@ -326,11 +326,11 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers, outpu
 # config.WgmmaAttentionTiles: (blocks an SM, O += P V deferred, K/V stages, output staged,
 # softmax overlapping O += P V[, keys a tile, K/V by TMA])
 WGMMA_SWEEP = [
-    (2, False, 2, True, False),  # the default
+    (2, False, 2, True, False, 64, True),  # the default: K and V by TMA
+    (2, False, 2, True, False),  # by cp.async
     (2, False, 2, True, True),
     (1, False, 2, True, True),
     (1, False, 2, True, True, 128),  # and 128-key tiles
-    (2, False, 2, True, False, 64, True),  # K and V by TMA
     (1, False, 2, True, False, 128, True),
     (2, False, 2, True, True, 64, True),  # overlapped, on TMA copies
     (1, False, 2, True, True, 128, True),

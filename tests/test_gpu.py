@@ -116,32 +116,34 @@ def kernel_variant(variant: str):
         return (*wgmma, lambda d, dt: (2 if d == 64 else 1, False, 2, True, True), "cuda-sm90a")
     if variant == "wgmma-128-keys":  # and tiles of 128 keys, one block an SM
         return (*wgmma, lambda d, dt: (1, False, 2, True, True, 128), "cuda-sm90a")
-    if variant == "wgmma-tma":  # K and V tiles copied by TMA
-        return (*wgmma, lambda d, dt: (2, False, 2, True, False, 64, True), "cuda-sm90a")
+    if variant == "wgmma-cp-async":  # K and V tiles copied by cp.async (the default: TMA)
+        return (*wgmma, lambda d, dt: (2, False, 2, True, False), "cuda-sm90a")
     if variant == "wgmma-tma-128-keys":
         return (*wgmma, lambda d, dt: (1, False, 2, True, False, 128, True), "cuda-sm90a")
     if variant == "wgmma-overlap-tma":  # the overlapped loop on TMA copies
         return (*wgmma, lambda d, dt: (2 if d == 64 else 1, False, 2, True, True, 64, True),
                 "cuda-sm90a")
-    assert variant == "mma-staged"  # the output staged through shared memory
+    assert variant == "mma-direct-store"  # 4-byte stores (the default: staged output)
     return (cuda_mma, cuda_mma.tensor_core_kernel, "tensor_core_tiles",
-            lambda d, dt: (*config.tensor_core_tiles(d, dt)[:4], True), "cuda")
+            lambda d, dt: (*config.tensor_core_tiles(d, dt)[:4], False), "cuda")
 
 
 @pytest.mark.parametrize("variant,head_dim", [
     ("wgmma-direct-store", 64), ("wgmma-direct-store", 128), ("wgmma-overlap", 64),
-    ("wgmma-overlap", 128), ("wgmma-128-keys", 64), ("wgmma-128-keys", 128), ("wgmma-tma", 64),
-    ("wgmma-tma", 128), ("wgmma-tma-128-keys", 128), ("wgmma-overlap-tma", 64),
-    ("wgmma-overlap-tma", 128), ("mma-staged", 32), ("mma-staged", 64), ("mma-staged", 128)])
+    ("wgmma-overlap", 128), ("wgmma-128-keys", 64), ("wgmma-128-keys", 128), ("wgmma-cp-async", 64),
+    ("wgmma-cp-async", 128), ("wgmma-tma-128-keys", 128), ("wgmma-overlap-tma", 64),
+    ("wgmma-overlap-tma", 128), ("mma-direct-store", 32), ("mma-direct-store", 64),
+    ("mma-direct-store", 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
     """The tensor-core kernels' layouts that their tiles (``config.wgmma_attention_tiles``,
     ``config.tensor_core_tiles``) do not choose by default: the ``wgmma`` kernel storing 4 bytes
     straight from the accumulators, overlapping the softmax of key tile kt + 1 with
-    O += P V(kt) (on tiles of 64 or 128 keys), or copying K and V by TMA (whose boxes take
-    the padding rows past a sequence as they are: they hold NaN here); the ``mma.sync`` kernel
-    staging its output through shared memory for 16-byte stores (``geometry.staged_output``).
+    O += P V(kt) (on tiles of 64 or 128 keys, copied by TMA or ``cp.async``), or copying K and
+    V by ``cp.async`` (the default's TMA boxes take the padding rows past a sequence as they
+    are: they hold NaN here); the ``mma.sync`` kernel storing 4 bytes from its accumulators
+    (the default stages the output through shared memory: ``geometry.staged_output``).
     Every mode, GQA, the length patterns, lengths off the tiles (one key tile, two, many), and
     the packed op with rows of no sequence around its sequences."""
     import relax_masked_attn as rma

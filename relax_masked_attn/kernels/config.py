@@ -70,27 +70,29 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool, b
     shared memory every k-step (FlashAttention-2's layout): each K/V fragment loaded with
     ``ldmatrix`` feeds two ``mma``. Shared memory: Q 128 x head_dim plus K and V 64 x head_dim
     (64 KiB at head_dim 128, one dynamic pool: sm_80-class GPUs allow 48 KiB of static shared
-    memory; nvcc 13: 255 registers, no spills; 221 at head_dim 64). Swept on an H200
-    (``bench_kernel.py --sweep``, full lengths, useful TFLOP/s, one run, with the tiles static)
-    against the other layouts: (32, 512, 12/12, 64) 168.6 vs 145.9 (4 x 1 tile, 64 keys, Q in
-    registers); (16, 1024, 16/8, 128) 213.8 vs 202.6 (4 x 2 tiles, 32 keys); (4, 4096, 16/8,
-    128) bf16 285.9 vs 276.5.
+    memory; nvcc 13 with TVM's flags: 255 registers and 24-28 bytes spilled at head_dim 128, 214
+    and none at 64). Swept on an H200
+    (``bench_kernel.py --sweep``, full lengths, useful TFLOP/s at (32, 512, 12/12, 64) /
+    (16, 1024, 16/8, 128) / (4, 4096, 16/8, 128) bf16, one run, all with 4-byte stores):
+    171.5 / 221.8 / 298.3 against 145.9 / 184.8 / 250.6 (4 x 1 tiles, Q in registers),
+    162.1 / 200.7 / 280.4 (4 x 2 tiles, 32 keys) and 112.1 / 177.3 / 241.9 (8 x 1 tiles).
 
     Other head dims: 4 warps x 1 m16 tile = 64 query rows, 64-key tiles, Q in registers: Q, K
     and V take 3 * 64 * head_dim * 2 bytes of shared memory.
 
-    The staged output (each warp normalizes O into its own rows of the Q tile, then the block
-    writes 16-byte vectors: ``geometry.staged_output``, as the ``wgmma`` kernel does, where it
-    is 28% faster on the H200) builds for sm_80 with no spills at head_dim 32 and 64 and for the
-    padded op at 128 (ptxas, nvcc 13; the packed op's head_dim 128 kernel spills 12-32 bytes
-    at the 255-register cap, where the 4-byte form spills none). It is not yet run on a GPU, so
-    it stays off until ``test_kernel_variants`` and ``bench_kernel.py --sweep`` have passed
-    and measured it.
+    The output is staged (each warp normalizes O into its own rows of the Q tile, then the
+    block writes 16-byte vectors: ``geometry.staged_output``, as the ``wgmma`` kernel does). On
+    the H200 (same sweep, same run) it is 31% / 11% / 3% faster than 4-byte stores straight from
+    the accumulators at the three shapes (224.1 / 247.1 / 307.4 against 171.5 / 221.8 / 298.3
+    TFLOP/s; 4 x 1 tiles with Q in registers: 169.1 / 208.3 / 263.5 against 145.9 / 184.8 /
+    250.6). For sm_80 the staged form builds with no spills at head_dim 32 and 64; at 128 both
+    forms spill at the 255-register cap, the staged one a little more (padded op 28 bytes
+    against 24, packed 64 against 40).
     """
     del dtype
     if head_dim in (64, 128):
-        return 4, 2, 64, False, False
-    return 4, 1, 64, True, False
+        return 4, 2, 64, False, True
+    return 4, 1, 64, True, True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,50 +185,47 @@ class WgmmaAttentionTiles(NamedTuple):
 def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
     """The layout (:class:`WgmmaAttentionTiles`) of the ``wgmma`` attention kernel.
 
-    The staged output (each warpgroup normalizes O into its own rows of the Q tile, then the
-    block writes 16-byte vectors) replaces 4-byte stores, as in the dense kernels: on the H200
-    it is 28% faster at both swept shapes (table), with 128 registers and no spills (ptxas).
-
     A block is two warpgroups (256 threads); shared memory at head_dim 128: Q 128 x 128 (32 KiB)
-    and per stage a K and a V tile of 64 x 128 (32 KiB). One stage: K(kt + 1) loads during
-    O += P V(kt) and V(kt) during S(kt), two barriers a tile; two stages: K and V of tile kt + 1
-    load during all of tile kt, one barrier a tile.
-    Swept on the H200 (``bench_kernel.py --sweep``, full lengths, useful TFLOP/s for
-    (32, 512, 12, 64) / (16, 1024, 16/8, 128), one run):
+    and per stage a K and a V tile of 64 x 128 (32 KiB). Two stages: K and V of tile kt + 1
+    load during all of tile kt, one barrier a tile (one stage: K(kt + 1) during O += P V(kt)
+    and V(kt) during S(kt), two barriers a tile).
 
-    =============================  ===============  =========================================
-    (blocks, defer, st., staged)   TFLOP/s          note
-    =============================  ===============  =========================================
-    (2, False, 2, True)            275.0 / 338.5    chosen: 128 registers, no spills
-    (2, False, 2, False)           215.5 / 264.3    4-byte stores straight from registers
-    (2, True, 2, False)            216.7 / 267.7    O += P V deferred: no better
-    (1, False, 2, False)           215.6 / 228.9    148 registers, one block an SM
-    (2, False, 1, False)           178.3 / 246.0    a few bytes spilled at 128 registers
-    =============================  ===============  =========================================
+    The chosen layout copies K and V by TMA (``tma_kv``: one thread issues a tile's boxes,
+    every thread waits on its mbarrier, one for K and one for V a stage): no thread computes
+    addresses or issues ``cp.async`` for them, and ptxas needs fewer registers (92 against 109
+    at head_dim 64; at 128 no spill where the ``cp.async`` form spills 28 bytes, and 32 bytes
+    against 40 for the packed op's non-causal kernel; nvcc 13 with TVM's flags). A box takes
+    the rows past a sequence as they are, so the V rows past the real keys are zeroed in shared
+    memory before the products (P is 0 there, but 0 times NaN is not). The output is staged
+    (each warpgroup normalizes O into its own rows of the Q tile, then the block writes 16-byte
+    vectors), as in the dense kernels.
 
-    (all five with the last field off). The last field is FlashAttention-3's intra-warpgroup
-    overlap (``cuda_wgmma``'s ``overlapped_tiles``): S(kt + 1) is issued before
-    O += P V(kt), and the softmax of tile kt + 1 runs on the CUDA cores while O += P V(kt)
-    runs on the tensor cores; P(kt) stays packed in registers meanwhile (16 more a thread). It
-    is built and checked by ptxas and not yet run on a GPU, so it stays off until
-    ``test_kernel_variants``' overlapped cases and ``bench_kernel.py --sweep`` have passed
-    and measured it.
+    Swept on the H200 (``bench_kernel.py --sweep``, full lengths, useful TFLOP/s at
+    (32, 512, 12, 64) / (16, 1024, 16/8, 128) / (4, 4096, 16/8, 128) bf16, one run; fields
+    (blocks, defer, stages, staged, overlap[, keys, TMA])):
 
-    128-key tiles (FlashAttention-3's for causal head_dim 128) halve the barriers and softmax
-    passes a query tile makes; S then takes 64 registers a thread, so they go with one block an
-    SM (160 KiB of shared memory at head_dim 128, two stages). Built and checked by ptxas, not
-    yet run on a GPU; in the sweep as ``(1, False, 2, True, True, 128)``.
+    ==============================  =======================  ===============================
+    layout                          TFLOP/s                  note
+    ==============================  =======================  ===============================
+    (2, F, 2, T, F, 64, T)          279.4 / 341.9 / 450.9    chosen: K/V by TMA
+    (2, F, 2, T, F)                 279.6 / 341.5 / 433.1    ``cp.async`` K/V
+    (2, F, 2, F, F)                 217.5 / 269.2 / 397.9    4-byte stores from registers
+    (1, F, 2, T, F)                 278.6 / 283.9 / 354.8    one block an SM
+    (2, F, 2, T, T)                 278.2 / 238.2 / 296.2    overlap; spills at head_dim 128
+    (1, F, 2, T, T)                 277.6 / 292.5 / 369.3    overlap, one block an SM
+    (2, F, 2, T, T, 64, T)          281.2 / 229.2 / 285.1    overlap on TMA copies
+    (1, F, 2, T, T, 128)            243.7 / 297.2 / 392.1    overlap, 128-key tiles
+    (1, F, 2, T, F, 128, T)         239.2 / 309.0 / 429.4    128-key tiles by TMA
+    (1, F, 2, T, T, 128, T)         240.9 / 307.0 / 423.0    both
+    ==============================  =======================  ===============================
 
-    ``tma_kv`` copies the K and V tiles by TMA (one thread issues a tile's boxes, every thread
-    waits on its mbarrier, one for K and one for V a stage; both loops): no thread computes
-    addresses or issues
-    ``cp.async`` for them, and ptxas needs fewer registers (96 against 107 at head_dim 64, and
-    no spill at 128 where the ``cp.async`` form spills 36 bytes). A box takes the rows past a
-    sequence as they are, so the V rows past the real keys are zeroed in shared memory before
-    the products (P is 0 there, but 0 times NaN is not). With the overlap it fits two blocks an
-    SM at head_dim 64 (106-118 registers), not at 128 (144-180 bytes spilled, wgmma
-    serialized: one block there). Built and checked by ptxas, not yet run on a GPU; in the
-    sweep with and without the overlap, on 64- and 128-key tiles.
+    FlashAttention-3's intra-warpgroup overlap (``overlap``: S(kt + 1) issued before
+    O += P V(kt), the softmax of kt + 1 on the CUDA cores while the tensor cores run the
+    product; P(kt) stays packed in registers meanwhile) gains nothing here: at head_dim 64 two
+    blocks an SM already overlap one block's softmax with the other's products, and at 128 the
+    16 more registers a thread either spill (two blocks) or cost the second block. 128-key
+    tiles (64 registers of S a thread) likewise need one block an SM. Earlier sweeps: the
+    deferred O += P V wait was no better than the plain one, and one stage spilled a few bytes.
     """
     del head_dim, dtype
-    return WgmmaAttentionTiles(2, False, 2, True, False)
+    return WgmmaAttentionTiles(2, False, 2, True, False, 64, True)

@@ -22,11 +22,19 @@ def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, ca
     rescaled) and the running row statistics ``m_i``, ``l_i`` (with scratch ``m_new``,
     ``alpha``), each ``[atoms, 2]`` for rows ``g`` and ``g + 8``. Where ``masked`` (a tile
     crossing the end ``kv_end`` of the real keys, or the causal diagonal), invisible scores
-    become ``NEG_INF``.
+    become ``NEG_INF / qk_scale``, so that they scale to ``NEG_INF``.
+
+    S stays unscaled: the row max is taken over the raw products and scaled once a row
+    (``qk_scale > 0``, which the op checks), and each exponent is one fused multiply-add,
+    ``exp2(fma(s, qk_scale, -max))``, as FlashAttention-3 computes it: a separate multiply
+    of every score would cost one more FP32 instruction an element in the softmax, the part
+    of the kernel that the tensor cores wait on. ``m_i`` is kept scaled.
 
     ``rescale_output=False`` leaves ``o`` alone (a kernel whose O += P V of the previous tile
     is still in flight scales ``o`` by ``alpha`` once it is done: :func:`rescale`)."""
+    assert qk_scale > 0, qk_scale
     scale_rows = _row_scaler(o_tiles)
+    hidden = NEG_INF / qk_scale  # a masked raw score: NEG_INF once scaled
 
     @T.macro
     def online_softmax(s, o, m_i, m_new, alpha, l_i, c0, kv_end, masked, row_base, t4):
@@ -41,28 +49,23 @@ def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, ca
                                 or (c0 + j * 8 + t4 * 2 + c % 2
                                     <= row_base + a * 16 + (c // 2) * 8)
                             ),
-                            s[a, j, c] * qk_scale,
-                            NEG_INF,
+                            s[a, j, c],
+                            T.float32(hidden),
                         )
-        else:
-            for a in T.unroll(atoms):
-                for j in T.unroll(s_tiles):
-                    for c in T.unroll(4):
-                        s[a, j, c] = s[a, j, c] * qk_scale
-        # New row max over the tile, quad-reduced; rescale what came before.
+        # New row max over the tile (raw, then scaled), quad-reduced; rescale what came before.
         for a in T.unroll(atoms):
             for i in T.unroll(2):
-                m_new[a, i] = m_i[a, i]
-                for j in T.unroll(s_tiles):
+                m_new[a, i] = T.max(s[a, 0, 2 * i], s[a, 0, 2 * i + 1])
+                for j in T.unroll(1, s_tiles):
                     m_new[a, i] = T.max(m_new[a, i], T.max(s[a, j, 2 * i], s[a, j, 2 * i + 1]))
-                m_new[a, i] = T.cuda.warp_max(m_new[a, i], 4)
+                m_new[a, i] = T.max(m_i[a, i], T.cuda.warp_max(m_new[a, i], 4) * qk_scale)
                 alpha[a, i] = T.exp2(m_i[a, i] - m_new[a, i])
                 m_i[a, i] = m_new[a, i]
                 l_i[a, i] = l_i[a, i] * alpha[a, i]
                 for j in T.unroll(s_tiles):
-                    s[a, j, 2 * i] = T.exp2(s[a, j, 2 * i] - m_new[a, i])
-                    s[a, j, 2 * i + 1] = T.exp2(s[a, j, 2 * i + 1] - m_new[a, i])
-                    l_i[a, i] = l_i[a, i] + s[a, j, 2 * i] + s[a, j, 2 * i + 1]
+                    for c in T.unroll(2):
+                        s[a, j, 2 * i + c] = T.exp2(s[a, j, 2 * i + c] * qk_scale - m_new[a, i])
+                        l_i[a, i] = l_i[a, i] + s[a, j, 2 * i + c]
             if rescale_output:
                 scale_rows(o, alpha, a)
 
