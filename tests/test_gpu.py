@@ -66,6 +66,23 @@ def test_awkward_lengths(mode, dtype, head_dim, target):
     assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
 
 
+@pytest.mark.parametrize("target", ["cuda", "cuda-sm90a"])
+def test_batch_beyond_the_grid_fails_clearly(target):
+    """The tensor-core kernels put batch rows on the grid's z dimension: 65535 rows run (and
+    are right at both ends), 65536 stop with a message that says what to do, not a launch
+    failure."""
+    run = compiled_op(target, 2, 2, 64, "float16", "padded")
+    rng = np.random.default_rng(5)
+    q, k, v = random_qkv(65535, 2, 2, 2, 2, 64, "float16", rng)
+    valid_len = rng.integers(0, 3, size=65535).astype("int32")
+    out = run(q, k, v, valid_len)
+    ends = np.r_[0:50, 65485:65535]
+    assert_matches_reference(out[ends], q[ends], k[ends], v[ends], valid_len[ends], "padded")
+    big = [np.concatenate([x, x[:1]]) for x in (q, k, v, valid_len)]
+    with pytest.raises(Exception, match="at most 65535 batch rows"):
+        run(*big)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
 def test_agrees_with_upstream_on_valid_rows(mode, dtype):

@@ -85,9 +85,8 @@ def tensor_core_tiles(head_dim: int, dtype: str) -> tuple[int, int, int, bool, b
     the H200 (same sweep, same run) it is 31% / 11% / 3% faster than 4-byte stores straight from
     the accumulators at the three shapes (224.1 / 247.1 / 307.4 against 171.5 / 221.8 / 298.3
     TFLOP/s; 4 x 1 tiles with Q in registers: 169.1 / 208.3 / 263.5 against 145.9 / 184.8 /
-    250.6). For sm_80 the staged form builds with no spills at head_dim 32 and 64; at 128 both
-    forms spill at the 255-register cap, the staged one a little more (padded op 28 bytes
-    against 24, packed 64 against 40).
+    250.6). For sm_80 the staged form builds with no spills at head_dim 64 and 12 bytes for the
+    packed op at 32; at 128 both forms spill at the 255-register cap (24-48 bytes).
     """
     del dtype
     if head_dim in (64, 128):

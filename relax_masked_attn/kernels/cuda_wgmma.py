@@ -44,7 +44,15 @@ from ..targets import cuda_arch
 from .config import WgmmaAttentionTiles, wgmma_attention_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax, rescale
-from .geometry import LOG2E, NEG_INF, attention_func, padding_zeroer, staged_output
+from .geometry import (
+    GRID_BATCH_LIMIT,
+    GRID_BATCH_MESSAGE,
+    LOG2E,
+    NEG_INF,
+    attention_func,
+    padding_zeroer,
+    staged_output,
+)
 from .hopper import (
     copy_head_tile,
     encode_head_tiles,
@@ -476,8 +484,14 @@ def wgmma_attention_kernel(
 
     @T.macro
     def launch(q, k, v, geom, out, batch, seq_q, k_map, v_map):
-        bh = T.launch_thread("blockIdx.x", batch * heads_q)
-        qt_launch = T.launch_thread("blockIdx.y", (seq_q + ROWS - 1) // ROWS)
+        # Query tiles innermost, then heads, then batch rows: the blocks resident at once are
+        # the tiles of a few heads and share their K and V through L2 (with the heads
+        # innermost each block read its own: 43% L2 hits at (16, 1024, 16/8, 128) causal).
+        assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+        qt_launch = T.launch_thread("blockIdx.x", (seq_q + ROWS - 1) // ROWS)
+        h_launch = T.launch_thread("blockIdx.y", heads_q)
+        b_launch = T.launch_thread("blockIdx.z", batch)
+        bh = b_launch * heads_q + h_launch
         tx = T.launch_thread("threadIdx.x", THREADS)
         # __launch_bounds__(256, min_blocks): registers capped so that blocks share an SM.
         with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):

@@ -110,6 +110,13 @@ class Rows:
         return tirx.const(0, self.index_dtype)
 
 
+# The most batch rows (sequences) a tensor-core attention kernel's grid takes: its batch is
+# CUDA's grid z dimension, whose limit this is.
+GRID_BATCH_LIMIT = 65535
+GRID_BATCH_MESSAGE = ("attention on CUDA tensor cores takes at most 65535 batch rows (sequences) "
+                      "a call; split the batch")
+
+
 def packed_grid_batch(batch):
     """The packed op's grid rows for ``batch`` sequences: at least 1, so that with no sequence
     at all the one block finds length 0 and zeroes all ``t`` rows."""
