@@ -110,3 +110,30 @@ def test_every_row_and_head_is_computed_around_the_part_count(mode):
                                            2, 3)
         assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start,
                                         mode.startswith("causal"))
+
+
+def test_fast_exp2_matches_numpy_on_its_domain():
+    """The CPU kernel's vectorized ``2**x`` (``cpu.fast_exp2``, for ``x <= 0``) against NumPy:
+    within a few float32 ulp where the result is a normal float, exactly 0 below -126.5
+    (``NEG_INF`` included), exactly 1 at 0."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from relax_masked_attn.kernels.cpu import fast_exp2
+
+    @T.prim_func
+    def exp2_func(x: T.Buffer((4096,), "float32"), y: T.Buffer((4096,), "float32")):
+        for i in T.vectorized(4096):
+            y[i] = fast_exp2(x[i])
+
+    run = tvm.compile(exp2_func, target="llvm")
+    x = np.concatenate([-np.geomspace(1e-8, 126.0, 3000), -np.linspace(126.5, 1e4, 1090),
+                        [0.0, -0.5, -1.0, -1e30, -np.finfo("float32").max, -126.4]])
+    x = x.astype("float32")
+    y = tvm.runtime.tensor(np.zeros(4096, "float32"))
+    run(tvm.runtime.tensor(x), y)
+    got, want = y.numpy(), np.exp2(x.astype("float64"))
+    normal = x > -126
+    np.testing.assert_allclose(got[normal], want[normal], rtol=4e-7, atol=0)
+    assert (got[x < -126.5] == 0).all()
+    assert got[x == 0][0] == 1.0

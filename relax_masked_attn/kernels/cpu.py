@@ -43,20 +43,21 @@ _EXP2_POLY = (
 
 
 def fast_exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """float32 ``2**x`` from a polynomial and the exponent bits, so LLVM vectorizes it.
+    """float32 ``2**x`` for ``x <= 0`` (the online softmax's exponents: a score, or an old row
+    maximum, minus the new row maximum) from a polynomial and the exponent bits, so LLVM
+    vectorizes it (it lowers a vector ``exp2`` to one libm call per lane).
 
-    (LLVM lowers a vector ``exp2`` to one libm call per lane.) Inputs below -126 give exactly 0.
-    """
+    Clamped at -127, whose exponent field is 0: inputs below -126.5 give exactly 0 with
+    no further select (``NEG_INF`` scores included). Positive inputs are outside its domain."""
     f32 = "float32"
-    xc = tirx.max(tirx.min(x, tirx.const(127.0, f32)), tirx.const(-127.0, f32))
+    xc = tirx.max(x, tirx.const(-127.0, f32))
     n = tirx.round(xc)
     f = xc - n
     poly = tirx.const(_EXP2_POLY[0], f32)
     for coef in _EXP2_POLY[1:]:
         poly = poly * f + tirx.const(coef, f32)
     bits = tirx.shift_left(tirx.Cast("int32", n) + 127, tirx.const(23, "int32"))
-    scale = tirx.reinterpret(f32, bits)
-    return tirx.Select(x < tirx.const(-126.0, f32), tirx.const(0.0, f32), (poly * f + 1.0) * scale)
+    return (poly * f + 1.0) * tirx.reinterpret(f32, bits)
 
 
 def cpu_kernel(
