@@ -18,6 +18,7 @@ from tvm.relax.frontend import nn
 
 from . import __version__
 from .checkpoint import CheckpointError, ModelSpec, read_spec
+from .kernels.geometry import GRID_BATCH_LIMIT
 from .quantization import PRECISIONS, quantize_embeddings
 from .targets import device_cuda_target, host_cpu_target
 from .weights import match_parameters, read_safetensors
@@ -234,6 +235,8 @@ class EmbeddingModel:
             os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         # packed tokens of a call rounded up to a multiple of this (bucket_shape)
         self.token_step = CPU_TOKEN_STEP if on_cpu else TOKEN_STEP
+        # rows a forward takes: the CUDA attention kernels' grid has at most this many sequences
+        self.max_rows = None if on_cpu else GRID_BATCH_LIMIT
         self.spec, self.target, self.device, self.dtype = spec, target, device, dtype
         self.tokenizer = tokenizer
         self.max_cached_shapes = max_cached_shapes
@@ -289,6 +292,11 @@ class EmbeddingModel:
         """``fn`` on a checked batch, run at its bucket's shape; the result cut back to it."""
         ids, mask, token_index = self._check_ids(input_ids, attention_mask)
         batch, seq = ids.shape
+        if self.max_rows is not None and batch > self.max_rows:  # rows are independent
+            step = self.max_rows
+            input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
+            return np.concatenate([self._run(fn, input_ids[i:i + step], attention_mask[i:i + step])
+                                   for i in range(0, batch, step)])
         ids, mask, token_index = bucket_inputs(ids, mask, token_index, self.spec.padding_side,
                                                self.pad_id, self.spec.max_length,
                                                self.token_step)
@@ -398,6 +406,8 @@ class EmbeddingModel:
 
         ``input_ids`` integers in ``[0, vocab_size)``, ``attention_mask`` 0/1, both
         ``[batch, seq]``; a row whose mask is all 0 (no real token) embeds to a zero vector.
+        On CUDA a batch of more than ``max_rows`` rows (65535: the sequences the attention
+        kernels' grid takes) runs in parts of that many.
         """
         return self._run("forward", input_ids, attention_mask)
 

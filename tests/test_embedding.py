@@ -188,6 +188,31 @@ def test_buckets_do_not_change_results(which, side, request, monkeypatch):
             np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.parametrize("which,side", [("tiny_bert", "right"), ("tiny_qwen3", "left")])
+def test_batches_past_the_row_limit_run_in_parts(which, side, request):
+    """A model whose forward takes at most ``max_rows`` rows (CUDA: the attention grid's 65535
+    sequences) runs a longer batch in parts, with the embeddings and hidden states of the whole
+    batch in one forward (and, for BERT, transformers' hidden states)."""
+    import torch
+
+    path, hf = request.getfixturevalue(which)
+    ours = EmbeddingModel.from_pretrained(path, use_cache=False)
+    assert ours.max_rows is None  # a CPU model has no such limit
+    rng = np.random.default_rng(7)
+    ids = rng.integers(1, 120, (5, 9))
+    mask = _masks([9, 4, 1, 7, 9], 9, side)
+    whole = ours.embed_ids(ids, mask), ours.hidden_states(ids, mask)
+    ours.max_rows = 2
+    parts = ours.embed_ids(ids, mask), ours.hidden_states(ids, mask)
+    for got, want in zip(parts, whole):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    if which == "tiny_bert":
+        with torch.no_grad():
+            ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        np.testing.assert_allclose(parts[1], ref.last_hidden_state.numpy() * mask[..., None],
+                                   atol=2e-4)
+
+
 def test_calls_in_one_bucket_follow_their_own_inputs(tiny_bert):
     """A bucket keeps its input buffers and copies only the inputs that changed since its last
     call: calls that change the ids alone, the mask alone, both, or nothing each give
