@@ -49,6 +49,12 @@ def masked_sequence_prefill(
         ``[batch, seq_q, heads_q, head_dim]`` in q's dtype. Rows of padding queries, and every row
         of a batch row with no real token, are exactly 0. Finite wherever the scaled scores
         ``sm_scale * (q . k)`` lie within ``±1e29`` (float32 scores, masked with ``-1e30``).
+
+    Notes
+    -----
+    On CUDA's tensor-core kernels (sm_80 and up, fp16/bf16) a call takes at most 65535 batch
+    rows and 65535 query tiles of 64-128 rows (CUDA's grid limits); a larger one stops with a
+    message saying so (``kernels.geometry.GRID_BATCH_MESSAGE``).
     """
     check_mode(mode)
     attrs = {"mode": mode}

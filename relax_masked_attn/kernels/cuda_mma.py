@@ -121,12 +121,14 @@ def tensor_core_kernel(
     @T.macro
     def body(q, k, v, geom, out, batch, seq_q, seq_kv):
 
-        # Query tiles innermost, then heads, then batch rows: the blocks resident at once are
-        # the tiles of a few heads and share their K and V through L2 (with the heads
-        # innermost each block read its own: 43% L2 hits at (16, 1024, 16/8, 128) causal).
+        # Heads innermost, then query tiles (the longest first), then batch rows: the blocks
+        # resident at once work on one or a few batch rows, whose K and V stay in L2 (with the
+        # query tiles outermost each block read its own), and each batch row's heaviest tiles
+        # of every head start first.
         assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
-        qt_launch = T.launch_thread("blockIdx.x", (seq_q + rows - 1) // rows)
-        h_launch = T.launch_thread("blockIdx.y", heads_q)
+        assert (seq_q + rows - 1) // rows <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+        h_launch = T.launch_thread("blockIdx.x", heads_q)
+        qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
         b_launch = T.launch_thread("blockIdx.z", batch)
         bh = b_launch * heads_q + h_launch
         tx = T.launch_thread("threadIdx.x", threads)

@@ -110,11 +110,11 @@ class Rows:
         return tirx.const(0, self.index_dtype)
 
 
-# The most batch rows (sequences) a tensor-core attention kernel's grid takes: its batch is
-# CUDA's grid z dimension, whose limit this is.
+# The most batch rows (sequences), and query tiles of the longest one, a tensor-core attention
+# kernel's grid takes: they are CUDA's grid y and z dimensions, whose limit this is.
 GRID_BATCH_LIMIT = 65535
 GRID_BATCH_MESSAGE = ("attention on CUDA tensor cores takes at most 65535 batch rows (sequences) "
-                      "a call; split the batch")
+                      "and 65535 query tiles of 64-128 rows a call; split the batch")
 
 
 def packed_grid_batch(batch):
