@@ -242,3 +242,18 @@ def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, overlap, mode, pac
         with pytest.raises(ValueError):
             cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, tiles=bad)
     assert "C7512" not in ptxas_report(src, "sm_90a", tmp_path)
+
+
+@pytest.mark.parametrize("sm_scale", [1e-12, 0.125, 1e6])
+def test_tensor_core_kernels_build_for_any_positive_scale(sm_scale):
+    """The softmax masks raw scores with ``NEG_INF / scale`` (``fragment_softmax``): a tiny
+    scale would make that a literal beyond float32, which TVM refuses; it is held at float32's
+    lowest value, and both kernels build."""
+    from relax_masked_attn.kernels import cuda_wgmma
+
+    for make, arch in ((cuda_wgmma.wgmma_attention_kernel, "sm_90a"),
+                       (cuda_mma.tensor_core_kernel, "sm_80")):
+        func = make(8, 4, 64, "float16", "causal_padded_left", sm_scale)
+        target = tvm.target.Target({"kind": "cuda", "arch": arch})
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+        assert "exp2f" in lib.mod.imports[0].inspect_source()

@@ -13,6 +13,8 @@ from tvm.script import tirx as T
 
 from .geometry import NEG_INF
 
+FLOAT32_LOWEST = -3.4028234663852886e38
+
 
 def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, causal: bool,
                      rescale_output: bool = True):
@@ -34,7 +36,9 @@ def fragment_softmax(atoms: int, s_tiles: int, o_tiles: int, qk_scale: float, ca
     is still in flight scales ``o`` by ``alpha`` once it is done: :func:`rescale`)."""
     assert qk_scale > 0, qk_scale
     scale_rows = _row_scaler(o_tiles)
-    hidden = NEG_INF / qk_scale  # a masked raw score: NEG_INF once scaled
+    # a masked raw score: NEG_INF once scaled (at most float32's lowest value: with a scale
+    # under 3e-9 it scales to less than NEG_INF, still far below any real score)
+    hidden = max(NEG_INF / qk_scale, FLOAT32_LOWEST)
 
     @T.macro
     def online_softmax(s, o, m_i, m_new, alpha, l_i, c0, kv_end, masked, row_base, t4):
