@@ -15,8 +15,10 @@ FlashAttention-2 structure in TVMScript with explicit threads and ``T.ptx``:
   visible keys are loaded (up to ``kv_end`` = L, or the query tile's last row + 1 when causal),
   and a causal warp skips the products of key tiles wholly right of its own rows; query tiles
   past L do no attention. The padding rows of the output are zeroed by the same grid (tile
-  ``t`` zeroes padding rows ``[rows t, rows (t + 1))``); the tiles with the most key tiles are
-  launched first.
+  ``t`` zeroes padding rows ``[rows t, rows (t + 1))``); the grid runs heads innermost, then
+  query tiles (those with the most key tiles first), then batch rows;
+* the output is normalized into the Q tile's rows and leaves in 16-byte vectors
+  (``geometry.staged_output``; ``tensor_core_tiles``' last field).
 
 Fragment layouts are those of the PTX ISA's ``mma.m16n8k16`` and ``ldmatrix`` tables.
 """

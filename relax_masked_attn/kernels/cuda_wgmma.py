@@ -12,18 +12,21 @@ warpgroup MMA:
   accumulator layout of S is the A-fragment layout, packed to 16 bits) and V from shared memory
   through an MN-major descriptor (the tile is stored like K's; ``imm-trans-b`` reads it as
   ``[keys, head_dim]``);
-* tiles arrive by ``cp.async`` (K of the next tile during O += P V, V during S), made visible
-  to the tensor cores with ``fence.proxy.async``; the online softmax runs in registers;
-* the output leaves through shared memory in 16-byte vectors (``geometry.staged_output``).
+* Q arrives by ``cp.async``; K and V of the next key tile by TMA (the default: one thread
+  copies a tile's boxes of a 3-D tensor map behind an mbarrier, one for K and one for V a
+  stage; the V rows past the real keys are zeroed in shared memory) or by ``cp.async``, during
+  the current tile; the online softmax runs in registers;
+* the output leaves through shared memory in 16-byte vectors (``geometry.staged_output``);
+* the grid runs heads innermost, then query tiles (the longest first), then batch rows, so the
+  blocks resident at once share their K and V through L2.
 
 Each query tile's key tiles run in one of two loops (``config.wgmma_attention_tiles``):
 ``serial_tiles``, each tile's S, softmax and O += P V in turn (the default), or
 ``overlapped_tiles``, FlashAttention-3's intra-warpgroup overlap: S of tile kt + 1 is issued
 before O += P V(kt), and its softmax runs while O += P V(kt) is on the tensor cores; key
-tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``), and K and V arrive by
-``cp.async`` or by TMA (``tma_kv``: one thread copies a tile's boxes behind an mbarrier, one for
-K and one for V a stage; the V rows past the real keys are zeroed in shared memory). The
-overlap, 128-key tiles and TMA copies are built and checked by ptxas, not yet run on a GPU.
+tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``), and K and V arrive by TMA or
+``cp.async`` (``tma_kv``) in either loop. Every layout passes the GPU tests on the H200; the
+sweep that chose the default is in ``config.wgmma_attention_tiles``.
 
 Descriptors on 128-byte-swizzled tiles: 16-byte chunk ``c`` of a 64-element row ``r`` is stored
 at chunk ``c ^ (r % 8)``; 8 rows make a 1024-byte atom; a tile wider than 64 elements is stored
