@@ -100,8 +100,9 @@ class CpuDenseTiles:
 
     ``rows x cols`` outputs are one register block (``rows * cols / lanes`` accumulators);
     ``depth`` is the most ``k`` a block runs before its partial sums go back to ``out`` (one
-    weight panel of ``depth x cols`` floats stays in L1); a parallel task owns ``task_rows``
-    rows and ``task_cols`` columns.
+    weight panel of ``depth x cols`` floats stays in L1), except that a ``k`` of at most
+    ``whole_k`` runs in one slice; a parallel task owns ``task_rows`` rows and ``task_cols``
+    columns.
     """
 
     rows: int
@@ -110,6 +111,7 @@ class CpuDenseTiles:
     depth: int = 256
     task_rows: int = 48
     task_cols: int = 256
+    whole_k: int = 0
 
 
 def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
@@ -124,9 +126,16 @@ def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
     blocks, k slices of 128 and 512 and other task sizes, ``--sweep``, stayed within that VM's
     run-to-run spread); ``neon`` is unmeasured (no ARM machine), sized by the same register
     count.
+
+    ``avx2`` runs a ``k`` of up to 768 in one slice (a 48 KiB weight panel, streamed from L2
+    well enough): alternating with the 256-deep slices and torch in one process on the Zen 3
+    (6 rounds), 7% faster at k = 384 (n = 384 and 1536) and 768 x 768, within 1% at
+    384 x 1536 and 3072 x 768; at k = 3072 whole slices of 768 were 8% slower than 256, so
+    longer ``k`` keeps 256. On AVX-512 the Xeon sweep above saw no gain from 512-deep slices.
     """
     rows, cols = {"avx512": (12, 32), "avx2": (6, 16), "neon": (6, 16), "sse": (6, 8)}[isa]
-    return CpuDenseTiles(rows, cols, VECTOR_LANES[isa], task_rows=rows * 8)
+    return CpuDenseTiles(rows, cols, VECTOR_LANES[isa], task_rows=rows * 8,
+                         whole_k=768 if isa == "avx2" else 0)
 
 
 def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:

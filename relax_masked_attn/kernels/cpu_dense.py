@@ -56,7 +56,7 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
     """PrimFunc ``(x [m, k], wp [n / cols, k, cols], [bias,] [residual,] out [m, n])``, ``m``
     symbolic; ``wp`` as :func:`pack_weight` lays it out."""
     rows, cols = tiles.rows, tiles.cols
-    depth = _divisor_at_most(k, tiles.depth, 32)
+    depth = k if k <= tiles.whole_k else _divisor_at_most(k, tiles.depth, 32)
     slices = k // depth
     task_cols = _divisor_at_most(n, tiles.task_cols, cols) // cols * cols
     panels = task_cols // cols  # panels a task
