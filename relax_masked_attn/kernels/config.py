@@ -101,8 +101,8 @@ class CpuDenseTiles:
     ``rows x cols`` outputs are one register block (``rows * cols / lanes`` accumulators);
     ``depth`` is the most ``k`` a block runs before its partial sums go back to ``out`` (one
     weight panel of ``depth x cols`` floats stays in L1), except that a ``k`` of at most
-    ``whole_k`` runs in one slice; a parallel task owns ``task_rows`` rows and ``task_cols``
-    columns.
+    ``whole_k`` runs in one slice; a parallel task owns ``task_rows`` rows (``long_task_rows``
+    for a ``k`` of at least ``long_k``, where set) and ``task_cols`` columns.
     """
 
     rows: int
@@ -112,6 +112,8 @@ class CpuDenseTiles:
     task_rows: int = 48
     task_cols: int = 256
     whole_k: int = 0
+    long_k: int = 0
+    long_task_rows: int = 0
 
 
 def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
@@ -132,10 +134,15 @@ def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
     (6 rounds), 7% faster at k = 384 (n = 384 and 1536) and 768 x 768, within 1% at
     384 x 1536 and 3072 x 768; at k = 3072 whole slices of 768 were 8% slower than 256, so
     longer ``k`` keeps 256. On AVX-512 the Xeon sweep above saw no gain from 512-deep slices.
+    A ``k`` of 2048 or more runs tasks of 96 rows, not 48: a task's weight (256 columns by k,
+    3 MiB at k = 3072) then serves twice the rows; at 768 x 3072 on the Zen 3, alternating in
+    one process, 3%, 16% and 7% faster in three runs; at k = 768 and 1536 it was -11% to +5%,
+    within that VM's noise, so those keep 48.
     """
     rows, cols = {"avx512": (12, 32), "avx2": (6, 16), "neon": (6, 16), "sse": (6, 8)}[isa]
     return CpuDenseTiles(rows, cols, VECTOR_LANES[isa], task_rows=rows * 8,
-                         whole_k=768 if isa == "avx2" else 0)
+                         **({"whole_k": 768, "long_k": 2048, "long_task_rows": 96}
+                            if isa == "avx2" else {}))
 
 
 def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:

@@ -61,7 +61,9 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
     task_cols = _divisor_at_most(n, tiles.task_cols, cols) // cols * cols
     panels = task_cols // cols  # panels a task
     col_tasks = n // task_cols
-    blocks = tiles.task_rows // rows  # register blocks a task, along m
+    # a longer k streams more weight a task: longer tasks read each panel for more rows
+    task_rows = tiles.long_task_rows if tiles.long_k and k >= tiles.long_k else tiles.task_rows
+    blocks = task_rows // rows  # register blocks a task, along m
 
     def finish(value, bias, residual, row, col):
         return epilogue.store(dtype, value, None if bias is None else bias[col],
@@ -81,12 +83,12 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
 
     @T.macro
     def body(x, wp, bias, residual, outs, m):  # outs: the one output
-        for task in T.parallel(((m + tiles.task_rows - 1) // tiles.task_rows) * col_tasks):
+        for task in T.parallel(((m + task_rows - 1) // task_rows) * col_tasks):
             acc = T.alloc_buffer((rows, cols), "float32", scope="local")
             for s in T.serial(slices):
                 for p in T.serial(panels):
                     for b in T.serial(blocks):
-                        row0: T.let[T.int64] = task // col_tasks * tiles.task_rows + b * rows
+                        row0: T.let[T.int64] = task // col_tasks * task_rows + b * rows
                         col0: T.let[T.int64] = (task % col_tasks * panels + p) * cols
                         if row0 < m:
                             for i in T.unroll(rows):
