@@ -36,7 +36,7 @@ from relax_masked_attn.passes.dispatch_dense import (
     HOPPER_DENSE_KERNELS,
     standalone_linear_module,
 )
-from relax_masked_attn.targets import device_cuda_target
+from relax_masked_attn.targets import device_cuda_target, usable_cores
 
 SHAPES = [  # (n, k, bias, what)
     (768, 768, True, "BERT-base attention projections"),
@@ -218,10 +218,10 @@ def bench_cpu(args) -> None:
     import numpy as np
     from bench_models import cpu_name, cpu_target
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(usable_cores())
     builds = [cpu_target(m) for m in args.mcpu.split(",")]
     cpu = cpu_name()
-    print(f"CPU: {cpu}, {os.cpu_count()} threads, float32, {args.rows} rows; GFLOP/s, "
+    print(f"CPU: {cpu}, {usable_cores()} threads, float32, {args.rows} rows; GFLOP/s, "
           "ratio = torch time / ours")
     print(f"{'n':>5} {'k':>5} {'torch':>7}", *(f"{label:>34} {'ratio':>6}" for _, label in builds),
           " what")
@@ -253,7 +253,7 @@ def bench_cpu(args) -> None:
     if args.plot:
         from bench_models import plot
 
-        plot(rows, args.plot, f"nn.Linear on {cpu}, {os.cpu_count()} threads, float32, "
+        plot(rows, args.plot, f"nn.Linear on {cpu}, {usable_cores()} threads, float32, "
              f"{args.rows} rows", "GFLOP/s (higher is better)")
 
 

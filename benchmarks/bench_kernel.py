@@ -17,10 +17,6 @@ import os
 import statistics
 import time
 
-# TVM's CPU thread pool defaults to half the logical cores (it assumes SMT); torch uses all of
-# them. Give both the same cores.
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
-
 import numpy as np
 import torch
 import tvm
@@ -28,6 +24,11 @@ from tvm import relax
 
 import relax_masked_attn as rma
 from relax_masked_attn.reference import masked_sequence_prefill as numpy_reference
+from relax_masked_attn.targets import default_cpu_threads, usable_cores
+
+# TVM's CPU thread pool defaults to half the logical cores (it assumes SMT); torch uses all
+# the cores this process may run on (taskset or a cpuset narrows them): give TVM the same.
+default_cpu_threads()
 
 CPU_CONFIGS = [  # batch, seq, heads_q, heads_kv, head_dim, dtype, mode
     (32, 256, 12, 12, 32, "float32", "padded"),  # all-MiniLM-L6-v2
@@ -118,7 +119,7 @@ def ort_attention(folder: str, head_dim: int):
                       dynamic_axes={"q": axes, "k": axes, "v": axes, "out": axes,
                                     "mask": {0: "batch", 2: "seq", 3: "seq_k"}}, dynamo=False)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count()
+    options.intra_op_num_threads = usable_cores()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def run(q, k, v, mask):
@@ -178,7 +179,7 @@ def bench_cpu(args) -> None:
     if args.plot:
         from bench_models import plot
 
-        plot(rows, args.plot, f"attention on {cpu}, {os.cpu_count()} threads, float32",
+        plot(rows, args.plot, f"attention on {cpu}, {usable_cores()} threads, float32",
              "calls / s (higher is better)", log=True)
 
 

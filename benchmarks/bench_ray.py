@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from relax_masked_attn.targets import usable_cores
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -38,7 +40,7 @@ def main() -> None:
     tokens = sum(len(x) for x in EmbeddingModel.from_pretrained(model).tokenize(texts))
     folder = tempfile.mkdtemp()
     pq.write_table(pa.table({"text": texts}), os.path.join(folder, "in.parquet"))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False)
     rates = {}
     for actors in (1, 2):
         start = time.perf_counter()
@@ -47,7 +49,7 @@ def main() -> None:
         rates[actors] = tokens / (time.perf_counter() - start)
         print(f"{actors} actor(s), 1 thread each: {rates[actors]:.0f} tok/s")
     print(f"2 actors / 1 actor: {rates[2] / rates[1]:.2f}x ({args.texts} texts, {tokens} tokens,"
-          f" {os.cpu_count()} CPUs)")
+          f" {usable_cores()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import multiprocessing
-import os
 import signal
 import socket
 import subprocess
@@ -26,6 +25,8 @@ import time
 import urllib.request
 
 import numpy as np
+
+from relax_masked_attn.targets import default_cpu_threads, usable_cores
 
 WORDS = ["the", "model", "compiles", "attention", "kernels", "for", "padded", "batches", "of",
          "text", "on", "every", "target", "with", "masks", "skipping", "work", "server"]
@@ -133,10 +134,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="the server's front processes")
     parser.add_argument("--format", choices=["float", "base64"], default="float",
                         help="encoding_format of the requests (the openai client asks base64)")
-    parser.add_argument("--client-processes", type=int, default=max(1, (os.cpu_count() or 2) // 4),
+    parser.add_argument("--client-processes", type=int, default=max(1, usable_cores() // 4),
                         help="processes the clients are spread over")
     args = parser.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
+    default_cpu_threads()
 
     from relax_masked_attn import EmbeddingModel
     from relax_masked_attn.demo_model import demo_model_path

@@ -246,8 +246,9 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    # TVM's CPU thread pool defaults to half the logical cores (it assumes SMT); use them all.
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
+    from .targets import default_cpu_threads
+
+    default_cpu_threads()
     from . import MODES
 
     parser = argparse.ArgumentParser(prog="relax-masked-attn", description=__doc__)

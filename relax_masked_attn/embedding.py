@@ -20,7 +20,7 @@ from . import __version__
 from .checkpoint import CheckpointError, ModelSpec, read_spec
 from .kernels.geometry import GRID_BATCH_LIMIT
 from .quantization import PRECISIONS, quantize_embeddings
-from .targets import device_cuda_target, host_cpu_target
+from .targets import default_cpu_threads, device_cuda_target, host_cpu_target
 from .weights import match_parameters, read_safetensors
 
 DEFAULT_BATCH_TOKENS = 8192
@@ -230,9 +230,7 @@ class EmbeddingModel:
             raise ValueError(f"max_cached_shapes must be >= 0, but got {max_cached_shapes}")
         on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         if on_cpu:
-            # TVM's CPU thread pool takes half the logical cores unless told (it assumes SMT);
-            # read when the pool starts, so this holds unless TVM ran a parallel op before.
-            os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+            default_cpu_threads()
         # packed tokens of a call rounded up to a multiple of this (bucket_shape)
         self.token_step = CPU_TOKEN_STEP if on_cpu else TOKEN_STEP
         # rows a forward takes: the CUDA attention kernels' grid has at most this many sequences

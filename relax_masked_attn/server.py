@@ -32,7 +32,6 @@ import concurrent.futures
 import copy
 import hmac
 import json
-import os
 import queue
 import threading
 import time
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .embedding import truncate_and_normalize
+from .targets import usable_cores
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_MAX_CLIENT_BATCH_SIZE = 512
@@ -243,7 +243,7 @@ class EmbeddingServer:
         self._full_length = copy.deepcopy(model.tokenizer)
         self._full_length.no_truncation()
         self._tokenizer_threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="relax-masked-attn-tok")
+            max_workers=min(8, usable_cores()), thread_name_prefix="relax-masked-attn-tok")
 
     # --- the application ----------------------------------------------------------------
 

@@ -3,6 +3,8 @@ and the benchmarks use (this CPU's ``llvm``, this GPU's ``cuda`` with Hopper's `
 
 from __future__ import annotations
 
+import os
+
 from tvm.target import Target
 
 
@@ -25,6 +27,23 @@ def host_cpu_target() -> Target:
     from tvm.target import codegen
 
     return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS has one (``taskset``,
+    a container's cpuset), else ``os.cpu_count()``. A pool sized by ``os.cpu_count()`` in a
+    container pinned to 2 cores of a 16-core host runs 16 threads on 2 cores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def default_cpu_threads() -> None:
+    """Sets ``TVM_NUM_THREADS`` to :func:`usable_cores` unless the user set it: TVM's CPU thread
+    pool otherwise takes half the logical cores (it assumes SMT). Read when the pool starts, so it
+    holds unless TVM ran a parallel op before."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
 
 
 # float32 lanes of one vector register of each ISA :func:`cpu_isa` names

@@ -12,12 +12,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import CheckpointError, read_json
+from .targets import usable_cores
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
            "I64": "int64", "I32": "int32"}
@@ -109,7 +109,7 @@ def match_parameters(
 
     A parameter ``p`` is found as ``p``, ``model.p`` or ``bert.p``; tensors the model does not use
     (a pooler, an LM head) are ignored; a missing or misshapen one is an error. The copies (and
-    casts) run on ``workers`` threads (default: every core) in slices of about 4M elements:
+    casts) run on ``workers`` threads (default: every usable core) in slices of about 4M elements:
     NumPy releases the GIL while it casts, and reading a memory-mapped checkpoint of a few GB on
     one thread was most of a warm start (Qwen3-0.6B: 600M parameters).
     """
@@ -131,7 +131,7 @@ def match_parameters(
         src, dst = src.reshape(-1), dst.reshape(-1)  # views (the reader's tensors are contiguous)
         jobs += [(src[i:i + _SLICE_ELEMENTS], dst[i:i + _SLICE_ELEMENTS])
                  for i in range(0, src.size, _SLICE_ELEMENTS)]
-    with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers or usable_cores()) as pool:
         list(pool.map(lambda job: np.copyto(job[1], job[0], casting="unsafe"), jobs))
     return out
 

@@ -342,17 +342,25 @@ def test_pad_batch_round_trip():
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
 
 
-def test_cpu_models_use_every_core(tiny_bert):
-    """With TVM_NUM_THREADS unset, a CPU EmbeddingModel sets it to the core count before TVM's
-    thread pool starts (which otherwise takes half the logical cores)."""
+@pytest.mark.parametrize("pinned", [False, True], ids=["all-cores", "pinned-to-one-core"])
+def test_cpu_models_use_every_core(tiny_bert, pinned):
+    """With TVM_NUM_THREADS unset, a CPU EmbeddingModel sets it to the cores this process may run
+    on before TVM's thread pool starts (which otherwise takes half the logical cores): all of
+    them, or one when the process is pinned to one (as ``taskset`` or a container's cpuset do)."""
     import subprocess
     import sys
 
-    code = ("import os, relax_masked_attn as r, sys; "
+    if pinned and not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    pin = "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " if pinned else ""
+    code = (f"import os, relax_masked_attn as r, sys; {pin}"
             "r.EmbeddingModel.from_pretrained(sys.argv[1], use_cache=False); "
-            "print(os.environ['TVM_NUM_THREADS'], os.cpu_count())")
+            "print(os.environ['TVM_NUM_THREADS'])")
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_bert[0])], env=env,
                           capture_output=True, text=True, timeout=600)
-    threads, cores = proc.stdout.split()
-    assert threads == cores, proc.stderr[-2000:]
+    if pinned:
+        cores = 1
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert proc.stdout.split() == [str(cores)], proc.stderr[-2000:]
