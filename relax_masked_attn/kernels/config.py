@@ -126,8 +126,10 @@ def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
     Measured for ``avx2`` on a 2-core Zen 3 (``bench_dense.py --device cpu``: 1.02-1.35x torch)
     and for ``avx512`` on a 16-core Xeon (0.71-1.26x torch, 1.06-1.37 TFLOP/s; a sweep of 6 x 64
     blocks, k slices of 128 and 512 and other task sizes, ``--sweep``, stayed within that VM's
-    run-to-run spread); ``neon`` is unmeasured (no ARM machine), sized by the same register
-    count.
+    run-to-run spread; on 2 of its cores 0.74-1.46x, and a five-round interleaved sweep of 6 x 64
+    blocks, 512-column tasks, k in one slice and 128-deep slices with 192-row tasks ranked none
+    above this blocking beyond that VM's spread); ``neon`` is unmeasured (no ARM machine), sized
+    by the same register count.
 
     ``avx2`` runs a ``k`` of up to 768 in one slice (a 48 KiB weight panel, streamed from L2
     well enough): alternating with the 256-deep slices and torch in one process on the Zen 3
