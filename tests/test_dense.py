@@ -660,6 +660,32 @@ def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, persistent):
     assert "C7512" not in full  # "wgmma.mma_async instructions are serialized"
 
 
+@pytest.mark.parametrize("kernel", ["mma", "wgmma", "persistent"])
+def test_residual_reads_are_in_flight_together(kernel):
+    """The staged epilogue reads the residual vectors of RESIDUAL_BATCH rows before it stores
+    the first of them: read next to each store, every row waited out a global latency (ptxas
+    moved no read over a store), 5 us of a 128 x 256 tile."""
+    import re
+
+    from tvm.target import Target
+
+    epilogue = Epilogue(True, None, True)
+    if kernel == "persistent":
+        src = tma_cuda_source(768, 3072, epilogue, persistent=True)
+    else:
+        make = cuda_dense.dense_kernel if kernel == "mma" else cuda_dense.wgmma_dense_kernel
+        target = Target({"kind": "cuda", "arch": "sm_80" if kernel == "mma" else "sm_90a"})
+        func = make(768, 3072, "float16", epilogue)
+        src = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.imports[0]
+        src = src.inspect_source()
+    stores = [match.start() for match in re.finditer(r"\*\(uint4\*\)\(\(\(uint\*\)out_ptr\)", src)]
+    assert stores, "no 16-byte store of the output"
+    first = stores[0]
+    kernel_start = src.rindex("__global__", 0, first)
+    reads = src[kernel_start:first].count("((uint*)residual_ptr)")
+    assert reads == cuda_dense.RESIDUAL_BATCH >= 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bias,activation,residual", EPILOGUES)
