@@ -380,8 +380,9 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     pool as ``tile_m`` rows of ``tile_n + 8`` elements (the value before the residual, in the
     output dtype), written to ``out`` in whole 16-byte vectors, the residual's 16 bytes read and
     added on the way (those of :data:`RESIDUAL_BATCH` rows read before the first of them is
-    stored, so that their global latencies overlap). Returns ``(row stride of the staging tile, macro)``; the macro is called
-    as ``store(smem, residual, out, m, bm, bn, tx)`` after a barrier that follows the writes.
+    stored, so that their global latencies overlap). Returns ``(row stride of the staging tile,
+    macro)``; the macro is called as ``store(smem, residual, out, m, bm, bn, tx)`` after a
+    barrier that follows the writes.
 
     The staging rows are padded by 16 bytes, so the 8 rows of an ``mma`` fragment that a warp
     writes at once fall in distinct banks. Each thread moves 8 columns of a row as four 4-byte
