@@ -431,7 +431,8 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
         for c in T.unroll(steps // batch):
             if epilogue.residual:
                 # a batch's residual vectors are read before its first store, so that the
-                # reads are in flight together (ptxas moves no load over a global store)
+                # reads are in flight together (read in the store's loop, each one stayed
+                # behind the previous row's store in ptxas's schedule)
                 for j in T.unroll(batch):
                     if bm * tile_m + (c * batch + j) * (threads // per_row) + tx // per_row < m:
                         res[T.Ramp(j * 4, 1, 4)] = res_words[
