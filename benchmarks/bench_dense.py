@@ -85,8 +85,11 @@ def sweep(args, dev, target, tdtype) -> None:
         configs += [(cuda_tma_dense.tma_dense_kernel, tiles, hopper) for tiles in TMA_SWEEP]
         configs += [(HOPPER_DENSE_KERNELS["persistent"], tiles, hopper)
                     for tiles in ((128, 3), (128, 4), (256, 2), (256, 3))]
-    print("tile sweep (ms, raw kernel; p: persistent):", "  ".join(
-        ("p" if isinstance(c[0], functools.partial) else "") + str(c[1]) for c in configs))
+        configs += [(HOPPER_DENSE_KERNELS["pingpong"], tiles, hopper)
+                    for tiles in ((128, 3), (128, 4))]
+    print("tile sweep (ms, raw kernel; p: persistent, pp: ping-pong):", "  ".join(
+        ("p" if isinstance(c[0], functools.partial) else
+         "pp" if c[0] is HOPPER_DENSE_KERNELS["pingpong"] else "") + str(c[1]) for c in configs))
     for n, k, _, what in SHAPES:
         x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
         w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5

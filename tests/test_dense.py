@@ -6,7 +6,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from relax_masked_attn.kernels import cpu_dense, cuda_dense, cuda_tma_dense
+from relax_masked_attn.kernels import cpu_dense, cuda_dense, cuda_pingpong_dense, cuda_tma_dense
 from relax_masked_attn.kernels.epilogue import Epilogue
 from relax_masked_attn.passes.dispatch_dense import dispatch_dense, standalone_linear_module
 from relax_masked_attn.targets import host_cpu_target
@@ -595,6 +595,42 @@ def tma_cuda_source(n, k, epilogue, tiles=None, persistent=False) -> str:
     return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
 
 
+def pingpong_cuda_source(n, k, epilogue, tiles=None) -> str:
+    func = cuda_pingpong_dense.pingpong_dense_kernel(n, k, "float16", epilogue, tiles)
+    return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("epilogue,tiles", [
+    (Epilogue(True, "gelu"), None), (Epilogue(True, None, True), (128, 4)),
+    (Epilogue(True, split=(256, 256, 256)), (128, 3))])
+def test_pingpong_kernel_never_joins_its_roles(epilogue, tiles):
+    """The ping-pong kernel: one block-wide barrier (after the ring's barriers are set up), the
+    registers split once and never handed back, each consumer ordering its own staging tile
+    with its named barrier (3 or 4: 2 + warpgroup), read and written by ``ld.shared`` /
+    ``st.shared``; the ring plus two staging tiles fit in 226 KiB or are refused."""
+    src = pingpong_cuda_source(768, 512, epilogue, tiles)
+    full = src[src.index("__launch_bounds__(384)"):]
+    full = full[full.index("{"):]
+    assert full.count("__syncthreads()") == 1
+    assert full.count("setmaxnreg_dec_sync_aligned_u32_40()") == 1
+    assert full.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
+    assert "u32_168" not in full
+    assert full.count("bar_sync_count_sync(((uint)2 + ((uint)((int)threadIdx.y))), (uint)128)") == 2
+    assert "ptx_st_shared_b32" in full and "ptx_ld_vec_shared_v4_b32" in full
+    assert "cp_async_bulk_tensor" in full and "mbarrier_try_wait_parity" in full
+    with pytest.raises(ValueError, match="226 KiB"):
+        cuda_pingpong_dense.pingpong_dense_kernel(768, 512, "float16", epilogue, (128, 5))
+
+
+def test_pingpong_kernel_leaves_gated_products_to_the_persistent_kernel():
+    """A SwiGLU product's weight interleaves gate and up in groups of half the persistent
+    kernel's tile; the ping-pong generator hands it that kernel."""
+    gated = Epilogue(gated=True)
+    assert tvm_ffi.structural_equal(
+        cuda_pingpong_dense.pingpong_dense_kernel(1536, 512, "float16", gated),
+        cuda_tma_dense.tma_dense_kernel(1536, 512, "float16", gated, persistent=True))
+
+
 @pytest.mark.parametrize("epilogue,tiles", [
     (Epilogue(True, "gelu"), (256, 4)), (Epilogue(True, None, True), (128, 6)),
     (Epilogue(gated=True), None), (Epilogue(True, split=(256, 256, 256)), (256, 3))])
@@ -643,8 +679,11 @@ def test_persistent_tma_kernel_walks_tiles_with_its_roles_rejoined(epilogue, til
         cuda_tma_dense.tma_dense_kernel(768, 512, "float16", epilogue, (256, 4), True)
 
 
-@pytest.mark.parametrize("persistent", [False, True])
-def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, persistent):
+@pytest.mark.parametrize("form,epilogue", [
+    ("one-shot", Epilogue(True, None, True)), ("persistent", Epilogue(True, None, True)),
+    ("pingpong", Epilogue(True, None, True)), ("pingpong", Epilogue(True, "gelu")),
+    ("pingpong", Epilogue(True, split=(1024, 1024, 1024)))])
+def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, form, epilogue):
     """nvcc's ptxas builds the 384-thread kernel with no spills (an accumulator that lived past
     the join of the roles was capped by the producer's budget: 1600 bytes spilled and the wgmma
     instructions serialized)."""
@@ -652,7 +691,10 @@ def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, persistent):
 
     from .conftest import ptxas_report
 
-    src = tma_cuda_source(768, 3072, Epilogue(True, None, True), persistent=persistent)
+    if form == "pingpong":
+        src = pingpong_cuda_source(3072 if epilogue.split else 768, 3072, epilogue)
+    else:
+        src = tma_cuda_source(768, 3072, epilogue, persistent=form == "persistent")
     name = re.search(r"__launch_bounds__\(384\) (\w+)\(", src).group(1)
     full = ptxas_report(src, "sm_90a", tmp_path)
     report = full[full.index(f"Compiling entry function '{name}'"):]
@@ -690,13 +732,17 @@ def test_residual_reads_are_in_flight_together(kernel):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bias,activation,residual", EPILOGUES)
-@pytest.mark.parametrize("n,k,tiles,persistent", [
-    (768, 768, None, False), (3072, 768, (256, 3), False), (256, 1536, (128, 6), False),
-    (768, 768, None, True), (3072, 192, (256, 2), True), (256, 1536, (128, 4), True)])
-def test_tma_kernel_matches_numpy(n, k, tiles, persistent, bias, activation, residual, dtype):
+@pytest.mark.parametrize("n,k,tiles,form", [
+    (768, 768, None, "one-shot"), (3072, 768, (256, 3), "one-shot"),
+    (256, 1536, (128, 6), "one-shot"), (768, 768, None, "persistent"),
+    (3072, 192, (256, 2), "persistent"), (256, 1536, (128, 4), "persistent"),
+    (768, 768, None, "pingpong"), (3072, 192, (128, 2), "pingpong"),
+    (256, 1536, (128, 3), "pingpong")])
+def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual, dtype):
     """On a Hopper GPU, row counts off and on the 128-row tile (rows past m arrive from TMA as
-    zeros and are never stored), both paths (split-k up to 64 rows); the persistent form also
-    with more tiles than blocks (20000 rows), k shorter than the ring (3 k-steps, 2 stages)."""
+    zeros and are never stored), both paths (split-k up to 64 rows); the persistent and
+    ping-pong forms also with more tiles than blocks (20000 rows: each consumer of a ping-pong
+    block takes several), k shorter than the ring (3 k-steps, 2 stages)."""
     import ml_dtypes
 
     from relax_masked_attn.targets import device_cuda_target
@@ -705,13 +751,16 @@ def test_tma_kernel_matches_numpy(n, k, tiles, persistent, bias, activation, res
         pytest.skip("not a Hopper GPU")
     dev = tvm.cuda(0)
     epilogue = Epilogue(bias, activation, residual)
-    kernel = tvm.compile(tvm.IRModule({"main": cuda_tma_dense.tma_dense_kernel(
-        n, k, dtype, epilogue, tiles, persistent)}), target=SM90A)["main"]
+    if form == "pingpong":
+        func = cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue, tiles)
+    else:
+        func = cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, tiles, form == "persistent")
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target=SM90A)["main"]
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
     b = rng.standard_normal(n).astype(np_dtype)
-    for rows in (1, 7, 127, 129, 1000) + ((20000,) if persistent else ()):
+    for rows in (1, 7, 127, 129, 1000) + ((20000,) if form != "one-shot" else ()):
         x = rng.standard_normal((rows, k)).astype(np_dtype)
         r = rng.standard_normal((rows, n)).astype(np_dtype)
         inputs = [x, w] + ([b] if bias else []) + ([r] if residual else [])
@@ -724,7 +773,7 @@ def test_tma_kernel_matches_numpy(n, k, tiles, persistent, bias, activation, res
                                    rtol=tol, atol=tol, err_msg=f"{rows} rows")
 
 
-@pytest.mark.parametrize("kernel", ["persistent", "tma", "wgmma"])
+@pytest.mark.parametrize("kernel", ["persistent", "tma", "wgmma", "pingpong"])
 def test_models_build_with_either_hopper_dense_kernel(monkeypatch, kernel):
     """The pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for
     sm_90a with the warp-specialized TMA kernel's persistent form (the default
@@ -739,4 +788,6 @@ def test_models_build_with_either_hopper_dense_kernel(monkeypatch, kernel):
         src = ex.mod.imports[0].imports[0].inspect_source()  # host module, then its CUDA one
         tma = "__launch_bounds__(384)" in src and "CUtensorMap x_map" in src
         assert tma == (kernel != "wgmma")
-        assert ("setmaxnreg_inc_sync_aligned_u32_168" in src) == (kernel == "persistent")
+        # the ping-pong generator gives a SwiGLU product the persistent kernel
+        assert ("setmaxnreg_inc_sync_aligned_u32_168" in src) == (
+            kernel == "persistent" or (kernel == "pingpong" and "swiglu" in src))

@@ -225,7 +225,7 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
                         ))
                     staging[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
         T.tvm_storage_sync("shared")
-        store(smem, residual, outs, m, bm, bn, tx)
+        store(smem, residual, outs, m, bm, bn, tx, 0)
 
     def tile_col(bn, bz):
         """First column of the tile of block (``bn``, ``bz``)."""
@@ -375,14 +375,16 @@ RESIDUAL_BATCH = 4
 
 
 def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: int,
-                 threads: int, pool_elems: int, scope: str):
+                 threads: int, pool_elems: int, scope: str, opaque: bool = False):
     """The second half of both kernels' epilogue: the block's output tile, staged in the shared
     pool as ``tile_m`` rows of ``tile_n + 8`` elements (the value before the residual, in the
     output dtype), written to ``out`` in whole 16-byte vectors, the residual's 16 bytes read and
     added on the way (those of :data:`RESIDUAL_BATCH` rows read before the first of them is
     stored, so that their global latencies overlap). Returns ``(row stride of the staging tile,
-    macro)``; the macro is called as ``store(smem, residual, out, m, bm, bn, tx)`` after a
-    barrier that follows the writes.
+    macro)``; the macro is called as ``store(smem, residual, out, m, bm, bn, tx, base)`` after a
+    barrier that follows the writes, ``base`` the staging tile's first element in the pool.
+    ``opaque``: the tile is read by ``ld.shared`` on its addresses, which TVM's barrier planner
+    does not see (for kernels whose warpgroups order their own accesses with named barriers).
 
     The staging rows are padded by 16 bytes, so the 8 rows of an ``mma`` fragment that a warp
     writes at once fall in distinct banks. Each thread moves 8 columns of a row as four 4-byte
@@ -411,8 +413,13 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
         row = bm * tile_m + it * (threads // per_row) + tx // per_row
         return (row * width + bn * cols - start + tx % per_row * 8) // 2
 
+    def read_staged(words, smem, smem_words, elem):
+        """The 4 words at element ``elem`` of the pool into ``words``, by ``ld.shared``."""
+        return T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3],
+                                      smem.ptr_to([elem]))
+
     @T.macro
-    def store(smem, residual, outs, m, bm, bn, tx):
+    def store(smem, residual, outs, m, bm, bn, tx, base):
         smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data, scope=scope)
         out_words = T.decl_buffer((m * (parts[0][1] // 2),), "uint32", data=outs[0].data)
         if len(parts) > 1:
@@ -442,15 +449,21 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                 r = it * (threads // per_row) + tx // per_row
                 col = tx % per_row * 8
                 if bm * tile_m + r < m:
-                    for q in T.unroll(4):
-                        words[q] = smem_words[(r * out_stride + col) // 2 + q]
+                    if opaque:
+                        read_staged(words, smem, smem_words, base + r * out_stride + col)
+                    else:
+                        for q in T.unroll(4):
+                            words[q] = smem_words[(base + r * out_stride + col) // 2 + q]
                     if epilogue.residual:
                         for e in T.unroll(8):
                             halves[e] = epilogue.add_residual(dtype, halves[e],
                                                               res_halves[j * 8 + e])
                     if epilogue.gated:
-                        for q in T.unroll(4):
-                            up[q] = smem_words[(r * out_stride + cols + col) // 2 + q]
+                        if opaque:
+                            read_staged(up, smem, smem_words, base + r * out_stride + cols + col)
+                        else:
+                            for q in T.unroll(4):
+                                up[q] = smem_words[(base + r * out_stride + cols + col) // 2 + q]
                         for e in T.unroll(8):
                             halves[e] = epilogue.swiglu(dtype, halves[e], up_halves[e])
                     if len(parts) == 1:
@@ -474,26 +487,49 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     return out_stride, store
 
 
-def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, out_stride: int):
+def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, out_stride: int,
+                  opaque: bool = False):
     """The first half of the ``wgmma`` kernels' epilogue (the second is :func:`staged_store`):
     a macro ``(smem, acc, bias, n0, row0, t)`` by which thread ``t`` of a warpgroup writes
     its ``m64n{tile_n}`` accumulators, rows ``row0 ..`` of the staging tile, in the output dtype
     with bias and activation applied (``n0``: the tile's first column). Accumulator ``i`` of a
-    thread: n8 tile ``i // 4``, row ``g`` (+ 8 for ``i % 4 >= 2``), column ``2 t`` (+ 1)."""
+    thread: n8 tile ``i // 4``, row ``g`` (+ 8 for ``i % 4 >= 2``), column ``2 t`` (+ 1).
+    Called as ``stage(smem, acc, bias, n0, row0, t, base)``, ``base`` the staging tile's first
+    element in the pool; ``opaque`` as in :func:`staged_store` (``st.shared``)."""
+
+    def write_pair(smem, pair_word, elem):
+        """The two halves of ``pair_word`` to element ``elem`` of the pool, by ``st.shared``."""
+        return T.ptx.st.shared.b32(smem.ptr_to([elem]), pair_word[0])
 
     @T.macro
-    def stage(smem, acc, bias_buf, n0, row0, t):
+    def stage(smem, acc, bias_buf, n0, row0, t, base):
         lane = t % 32
         pair = T.alloc_buffer((2,), dtype, scope="local")
+        pair_word = T.decl_buffer((1,), "uint32", data=pair.data, scope="local")
+        if opaque and epilogue.bias:
+            # the thread's bias values first: an `st.shared` (an asm statement that may write
+            # memory, to the compiler) would otherwise hold each bias read behind the last one
+            bias_regs = T.alloc_buffer((tile_n // 4,), dtype, scope="local")
+            for j in T.unroll(tile_n // 8):
+                for c in T.unroll(2):
+                    bias_regs[j * 2 + c] = bias_buf[n0 + j * 8 + lane % 4 * 2 + c]
         for h in T.unroll(2):
             r = row0 + t // 32 * 16 + lane // 4 + h * 8
             for j in T.unroll(tile_n // 8):
                 col = j * 8 + lane % 4 * 2
                 for c in T.unroll(2):
-                    pair[c] = T.Cast(dtype, epilogue.value(
-                        acc[j * 4 + h * 2 + c], bias_buf[n0 + col + c] if epilogue.bias else None
-                    ))
-                smem[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+                    if opaque:
+                        pair[c] = T.Cast(dtype, epilogue.value(
+                            acc[j * 4 + h * 2 + c], bias_regs[j * 2 + c] if epilogue.bias
+                            else None))
+                    else:
+                        pair[c] = T.Cast(dtype, epilogue.value(
+                            acc[j * 4 + h * 2 + c],
+                            bias_buf[n0 + col + c] if epilogue.bias else None))
+                if opaque:
+                    write_pair(smem, pair_word, base + r * out_stride + col)
+                else:
+                    smem[T.Ramp(base + r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
 
     return stage
 
@@ -632,9 +668,9 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
         T.ptx.wgmma.wait_group.sync.aligned(0)
         # Epilogue through shared memory (staged_store)
         T.tvm_storage_sync("shared")  # every warpgroup is done reading the ring
-        stage_accumulators(smem, acc, bias_buf, n0, wg * 64, tx % 128)
+        stage_accumulators(smem, acc, bias_buf, n0, wg * 64, tx % 128, 0)
         T.tvm_storage_sync("shared")
-        store(smem, residual, outs, m, bm, bn, tx)
+        store(smem, residual, outs, m, bm, bn, tx, 0)
 
     small = with_small_batches(n, k, dtype, epilogue, body, tile_n, threads)
     return dense_func(n, k, dtype, small, epilogue)

@@ -76,6 +76,97 @@ PERSISTENT_BLOCKS = 132
 CONSUMERS_HOLD = 2
 
 
+def ring_loader(tile_m: int, tile_n: int, stages: int):
+    """The producer's step of both warp-specialized kernels: a macro ``load_step(smem, ring,
+    full, empty, x_map, w_map, g, bm, bn, kt)`` by which one thread loads k-step ``kt`` of
+    output tile (``bm``, ``bn``) into the ring slot of the block's k-step count ``g`` (slots
+    of ``tile_m + tile_n`` rows of 128 bytes from element ``ring`` of the pool), once the
+    slot's previous k-step is released on its ``empty`` barrier; both copies complete the
+    slot's ``full`` barrier by their bytes."""
+    tile_k = TILE_COLUMNS
+    stage_elems = (tile_m + tile_n) * tile_k
+
+    @T.macro
+    def load_step(smem, ring, full, empty, x_map, w_map, g, bm, bn, kt):
+        if g >= stages:
+            wait_barrier(empty.ptr_to([g % stages]), (g // stages + 1) % 2)
+        load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map, bm * tile_m,
+                      kt * tile_k, full.ptr_to([g % stages]),
+                      stage_elems * 2)  # both copies' bytes
+        copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems + tile_m * tile_k]), w_map,
+                      bn * tile_n, kt * tile_k, full.ptr_to([g % stages]))
+
+    return load_step
+
+
+def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str):
+    """The consumer's main loop of both warp-specialized kernels: a macro ``consume(acc_lo,
+    acc_hi, full, empty, pool, ring, g0, tx, row0)`` by which a warpgroup multiplies the 64
+    rows of the ring's x tiles from ``row0`` into ``acc_lo`` (``m64n{tile_n}``, ``tile_n / 2``
+    floats a thread) and, where ``acc_hi`` is a buffer too, the next 64 into it, over a
+    tile's ``num_kt`` k-steps. ``g0``: the block's k-steps before this tile (ring slot and
+    phase of k-step ``kt``: those of count ``g0 + kt``), ``pool``/``ring``: the pool's shared
+    address and the ring's first element. Each k-step: wait on its slot's ``full``, 4 (or 8)
+    ``wgmma`` from the slot, one group kept in flight, the previous k-step's slot released on
+    ``empty`` by thread 0; the last slot is released once the tile's products are done."""
+    tile_k = TILE_COLUMNS
+    stage_elems = (tile_m + tile_n) * tile_k
+    ab = "f16" if dtype == "float16" else "bf16"
+    wgmma = f"wgmma.mma_async.sync.aligned.m64n{tile_n}k16.f32.{ab}.{ab}"
+    acc_len = tile_n // 2
+
+    @T.macro
+    def consume(acc_lo, acc_hi, full, empty, pool, ring, g0, tx, row0):
+        for i in T.unroll(acc_len):
+            acc_lo[i] = T.float32(0)
+            if acc_hi is not None:
+                acc_hi[i] = T.float32(0)
+        for kt in T.serial(num_kt):
+            wait_barrier(full.ptr_to([(g0 + kt) % stages]), (g0 + kt) // stages % 2)
+            slot = pool + T.Cast("uint32", (ring + (g0 + kt) % stages * stage_elems) * 2)
+            T.ptx.wgmma.fence.sync.aligned()
+            for kk in T.unroll(tile_k // 16):
+                T.ptx[wgmma](
+                    *[acc_lo[i] for i in range(acc_len)],
+                    swizzle128_descriptor(slot + T.uint32(row0 * 128 + kk * 32)),
+                    swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
+                    T.bool(True), 1, 1, 0, 0,
+                )
+                if acc_hi is not None:
+                    T.ptx[wgmma](
+                        *[acc_hi[i] for i in range(acc_len)],
+                        swizzle128_descriptor(slot + T.uint32((row0 + 64) * 128 + kk * 32)),
+                        swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
+                        T.bool(True), 1, 1, 0, 0,
+                    )
+            T.ptx.wgmma.commit_group.sync.aligned()
+            T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
+            if kt > 0 and tx == 0:
+                T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + kt - 1) % stages]),
+                                                 T.uint32(1))
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        if tx == 0:
+            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + num_kt - 1) % stages]),
+                                             T.uint32(1))
+
+    return consume
+
+
+def persistent_grid(tile_m: int, tiles_n: int):
+    """``(total_of, grid_of)``: the output tiles of a product of ``m`` rows (``tiles_n`` tiles
+    a row of tiles) and the blocks of a persistent kernel over them, as functions of ``m``
+    (written out where used: a name bound in a macro would be a host variable that the kernel
+    does not receive)."""
+
+    def total_of(m):
+        return (m + tile_m - 1) // tile_m * tiles_n
+
+    def grid_of(m):
+        return T.min(total_of(m), PERSISTENT_BLOCKS)
+
+    return total_of, grid_of
+
+
 @memoized
 def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
                      tiles=None, persistent: bool = False) -> tirx.PrimFunc:
@@ -101,10 +192,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
     if pool_elems * 2 > 226 * 1024:  # of the 227 KiB a block, 1 KiB for its barriers
         raise ValueError(f"tma_dense_kernel: {stages} stages of ({tile_n}, 64) tiles need "
                          f"{pool_elems * 2} bytes of shared memory, more than 226 KiB")
-    stage_bytes = stage_elems * 2
     num_kt = k // tile_k
-    ab = "f16" if dtype == "float16" else "bf16"
-    wgmma = f"wgmma.mma_async.sync.aligned.m64n{tile_n}k16.f32.{ab}.{ab}"
     acc_len = tile_n // 2  # fp32 accumulators a consumer thread
     out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 256, pool_elems,
                                      "shared.dyn")
@@ -119,57 +207,11 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                 init_barrier(empty.ptr_to([s]), 2)  # one arrival a consumer warpgroup
         T.tvm_storage_sync("shared")
 
-    @T.macro
-    def load_step(smem, ring, full, empty, x_map, w_map, g, bm, bn, kt):
-        """The producer's thread: k-step ``kt`` of output tile (``bm``, ``bn``) into the ring
-        slot of the block's k-step count ``g``, once both consumers have released the slot's
-        previous tiles; both copies complete the slot's ``full`` barrier by their bytes."""
-        if g >= stages:
-            wait_barrier(empty.ptr_to([g % stages]), (g // stages + 1) % 2)
-        load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map, bm * tile_m,
-                      kt * tile_k, full.ptr_to([g % stages]), stage_bytes)  # both copies' bytes
-        copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems + tile_m * tile_k]), w_map,
-                      bn * tile_n, kt * tile_k, full.ptr_to([g % stages]))
+    load_step = ring_loader(tile_m, tile_n, stages)
 
-    @T.macro
-    def consume(acc, full, empty, pool, ring, g0, wg, tx):
-        """Consumer warpgroup ``wg``'s main loop over a tile's k-steps into ``acc``; ``g0``: the
-        block's k-steps before this tile (ring slot and phase of k-step ``kt``: those of count
-        ``g0 + kt``), ``pool``/``ring``: the pool's shared address and the ring's first
-        element. Each k-step: wait on its slot's ``full``, 4 ``wgmma`` from the slot, one group
-        kept in flight, the previous k-step's slot released on ``empty``; the last slot is
-        released once the tile's products are done."""
-        for i in T.unroll(acc_len):
-            acc[i] = T.float32(0)
-        for kt in T.serial(num_kt):
-            wait_barrier(full.ptr_to([(g0 + kt) % stages]), (g0 + kt) // stages % 2)
-            slot = pool + T.Cast("uint32", (ring + (g0 + kt) % stages * stage_elems) * 2)
-            T.ptx.wgmma.fence.sync.aligned()
-            for kk in T.unroll(tile_k // 16):
-                T.ptx[wgmma](
-                    *[acc[i] for i in range(acc_len)],
-                    swizzle128_descriptor(slot + T.uint32((wg - 1) * 64 * 128 + kk * 32)),
-                    swizzle128_descriptor(slot + T.uint32(tile_m * 128 + kk * 32)),
-                    T.bool(True), 1, 1, 0, 0,
-                )
-            T.ptx.wgmma.commit_group.sync.aligned()
-            T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
-            if kt > 0 and tx == 0:
-                T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + kt - 1) % stages]),
-                                                 T.uint32(1))
-        T.ptx.wgmma.wait_group.sync.aligned(0)
-        if tx == 0:
-            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + num_kt - 1) % stages]),
-                                             T.uint32(1))
+    consume = ring_consumer(tile_m, tile_n, stages, num_kt, dtype)
 
-    def total_of(m):
-        """Output tiles of the product (written out where used: a name bound in the macro
-        would be a host variable that the kernel does not receive)."""
-        return (m + tile_m - 1) // tile_m * (n // tile_n)
-
-    def grid_of(m):
-        """Blocks of the persistent form."""
-        return T.min(total_of(m), PERSISTENT_BLOCKS)
+    total_of, grid_of = persistent_grid(tile_m, n // tile_n)
 
     @T.macro
     def persistent_tiles(x_map, w_map, bias_buf, residual, outs, m, bid, tx, wg, smem, full,
@@ -199,14 +241,14 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
             else:
                 T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
                 T.ptx.bar.arrive(T.uint32(CONSUMERS_HOLD), T.uint32(384))
-                consume(acc, full, empty, base[0], ring, it * num_kt, wg, tx)
+                consume(acc, None, full, empty, base[0], ring, it * num_kt, tx, (wg - 1) * 64)
                 # Each consumer writes its 64 rows of the staging tile (apart from the ring)
                 # before the roles join; no accumulator lives past the join.
-                stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx)
+                stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx, 0)
                 T.ptx["setmaxnreg.dec.sync.aligned.u32"](LAUNCH_REGISTERS)
             T.tvm_storage_sync("shared")
             if wg > 0:
-                store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
+                store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx, 0)
             T.tvm_storage_sync("shared")  # the staging tile read before the next tile's writes
 
     @T.macro
@@ -245,17 +287,17 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                         load_step(smem, ring, full, empty, x_map, w_map, kt, bm, bn, kt)
             else:
                 T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
-                consume(acc, full, empty, base[0], ring, 0, wg, tx)
+                consume(acc, None, full, empty, base[0], ring, 0, tx, (wg - 1) * 64)
                 # Epilogue through shared memory (staged_store): each consumer writes its rows
                 # of the staging tile (in the output dtype, bias and activation applied) once
                 # both are done with the ring (named barrier 1, the consumers' 256 threads), so
                 # that no accumulator lives past the join of the roles, where the producer's
                 # register budget would cap every thread's.
                 T.ptx.bar.sync(T.uint32(1), T.uint32(256))
-                stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx)
+                stage_accumulators(smem, acc, bias_buf, bn * tile_n, (wg - 1) * 64, tx, 0)
             T.tvm_storage_sync("shared")
             if wg > 0:
-                store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx)
+                store(smem, residual, outs, m, bm, bn, (wg - 1) * 128 + tx, 0)
 
     small = with_small_batches(n, k, dtype, epilogue, body, tile_n, 128)
     return dense_func(n, k, dtype, small, epilogue)

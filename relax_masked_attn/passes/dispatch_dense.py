@@ -13,7 +13,7 @@ from tvm.relax.backend.utils import BackendDispatcher
 from tvm.relax.expr_functor import mutator
 
 from .._ir import as_rows, is_call_of, mutate_functions
-from ..kernels import cpu_dense, cuda_dense, cuda_tma_dense
+from ..kernels import cpu_dense, cuda_dense, cuda_pingpong_dense, cuda_tma_dense
 from ..kernels.epilogue import MAX_SPLIT, Epilogue, gated_weight
 
 
@@ -26,8 +26,9 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
 
 
 # The Hopper dense kernel generators by name, each ``(n, k, dtype, epilogue)`` -> the same
-# PrimFunc: the warp-specialized TMA kernel, its persistent form, and the kernel whose threads
-# all copy through ``cp.async``. ``HOPPER_DENSE`` is the one ``sm_90a`` targets get (the
+# PrimFunc: the warp-specialized TMA kernel, its persistent form, the persistent kernel whose
+# consumers take turns on whole tiles (ping-pong; not yet run on a GPU), and the kernel whose
+# threads all copy through ``cp.async``. ``HOPPER_DENSE`` is the one ``sm_90a`` targets get (the
 # persistent form: 0.85-1.05x cuBLAS on an H200, the others at or below it on every shape);
 # ``bench_models.py --hopper-dense NAME`` puts another there to compare whole models, and
 # ``bench_dense.py`` times each.
@@ -35,6 +36,7 @@ HOPPER_DENSE_KERNELS = {
     "wgmma": cuda_dense.wgmma_dense_kernel,
     "tma": cuda_tma_dense.tma_dense_kernel,
     "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
+    "pingpong": cuda_pingpong_dense.pingpong_dense_kernel,
 }
 HOPPER_DENSE = HOPPER_DENSE_KERNELS["persistent"]
 

@@ -1,0 +1,159 @@
+"""A persistent Hopper dense kernel whose two consumer warpgroups take turns (ping-pong).
+
+The persistent form of :func:`~relax_masked_attn.kernels.cuda_tma_dense.tma_dense_kernel` splits
+each 128-row tile between its two consumer warpgroups and joins all three warpgroups at every
+tile: the epilogue (bias, gelu, residual, the 16-byte stores) runs while the tensor cores wait.
+Here, as in CUTLASS's ping-pong Hopper GEMMs, each consumer owns whole tiles: warpgroup 1 takes
+the block's tiles 0, 2, 4, ..., warpgroup 2 tiles 1, 3, 5, ..., and each runs its tile's main
+loop and then its epilogue, so that one warpgroup's epilogue runs under the other's products.
+The roles never join:
+
+* warpgroup 0, the producer, gives up registers and one of its threads loads the k-steps of
+  the block's tiles, in tile order, into a ring of ``stages`` slots (TMA boxes of 128 rows of
+  ``x`` and 128 rows of ``w``, completing the slot's ``full`` barrier by their bytes); it
+  waits on a slot's ``empty`` barrier, which the one consumer of its last k-step releases;
+* a consumer runs two ``wgmma.m64n128k16`` a 16-wide k-step (the two 64-row halves of its
+  128 x 128 tile, 2 x 64 accumulators a thread), one group of a k-step in flight, then writes
+  the tile, bias and activation applied, into its own staging tile of shared memory and
+  stores it in 16-byte vectors (:func:`~relax_masked_attn.kernels.cuda_dense.staged_store`, the
+  residual added on the way).
+
+The ring's order alone makes the consumers alternate: the producer loads tile ``i + 1``'s
+k-steps only as tile ``i``'s free their slots, so the second consumer's main loop starts as the
+first one's ends. TVM 0.27's barrier planner cannot place a barrier inside one role's branch,
+so the staging tiles are written and read by ``st.shared`` / ``ld.shared`` on their addresses,
+which it does not see, and each consumer orders its own accesses with a named barrier of its
+128 threads (ids 3 and 4).
+
+Tiles are 128 x 128 (128 accumulators a consumer thread, as the cooperative kernel's 128 x 256
+tile gives each of its consumers; the small-batch kernels of the same PrimFunc take columns in
+multiples of 128). Shared memory: two staging tiles of 128 x 136 elements and a ring of 4 slots
+of 256 rows of 128 bytes, 197 KiB in all.
+
+A gated (SwiGLU) product gets the persistent kernel of ``cuda_tma_dense``: its weight is
+interleaved in groups of half that kernel's 256-column tile (``cuda_dense.gate_group``), which a
+128-column tile would split.
+
+Opt-in (``bench_models.py --hopper-dense pingpong``, ``bench_dense.py --sweep tma``): built and
+checked by ptxas here (168 registers, no spills, no serialized ``wgmma``), not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .cuda_dense import staged_store, wgmma_staging, with_small_batches
+from .cuda_tma_dense import (
+    CONSUMER_REGISTERS,
+    PRODUCER_REGISTERS,
+    persistent_grid,
+    ring_consumer,
+    ring_loader,
+    tma_dense_kernel,
+)
+from .epilogue import Epilogue, dense_func
+from .hopper import (
+    TILE_COLUMNS,
+    encode_row_tiles,
+    init_barrier,
+    realign_pool,
+)
+from .memo import memoized
+
+CONSUMER_BARRIERS = (3, 4)  # named barrier of consumer 1 and of consumer 2 (128 threads each)
+DEFAULT_TILES = (128, 4)  # (tile_n, stages)
+
+
+@memoized
+def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = None,
+                          tiles=None) -> tirx.PrimFunc:
+    """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])`` for
+    ``sm_90a``, as :func:`~relax_masked_attn.kernels.cuda_tma_dense.tma_dense_kernel`'s;
+    ``tiles`` is ``(tile_n, stages)``, default :data:`DEFAULT_TILES`."""
+    epilogue = epilogue or Epilogue()
+    if epilogue.gated:
+        return tma_dense_kernel(n, k, dtype, epilogue, persistent=True)
+    tile_n, stages = tiles or DEFAULT_TILES
+    tile_m, tile_k = 128, TILE_COLUMNS
+    if n % tile_n or k % tile_k or tile_n != 128 or stages < 2:
+        raise ValueError(f"pingpong_dense_kernel: n={n}, k={k} do not fit tiles ({tile_n}, 64) "
+                         f"with {stages} stages (128 columns, at least 2 stages)")
+    staging_elems = -(-(tile_m * (tile_n + 8)) // 512) * 512  # a consumer's, 1 KiB aligned
+    stage_elems = (tile_m + tile_n) * tile_k  # x's rows, then w's, 128 bytes each
+    pool_elems = 2 * staging_elems + stages * stage_elems + 512  # + 1 KiB to realign
+    if pool_elems * 2 > 226 * 1024:
+        raise ValueError(f"pingpong_dense_kernel: {stages} stages of ({tile_n}, 64) tiles need "
+                         f"{pool_elems * 2} bytes of shared memory, more than 226 KiB")
+    num_kt = k // tile_k
+    tiles_n = n // tile_n
+    half_acc = tile_n // 2  # fp32 accumulators a thread for one 64-row half
+    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 128, pool_elems,
+                                     "shared.dyn", opaque=True)
+    stage_half = wgmma_staging(dtype, epilogue, tile_n, out_stride, opaque=True)
+
+    total_of, grid_of = persistent_grid(tile_m, tiles_n)
+    load_step = ring_loader(tile_m, tile_n, stages)
+
+    def count_of(m, bid):
+        """The block's tiles: ``bid, bid + grid, ...``."""
+        return (total_of(m) - bid + grid_of(m) - 1) // grid_of(m)
+
+    consume = ring_consumer(tile_m, tile_n, stages, num_kt, dtype)
+
+    @T.macro
+    def body(x, w, bias_buf, residual, outs, m):
+        x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
+        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
+        bid = T.launch_thread("blockIdx.x", grid_of(m))
+        # threadIdx.y names the warpgroup, threadIdx.x the thread within it (128, as many as
+        # the split-k kernels of the same PrimFunc launch along x).
+        tx = T.launch_thread("threadIdx.x", 128)
+        wg = T.launch_thread("threadIdx.y", 3)
+        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        full = T.alloc_buffer((stages,), "uint64", scope="shared")
+        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
+        acc_lo = T.alloc_buffer((half_acc,), "float32", scope="local")
+        acc_hi = T.alloc_buffer((half_acc,), "float32", scope="local")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        realign_pool(base, smem)
+        if tx == 0 and wg == 0:
+            for s in T.unroll(stages):
+                init_barrier(full.ptr_to([s]), 1)  # the producer's expect_tx
+                init_barrier(empty.ptr_to([s]), 1)  # the consumer of the slot's k-step
+        T.tvm_storage_sync("shared")
+        if wg == 0:
+            T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
+            if tx == 0:
+                for i in T.serial(count_of(m, bid)):
+                    for kt in T.serial(num_kt):
+                        load_step(smem, T.Cast("int32", base[1]) + 2 * staging_elems, full,
+                                  empty, x_map, w_map, i * num_kt + kt,
+                                  (bid + i * grid_of(m)) // tiles_n,
+                                  (bid + i * grid_of(m)) % tiles_n, kt)
+        else:
+            T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
+            # consumer wg takes the block's tiles wg - 1, wg + 1, ...
+            for j in T.serial((count_of(m, bid) - wg + 2) // 2):
+                consume(acc_lo, acc_hi, full, empty, base[0],
+                        T.Cast("int32", base[1]) + 2 * staging_elems,
+                        (wg - 1 + 2 * j) * num_kt, tx, 0)
+                stage_half(smem, acc_lo, bias_buf,
+                           (bid + (wg - 1 + 2 * j) * grid_of(m)) % tiles_n * tile_n, 0, tx,
+                           T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
+                stage_half(smem, acc_hi, bias_buf,
+                           (bid + (wg - 1 + 2 * j) * grid_of(m)) % tiles_n * tile_n, 64, tx,
+                           T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
+                T.ptx.bar.sync(T.uint32(CONSUMER_BARRIERS[0] - 1) + T.Cast("uint32", wg),
+                               T.uint32(128))
+                store(smem, residual, outs, m, (bid + (wg - 1 + 2 * j) * grid_of(m)) // tiles_n,
+                      (bid + (wg - 1 + 2 * j) * grid_of(m)) % tiles_n, tx,
+                      T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
+                # the staging tile read before this consumer's next tile writes it
+                T.ptx.bar.sync(T.uint32(CONSUMER_BARRIERS[0] - 1) + T.Cast("uint32", wg),
+                               T.uint32(128))
+
+    small = with_small_batches(n, k, dtype, epilogue, body, tile_n, 128)
+    return dense_func(n, k, dtype, small, epilogue)
