@@ -117,35 +117,37 @@ EPILOGUE_SHAPES = [  # (n, k, Epilogue fields, what): BERT-base's fused products
 
 
 def epilogue_sweep(args, tdtype) -> None:
-    """The wgmma kernel with BERT's fused epilogues under each WGMMA_SWEEP configuration (raw
-    kernels, checked against torch first): which ring/tile lets the epilogue overlap."""
+    """BERT's fused products (bias + gelu, bias + residual) under each Hopper dense kernel
+    (raw kernels, checked against torch first), next to torch running the same steps unfused:
+    where each form's epilogue costs most, and whether the ping-pong form hides it."""
     hopper = device_cuda_target()
     if not cuda_dense.has_wgmma(hopper):
         print("epilogue sweep: not a Hopper GPU")
         return
-    print("epilogue sweep (ms, raw wgmma kernel):", "  ".join(map(str, WGMMA_SWEEP)))
+    names = list(HOPPER_DENSE_KERNELS)
+    print("epilogue sweep (ms, raw kernels; torch unfused):", "  ".join(["torch", *names]))
     for n, k, fields, what in EPILOGUE_SHAPES:
         epilogue = Epilogue(*fields)
         x = torch.randn(args.rows, k, device="cuda", dtype=tdtype)
         w = torch.randn(n, k, device="cuda", dtype=tdtype) / k**0.5
         b = torch.randn(n, device="cuda", dtype=tdtype)
         r = torch.randn(args.rows, n, device="cuda", dtype=tdtype)
-        ref = torch.nn.functional.linear(x, w, b)
-        if epilogue.activation:
-            ref = torch.nn.functional.gelu(ref.float()).to(tdtype)
-        if epilogue.residual:
-            ref = ref + r
+
+        def unfused():
+            y = torch.nn.functional.linear(x, w, b)
+            if epilogue.activation:
+                y = torch.nn.functional.gelu(y)
+            return y + r if epilogue.residual else y
+
+        ref = unfused()
         out = torch.empty(args.rows, n, device="cuda", dtype=tdtype)
-        times = []
-        for tiles in WGMMA_SWEEP:
-            if n % tiles[0]:
-                times.append("-")
-                continue
-            run = raw_kernel(cuda_dense.wgmma_dense_kernel(n, k, args.dtype, epilogue,
-                                                           tiles=tiles),
-                             hopper, [x, w, b] + ([r] if epilogue.residual else []), out)
+        times = [f"{median_time(unfused, torch.cuda.synchronize) * 1e3:.3f}"]
+        for name in names:
+            run = raw_kernel(HOPPER_DENSE_KERNELS[name](n, k, args.dtype, epilogue), hopper,
+                             [x, w, b] + ([r] if epilogue.residual else []), out)
+            out.zero_()
             run()
-            assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), tiles
+            assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), name
             times.append(f"{median_time(run, torch.cuda.synchronize) * 1e3:.3f}")
         print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
 
@@ -311,7 +313,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="CPU sweep: rounds to take the "
                         "median of")
     parser.add_argument("--epilogue-sweep", action="store_true",
-                        help="only time BERT's fused epilogues under each wgmma configuration")
+                        help="only time BERT's fused epilogues under each Hopper dense kernel")
     args = parser.parse_args()
     if args.device == "cpu":
         cpu_sweep(args) if args.sweep else bench_cpu(args)
