@@ -31,12 +31,58 @@ def host_cpu_target() -> Target:
 
 def usable_cores() -> int:
     """The CPU cores this process may run on: its affinity mask where the OS has one (``taskset``,
-    a container's cpuset), else ``os.cpu_count()``. A pool sized by ``os.cpu_count()`` in a
-    container pinned to 2 cores of a 16-core host runs 16 threads on 2 cores."""
+    a container's cpuset), else ``os.cpu_count()``, and no more than its cgroup's CPU quota
+    (``docker --cpus``, a Kubernetes CPU limit; :func:`cgroup_cpu_limit`) rounded up. A pool
+    sized by ``os.cpu_count()`` in a container limited to 2 CPUs of a 16-core host runs 16
+    threads in the time of 2, each stopped by the quota in turn."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cores = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, limit)) if limit else cores
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup"
+                     ) -> int | None:
+    """CPUs this process's cgroup may use a period, rounded up (a quota of 1.5 CPUs: 2); None
+    where no quota is set or none can be read (no cgroups: macOS, Windows). cgroup v2: the
+    smallest ``cpu.max`` ("quota period", or "max period") of the process's cgroup (its line
+    ``0::path`` in ``membership``) and its ancestors up to ``root``; v1: ``cpu.cfs_quota_us``
+    over ``cpu.cfs_period_us`` in ``root/cpu`` (a quota of -1: none)."""
+    import math
+    from pathlib import Path
+
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return None
+
+    def cpus(quota: str, period: str) -> int | None:
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:  # "max"
+            return None
+        return math.ceil(q / p) if q > 0 and p > 0 else None
+
+    base = Path(root)
+    own = ""
+    for line in (read(Path(membership)) or "").splitlines():
+        if line.startswith("0::"):
+            own = line[3:].strip("/")
+    parts = [part for part in own.split("/") if part]
+    found, limits = False, []
+    for depth in range(len(parts), -1, -1):  # the process's cgroup, then each ancestor
+        fields = (read(base.joinpath(*parts[:depth], "cpu.max")) or "").split()
+        if len(fields) >= 2:
+            found = True
+            limits.append(cpus(*fields[:2]))
+    if found:
+        return min((limit for limit in limits if limit), default=None)
+    quota = read(base / "cpu" / "cpu.cfs_quota_us")
+    period = read(base / "cpu" / "cpu.cfs_period_us")
+    return cpus(quota, period) if quota and period else None
 
 
 def default_cpu_threads() -> None:
