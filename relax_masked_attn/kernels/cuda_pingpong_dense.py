@@ -47,6 +47,7 @@ from .cuda_dense import staged_store, wgmma_staging, with_small_batches
 from .cuda_tma_dense import (
     CONSUMER_REGISTERS,
     PRODUCER_REGISTERS,
+    operand_maps,
     persistent_grid,
     ring_consumer,
     ring_loader,
@@ -55,7 +56,6 @@ from .cuda_tma_dense import (
 from .epilogue import Epilogue, dense_func
 from .hopper import (
     TILE_COLUMNS,
-    encode_row_tiles,
     init_barrier,
     realign_pool,
 )
@@ -94,6 +94,7 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
 
     total_of, grid_of = persistent_grid(tile_m, tiles_n)
     load_step = ring_loader(tile_m, tile_n, stages)
+    encode_operands = operand_maps(n, k, dtype, tile_m, tile_n)
 
     def count_of(m, bid):
         """The block's tiles: ``bid, bid + grid, ...``."""
@@ -105,8 +106,7 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
     def body(x, w, bias_buf, residual, outs, m):
         x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
-        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
+        encode_operands(x_map, w_map, x, w, m)
         bid = T.launch_thread("blockIdx.x", grid_of(m))
         # threadIdx.y names the warpgroup, threadIdx.x the thread within it (128, as many as
         # the split-k kernels of the same PrimFunc launch along x).

@@ -99,6 +99,19 @@ def ring_loader(tile_m: int, tile_n: int, stages: int):
     return load_step
 
 
+def operand_maps(n: int, k: int, dtype: str, tile_m: int, tile_n: int):
+    """Host side of both warp-specialized kernels: a macro ``encode(x_map, w_map, x, w, m)``
+    writing the tensor maps of ``x [m, k]`` (boxes of ``tile_m`` rows) and ``w [n, k]`` (boxes
+    of ``tile_n`` rows) into two ``T.tvm_stack_alloca("tensormap", 1)`` handles."""
+
+    @T.macro
+    def encode(x_map, w_map, x, w, m):
+        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
+        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
+
+    return encode
+
+
 def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str):
     """The consumer's main loop of both warp-specialized kernels: a macro ``consume(acc_lo,
     acc_hi, full, empty, pool, ring, g0, tx, row0)`` by which a warpgroup multiplies the 64
@@ -208,6 +221,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         T.tvm_storage_sync("shared")
 
     load_step = ring_loader(tile_m, tile_n, stages)
+    encode_operands = operand_maps(n, k, dtype, tile_m, tile_n)
 
     consume = ring_consumer(tile_m, tile_n, stages, num_kt, dtype)
 
@@ -255,8 +269,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
     def body(x, w, bias_buf, residual, outs, m):
         x_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-        encode_row_tiles(x_map, x.data, dtype, m, k, tile_m)
-        encode_row_tiles(w_map, w.data, dtype, n, k, tile_n)
+        encode_operands(x_map, w_map, x, w, m)
         if persistent:
             bid = T.launch_thread("blockIdx.x", grid_of(m))
         else:
