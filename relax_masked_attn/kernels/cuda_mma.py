@@ -35,13 +35,12 @@ from .config import tensor_core_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax
 from .geometry import (
-    GRID_BATCH_LIMIT,
-    GRID_BATCH_MESSAGE,
     LOG2E,
     NEG_INF,
     attention_func,
     padding_zeroer,
     staged_output,
+    tensor_core_grid,
 )
 from .memo import memoized
 
@@ -120,21 +119,10 @@ def tensor_core_kernel(
                 ),
             )
 
+    grid = tensor_core_grid(heads_q, rows, threads)
+
     @T.macro
-    def body(q, k, v, geom, out, batch, seq_q, seq_kv):
-
-        # Heads innermost, then query tiles (the longest first), then batch rows: the blocks
-        # resident at once work on one or a few batch rows, whose K and V stay in L2 (with the
-        # query tiles outermost each block read its own), and each batch row's heaviest tiles
-        # of every head start first.
-        assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
-        assert (seq_q + rows - 1) // rows <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
-        h_launch = T.launch_thread("blockIdx.x", heads_q)
-        qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
-        b_launch = T.launch_thread("blockIdx.z", batch)
-        bh = b_launch * heads_q + h_launch
-        tx = T.launch_thread("threadIdx.x", threads)
-
+    def block(q, k, v, geom, out, seq_q, seq_kv, bh, qt_launch, tx):
         if dynamic:
             pool = T.alloc_buffer((tile_elems,), dtype, scope="shared.dyn")
             q_smem = T.decl_buffer((rows, d), dtype, data=pool.data, scope="shared.dyn")
@@ -306,5 +294,9 @@ def tensor_core_kernel(
                                         out[bi, q_off + rr, h, j * 8 + t4 * 2 + c] = T.Cast(
                                             dtype, o_acc[a, j, 2 * i + c] / l_i[a, i]
                                         )
+
+    @T.macro
+    def body(q, k, v, geom, out, batch, seq_q, seq_kv):
+        grid(batch, seq_q, block, (q, k, v, geom, out, seq_q, seq_kv))
 
     return attention_func(heads_q, heads_kv, head_dim, dtype, body, packed=packed, left=left)

@@ -48,13 +48,12 @@ from .config import WgmmaAttentionTiles, wgmma_attention_tiles
 from .cuda_copy import row_loader
 from .fragment_softmax import fragment_softmax, rescale
 from .geometry import (
-    GRID_BATCH_LIMIT,
-    GRID_BATCH_MESSAGE,
     LOG2E,
     NEG_INF,
     attention_func,
     padding_zeroer,
     staged_output,
+    tensor_core_grid,
 )
 from .hopper import (
     copy_head_tile,
@@ -485,19 +484,10 @@ def wgmma_attention_kernel(
                                     )
                     T.cuda.cta_sync()  # every warp is done with Q before a next tile reloads it
 
+    grid = tensor_core_grid(heads_q, ROWS, THREADS)
+
     @T.macro
-    def launch(q, k, v, geom, out, batch, seq_q, k_map, v_map):
-        # Heads innermost, then query tiles (the longest first), then batch rows: the blocks
-        # resident at once work on one or a few batch rows, whose K and V stay in L2 (with the
-        # query tiles outermost each block read its own), and each batch row's heaviest tiles
-        # of every head start first.
-        assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
-        assert (seq_q + ROWS - 1) // ROWS <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
-        h_launch = T.launch_thread("blockIdx.x", heads_q)
-        qt_launch = T.launch_thread("blockIdx.y", (seq_q + ROWS - 1) // ROWS)
-        b_launch = T.launch_thread("blockIdx.z", batch)
-        bh = b_launch * heads_q + h_launch
-        tx = T.launch_thread("threadIdx.x", THREADS)
+    def bounded_block(q, k, v, geom, out, seq_q, k_map, v_map, bh, qt_launch, tx):
         # __launch_bounds__(256, min_blocks): registers capped so that blocks share an SM.
         with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
             block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, k_map, v_map)
@@ -509,8 +499,8 @@ def wgmma_attention_kernel(
             v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)
             encode_head_tiles(v_map, v.data, dtype, v.shape[0] * v.shape[1], heads_kv, d, cols)
-            launch(q, k, v, geom, out, batch, seq_q, k_map, v_map)
+            grid(batch, seq_q, bounded_block, (q, k, v, geom, out, seq_q, k_map, v_map))
         else:
-            launch(q, k, v, geom, out, batch, seq_q, None, None)
+            grid(batch, seq_q, bounded_block, (q, k, v, geom, out, seq_q, None, None))
 
     return attention_func(heads_q, heads_kv, head_dim, dtype, body, packed=packed, left=left)

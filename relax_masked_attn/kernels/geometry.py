@@ -117,6 +117,32 @@ GRID_BATCH_MESSAGE = ("attention on CUDA tensor cores takes at most 65535 batch 
                       "and 65535 query tiles of 64-128 rows a call; split the batch")
 
 
+def tensor_core_grid(heads_q: int, rows: int, threads: int):
+    """The grid of both tensor-core attention kernels: a macro ``grid(batch, seq_q, block,
+    args)`` that launches blocks of ``threads`` threads over heads (x, innermost), query tiles
+    of ``rows`` rows (y; the kernels take the longest first) and batch rows (z), and runs
+    ``block(*args, bh, qt_launch, tx)`` in each (``bh = b * heads_q + h``).
+
+    That order keeps the blocks resident at once on one or a few batch rows, whose K and V
+    stay in L2 (with the query tiles outermost each block read its own), and starts each batch
+    row's heaviest tiles of every head first. Batch rows and query tiles are limited to
+    :data:`GRID_BATCH_LIMIT` each (CUDA's limit on grid y and z): more stop with
+    :data:`GRID_BATCH_MESSAGE` before the launch."""
+
+    @T.macro
+    def grid(batch, seq_q, block, args):
+        assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+        assert (seq_q + rows - 1) // rows <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+        h_launch = T.launch_thread("blockIdx.x", heads_q)
+        qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
+        b_launch = T.launch_thread("blockIdx.z", batch)
+        bh = b_launch * heads_q + h_launch
+        tx = T.launch_thread("threadIdx.x", threads)
+        block(*args, bh, qt_launch, tx)
+
+    return grid
+
+
 def packed_grid_batch(batch):
     """The packed op's grid rows for ``batch`` sequences: at least 1, so that with no sequence
     at all the one block finds length 0 and zeroes all ``t`` rows."""
