@@ -49,6 +49,7 @@ from .cuda_tma_dense import (
     PRODUCER_REGISTERS,
     operand_maps,
     persistent_grid,
+    ring_barriers,
     ring_consumer,
     ring_loader,
     tma_dense_kernel,
@@ -56,7 +57,6 @@ from .cuda_tma_dense import (
 from .epilogue import Epilogue, dense_func
 from .hopper import (
     TILE_COLUMNS,
-    init_barrier,
     realign_pool,
 )
 from .memo import memoized
@@ -93,6 +93,7 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
     stage_half = wgmma_staging(dtype, epilogue, tile_n, out_stride, opaque=True)
 
     total_of, grid_of = persistent_grid(tile_m, tiles_n)
+    init_ring = ring_barriers(stages, 1)  # a slot's one consumer releases it
     load_step = ring_loader(tile_m, tile_n, stages)
     encode_operands = operand_maps(n, k, dtype, tile_m, tile_n)
 
@@ -119,11 +120,7 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
         acc_hi = T.alloc_buffer((half_acc,), "float32", scope="local")
         base = T.alloc_buffer((2,), "uint32", scope="local")
         realign_pool(base, smem)
-        if tx == 0 and wg == 0:
-            for s in T.unroll(stages):
-                init_barrier(full.ptr_to([s]), 1)  # the producer's expect_tx
-                init_barrier(empty.ptr_to([s]), 1)  # the consumer of the slot's k-step
-        T.tvm_storage_sync("shared")
+        init_ring(full, empty, tx, wg)
         if wg == 0:
             T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
             if tx == 0:

@@ -76,6 +76,23 @@ PERSISTENT_BLOCKS = 132
 CONSUMERS_HOLD = 2
 
 
+def ring_barriers(stages: int, releases: int):
+    """A macro ``init_ring(full, empty, tx, wg)`` by which one thread initializes the ring's
+    ``full`` barriers (one arrival: the producer's ``expect_tx``) and ``empty`` barriers
+    (``releases`` arrivals: the consumer warpgroups that release a slot); the block then
+    syncs."""
+
+    @T.macro
+    def init_ring(full, empty, tx, wg):
+        if tx == 0 and wg == 0:
+            for s in T.unroll(stages):
+                init_barrier(full.ptr_to([s]), 1)
+                init_barrier(empty.ptr_to([s]), releases)
+        T.tvm_storage_sync("shared")
+
+    return init_ring
+
+
 def ring_loader(tile_m: int, tile_n: int, stages: int):
     """The producer's step of both warp-specialized kernels: a macro ``load_step(smem, ring,
     full, empty, x_map, w_map, g, bm, bn, kt)`` by which one thread loads k-step ``kt`` of
@@ -211,15 +228,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                                      "shared.dyn")
     stage_accumulators = wgmma_staging(dtype, epilogue, tile_n, out_stride)
 
-    @T.macro
-    def init_ring(full, empty, tx, wg):
-        """One thread initializes the ring's barriers; the block then syncs."""
-        if tx == 0 and wg == 0:
-            for s in T.unroll(stages):
-                init_barrier(full.ptr_to([s]), 1)  # the producer's expect_tx
-                init_barrier(empty.ptr_to([s]), 2)  # one arrival a consumer warpgroup
-        T.tvm_storage_sync("shared")
-
+    init_ring = ring_barriers(stages, 2)  # both consumers release each slot
     load_step = ring_loader(tile_m, tile_n, stages)
     encode_operands = operand_maps(n, k, dtype, tile_m, tile_n)
 
