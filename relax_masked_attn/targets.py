@@ -3,7 +3,9 @@ and the benchmarks use (this CPU's ``llvm``, this GPU's ``cuda`` with Hopper's `
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 from tvm.target import Target
 
@@ -50,9 +52,6 @@ def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", membership: str = "/proc/self
     smallest ``cpu.max`` ("quota period", or "max period") of the process's cgroup (its line
     ``0::path`` in ``membership``) and its ancestors up to ``root``; v1: ``cpu.cfs_quota_us``
     over ``cpu.cfs_period_us`` in ``root/cpu`` (a quota of -1: none)."""
-    import math
-    from pathlib import Path
-
     def read(path: Path) -> str | None:
         try:
             return path.read_text().strip()

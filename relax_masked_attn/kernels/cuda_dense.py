@@ -405,15 +405,19 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     steps = tile_m * per_row // threads  # rows a thread moves
     batch = largest_divisor(steps, RESIDUAL_BATCH)
 
+    def tile_row(it, tx):
+        """The row of the tile whose 8 columns thread ``tx`` moves in step ``it``."""
+        return it * (threads // per_row) + tx // per_row
+
     def out_word(bm, bn, it, tx, part: int = 0):
         """Index of the first 32-bit word, in output ``part``, of the 8 columns thread ``tx``
         moves in step ``it`` (written out in thread and loop variables, whose multiple of 4 the
         code generator must see to emit one 16-byte access, not four)."""
         start, width = parts[part]
-        row = bm * tile_m + it * (threads // per_row) + tx // per_row
+        row = bm * tile_m + tile_row(it, tx)
         return (row * width + bn * cols - start + tx % per_row * 8) // 2
 
-    def read_staged(words, smem, smem_words, elem):
+    def read_staged(words, smem, elem):
         """The 4 words at element ``elem`` of the pool into ``words``, by ``ld.shared``."""
         return T.ptx.ld.shared.v4.b32(words[0], words[1], words[2], words[3],
                                       smem.ptr_to([elem]))
@@ -441,16 +445,16 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                 # reads are in flight together (read in the store's loop, each one stayed
                 # behind the previous row's store in ptxas's schedule)
                 for j in T.unroll(batch):
-                    if bm * tile_m + (c * batch + j) * (threads // per_row) + tx // per_row < m:
+                    if bm * tile_m + tile_row(c * batch + j, tx) < m:
                         res[T.Ramp(j * 4, 1, 4)] = res_words[
                             T.Ramp(out_word(bm, bn, c * batch + j, tx), 1, 4)]
             for j in T.unroll(batch):
                 it = c * batch + j
-                r = it * (threads // per_row) + tx // per_row
+                r = tile_row(it, tx)
                 col = tx % per_row * 8
                 if bm * tile_m + r < m:
                     if opaque:
-                        read_staged(words, smem, smem_words, base + r * out_stride + col)
+                        read_staged(words, smem, base + r * out_stride + col)
                     else:
                         for q in T.unroll(4):
                             words[q] = smem_words[(base + r * out_stride + col) // 2 + q]
@@ -460,7 +464,7 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                                                               res_halves[j * 8 + e])
                     if epilogue.gated:
                         if opaque:
-                            read_staged(up, smem, smem_words, base + r * out_stride + cols + col)
+                            read_staged(up, smem, base + r * out_stride + cols + col)
                         else:
                             for q in T.unroll(4):
                                 up[q] = smem_words[(base + r * out_stride + cols + col) // 2 + q]
@@ -518,14 +522,10 @@ def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, out_stride: int,
             for j in T.unroll(tile_n // 8):
                 col = j * 8 + lane % 4 * 2
                 for c in T.unroll(2):
-                    if opaque:
-                        pair[c] = T.Cast(dtype, epilogue.value(
-                            acc[j * 4 + h * 2 + c], bias_regs[j * 2 + c] if epilogue.bias
-                            else None))
-                    else:
-                        pair[c] = T.Cast(dtype, epilogue.value(
-                            acc[j * 4 + h * 2 + c],
-                            bias_buf[n0 + col + c] if epilogue.bias else None))
+                    pair[c] = T.Cast(dtype, epilogue.value(
+                        acc[j * 4 + h * 2 + c],
+                        (bias_regs[j * 2 + c] if opaque else bias_buf[n0 + col + c])
+                        if epilogue.bias else None))
                 if opaque:
                     write_pair(smem, pair_word, base + r * out_stride + col)
                 else:
