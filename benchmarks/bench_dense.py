@@ -109,15 +109,18 @@ def sweep(args, dev, target, tdtype) -> None:
         print(f"{n:5} {k:5} ", "  ".join(f"{t:>8}" for t in times), f" {what}", flush=True)
 
 
-EPILOGUE_SHAPES = [  # (n, k, Epilogue fields, what): BERT-base's fused products
-    (3072, 768, (True, "gelu", False), "intermediate + gelu"),
-    (768, 3072, (True, None, True), "output + residual"),
-    (768, 768, (True, None, True), "attention output + residual"),
+EPILOGUE_SHAPES = [  # (n, k, Epilogue fields, what): BERT-base's and Qwen3-0.6B's fused products
+    (2304, 768, (True, None, False), "BERT-base q/k/v joined"),
+    (3072, 768, (True, "gelu", False), "BERT-base intermediate + gelu"),
+    (768, 3072, (True, None, True), "BERT-base output + residual"),
+    (768, 768, (True, None, True), "BERT-base attention output + residual"),
+    (1024, 2048, (False, None, True), "Qwen3-0.6B o_proj + residual"),
+    (1024, 3072, (False, None, True), "Qwen3-0.6B down_proj + residual"),
 ]
 
 
 def epilogue_sweep(args, tdtype) -> None:
-    """BERT's fused products (bias + gelu, bias + residual) under each Hopper dense kernel
+    """BERT's and Qwen3's fused products (bias, gelu, residual) under each Hopper dense kernel
     (raw kernels, checked against torch first), next to torch running the same steps unfused:
     where each form's epilogue costs most, and whether the ping-pong form hides it."""
     hopper = device_cuda_target()
@@ -134,7 +137,7 @@ def epilogue_sweep(args, tdtype) -> None:
         r = torch.randn(args.rows, n, device="cuda", dtype=tdtype)
 
         def unfused():
-            y = torch.nn.functional.linear(x, w, b)
+            y = torch.nn.functional.linear(x, w, b if epilogue.bias else None)
             if epilogue.activation:
                 y = torch.nn.functional.gelu(y)
             return y + r if epilogue.residual else y
@@ -144,7 +147,8 @@ def epilogue_sweep(args, tdtype) -> None:
         times = [f"{median_time(unfused, torch.cuda.synchronize) * 1e3:.3f}"]
         for name in names:
             run = raw_kernel(HOPPER_DENSE_KERNELS[name](n, k, args.dtype, epilogue), hopper,
-                             [x, w, b] + ([r] if epilogue.residual else []), out)
+                             [x, w] + ([b] if epilogue.bias else [])
+                             + ([r] if epilogue.residual else []), out)
             out.zero_()
             run()
             assert torch.allclose(out.float(), ref.float(), atol=5e-2, rtol=5e-2), name

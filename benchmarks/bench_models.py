@@ -252,7 +252,7 @@ def bench_cuda(args) -> None:
 
     os.environ["RELAX_MASKED_ATTN_CACHE"] = tempfile.mkdtemp()  # cold starts are measured
 
-    dispatch_dense.HOPPER_DENSE = dispatch_dense.HOPPER_DENSE_KERNELS[args.hopper_dense]
+    dispatch_dense.HOPPER_DENSE = dispatch_dense.HOPPER_DENSE_CHOICES[args.hopper_dense]
     print(f"CUDA: {torch.cuda.get_device_name()}, fp16, ours built for {args.arch} "
           f"(sm_90a dense: {args.hopper_dense}; ratio = "
           "transformers time / ours); lengths uniform in [shortest, longest]")
@@ -316,13 +316,15 @@ def main() -> None:
     parser.add_argument("--qwen-vocab", type=int, default=151669,
                         help="CUDA: Qwen3's vocabulary (real: 151669)")
     parser.add_argument("--profile", action="store_true", help="split our time by kernel kind")
-    parser.add_argument("--hopper-dense", choices=list(dispatch_dense.HOPPER_DENSE_KERNELS),
+    parser.add_argument("--hopper-dense", choices=list(dispatch_dense.HOPPER_DENSE_CHOICES),
                         default=next(name for name, make in
-                                     dispatch_dense.HOPPER_DENSE_KERNELS.items()
+                                     dispatch_dense.HOPPER_DENSE_CHOICES.items()
                                      if make is dispatch_dense.HOPPER_DENSE),
                         help="CUDA: the dense kernel of sm_90a builds (default: the dispatch's; "
                         "tma: the warp-specialized kernels/cuda_tma_dense.py; persistent: its "
-                        "persistent form; wgmma: cuda_dense.wgmma_dense_kernel)")
+                        "persistent form; pingpong: kernels/cuda_pingpong_dense.py; "
+                        "residual-pingpong: pingpong for products adding a residual, persistent "
+                        "for the others; wgmma: cuda_dense.wgmma_dense_kernel)")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
 

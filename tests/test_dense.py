@@ -607,7 +607,8 @@ def test_pingpong_kernel_never_joins_its_roles(epilogue, tiles):
     """The ping-pong kernel: one block-wide barrier (after the ring's barriers are set up), the
     registers split once and never handed back, each consumer ordering its own staging tile
     with its named barrier (3 or 4: 2 + warpgroup), read and written by ``ld.shared`` /
-    ``st.shared``; the ring plus two staging tiles fit in 226 KiB or are refused."""
+    ``st.shared``, the consumers handing each other the ring on barriers 5 and 6; the ring plus
+    two staging tiles fit in 226 KiB or are refused."""
     src = pingpong_cuda_source(768, 512, epilogue, tiles)
     full = src[src.index("__launch_bounds__(384)"):]
     full = full[full.index("{"):]
@@ -616,6 +617,11 @@ def test_pingpong_kernel_never_joins_its_roles(epilogue, tiles):
     assert full.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
     assert "u32_168" not in full
     assert full.count("bar_sync_count_sync(((uint)2 + ((uint)((int)threadIdx.y))), (uint)128)") == 2
+    # the consumers take turns at the ring: without it the second one's wait on the ring's
+    # `full` barrier of a k-step two phases ahead passed at once (a parity wait cannot tell
+    # them apart) and the kernel read slots not yet loaded
+    assert full.count("bar_sync_count_sync(((uint)4 + ((uint)((int)threadIdx.y))), (uint)256)") == 1
+    assert full.count("bar_arrive_arrive(((uint)7 - ((uint)((int)threadIdx.y))), (uint)256)") == 1
     assert "ptx_st_shared_b32" in full and "ptx_ld_vec_shared_v4_b32" in full
     assert "cp_async_bulk_tensor" in full and "mbarrier_try_wait_parity" in full
     with pytest.raises(ValueError, match="226 KiB"):
@@ -773,21 +779,30 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
                                    rtol=tol, atol=tol, err_msg=f"{rows} rows")
 
 
-@pytest.mark.parametrize("kernel", ["persistent", "tma", "wgmma", "pingpong"])
-def test_models_build_with_either_hopper_dense_kernel(monkeypatch, kernel):
-    """The pipeline builds a layer's joined q/k/v product and Qwen3's SwiGLU product for
-    sm_90a with the warp-specialized TMA kernel's persistent form (the default
-    ``HOPPER_DENSE``), its one-shot form and the ``cp.async`` one (``bench_models.py
-    --hopper-dense``)."""
+@pytest.mark.parametrize("kernel", ["residual-pingpong", "persistent", "tma", "wgmma", "pingpong"])
+def test_models_build_with_each_hopper_dense_kernel(monkeypatch, kernel):
+    """The pipeline builds a layer's joined q/k/v product, BERT's output product with its
+    residual and Qwen3's SwiGLU product for sm_90a with each choice of ``HOPPER_DENSE``
+    (``bench_models.py --hopper-dense``): the default gives the residual product the ping-pong
+    kernel and the others the persistent one; the ping-pong generator gives the gated product of
+    Qwen3's MLP the persistent kernel (its down product the ping-pong one)."""
     from relax_masked_attn.passes import dispatch_dense as dd
 
-    monkeypatch.setattr(dd, "HOPPER_DENSE", dd.HOPPER_DENSE_KERNELS[kernel])
-    for mod in (siblings_module(768, (768, 768, 768), "float16", True),
-                swiglu_module(1024, 3072, "float16")):
+    assert dd.HOPPER_DENSE is dd.HOPPER_DENSE_CHOICES["residual-pingpong"]
+    monkeypatch.setattr(dd, "HOPPER_DENSE", dd.HOPPER_DENSE_CHOICES[kernel])
+    for what, mod in [
+            ("siblings", siblings_module(768, (768, 768, 768), "float16", True)),
+            ("residual", standalone_linear_module(768, 3072, "float16", bias=True,
+                                                  residual=True)),
+            ("swiglu", swiglu_module(1024, 3072, "float16"))]:
         ex = tvm.compile(mod, target=SM90A, relax_pipeline=relax.get_pipeline("relax_masked_attn"))
         src = ex.mod.imports[0].imports[0].inspect_source()  # host module, then its CUDA one
         tma = "__launch_bounds__(384)" in src and "CUtensorMap x_map" in src
         assert tma == (kernel != "wgmma")
-        # the ping-pong generator gives a SwiGLU product the persistent kernel
-        assert ("setmaxnreg_inc_sync_aligned_u32_168" in src) == (
-            kernel == "persistent" or (kernel == "pingpong" and "swiglu" in src))
+        persistent = "setmaxnreg_inc_sync_aligned_u32_168" in src  # its roles rejoin each tile
+        pingpong = "bar_arrive_arrive(((uint)7 - " in src  # its consumers hand over the ring
+        assert persistent == (kernel == "persistent"
+                              or kernel in ("pingpong", "residual-pingpong") and what == "swiglu"
+                              or kernel == "residual-pingpong" and what == "siblings"), what
+        assert pingpong == (kernel == "pingpong"
+                            or kernel == "residual-pingpong" and what == "residual"), what

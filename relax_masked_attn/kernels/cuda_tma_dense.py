@@ -130,15 +130,18 @@ def operand_maps(n: int, k: int, dtype: str, tile_m: int, tile_n: int):
 
 
 def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str):
-    """The consumer's main loop of both warp-specialized kernels: a macro ``consume(acc_lo,
-    acc_hi, full, empty, pool, ring, g0, tx, row0)`` by which a warpgroup multiplies the 64
+    """The consumer's main loop of both warp-specialized kernels: a macro ``consume(acc_lo, acc_hi,
+    full, empty, pool, ring, g0, tx, row0, hand_over=None)`` by which a warpgroup multiplies the 64
     rows of the ring's x tiles from ``row0`` into ``acc_lo`` (``m64n{tile_n}``, ``tile_n / 2``
-    floats a thread) and, where ``acc_hi`` is a buffer too, the next 64 into it, over a
-    tile's ``num_kt`` k-steps. ``g0``: the block's k-steps before this tile (ring slot and
-    phase of k-step ``kt``: those of count ``g0 + kt``), ``pool``/``ring``: the pool's shared
-    address and the ring's first element. Each k-step: wait on its slot's ``full``, 4 (or 8)
-    ``wgmma`` from the slot, one group kept in flight, the previous k-step's slot released on
-    ``empty`` by thread 0; the last slot is released once the tile's products are done."""
+    floats a thread) and, where ``acc_hi`` is a buffer too, the next 64 into it, over a tile's
+    ``num_kt`` k-steps. ``g0``: the block's k-steps before this tile (ring slot and phase of k-step
+    ``kt``: those of count ``g0 + kt``), ``pool``/``ring``: the pool's shared address and the ring's
+    first element. Each k-step: wait on its slot's ``full``, 4 (or 8) ``wgmma`` from the slot, one
+    group kept in flight, the previous k-step's slot released on ``empty`` by thread 0; the last
+    slot is released once the tile's products are done.
+    ``hand_over``: a pair ``(barrier, more)``; where ``more`` holds, the warpgroup arrives on named
+    barrier ``barrier`` (256 threads) once the last k-step's ``wgmma`` are issued, before it waits
+    for them (the ping-pong kernel hands the ring to its other consumer there)."""
     tile_k = TILE_COLUMNS
     stage_elems = (tile_m + tile_n) * tile_k
     ab = "f16" if dtype == "float16" else "bf16"
@@ -146,7 +149,7 @@ def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str
     acc_len = tile_n // 2
 
     @T.macro
-    def consume(acc_lo, acc_hi, full, empty, pool, ring, g0, tx, row0):
+    def consume(acc_lo, acc_hi, full, empty, pool, ring, g0, tx, row0, hand_over=None):
         for i in T.unroll(acc_len):
             acc_lo[i] = T.float32(0)
             if acc_hi is not None:
@@ -174,6 +177,9 @@ def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str
             if kt > 0 and tx == 0:
                 T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + kt - 1) % stages]),
                                                  T.uint32(1))
+        if hand_over is not None:
+            if hand_over[1]:
+                T.ptx.bar.arrive(hand_over[0], T.uint32(256))
         T.ptx.wgmma.wait_group.sync.aligned(0)
         if tx == 0:
             T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + num_kt - 1) % stages]),

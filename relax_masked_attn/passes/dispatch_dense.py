@@ -25,20 +25,31 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
     return cuda_dense.supports(target, n, k, dtype)
 
 
+def _pingpong_for_residuals(n: int, k: int, dtype: str, epilogue: Epilogue):
+    """The ping-pong kernel for products that add a residual, the persistent one for others."""
+    if epilogue.residual:
+        return cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue)
+    return cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, persistent=True)
+
+
 # The Hopper dense kernel generators by name, each ``(n, k, dtype, epilogue)`` -> the same
 # PrimFunc: the warp-specialized TMA kernel, its persistent form, the persistent kernel whose
-# consumers take turns on whole tiles (ping-pong; not yet run on a GPU), and the kernel whose
-# threads all copy through ``cp.async``. ``HOPPER_DENSE`` is the one ``sm_90a`` targets get (the
-# persistent form: 0.85-1.05x cuBLAS on an H200, the others at or below it on every shape);
+# consumers take turns on whole tiles (ping-pong), and the kernel whose threads all copy through
+# ``cp.async``. ``HOPPER_DENSE`` is what ``sm_90a`` targets get: the ping-pong form for products
+# that add a residual (1-15% faster than the persistent form on an H200: their epilogue reads a
+# tile of the residual, which the other consumer's products now hide), the persistent form for
+# the others (0.93-1.00x cuBLAS; the ping-pong form's smaller tiles cost it up to 5% there);
 # ``bench_models.py --hopper-dense NAME`` puts another there to compare whole models, and
-# ``bench_dense.py`` times each.
+# ``bench_dense.py`` times each (docs/performance.md#dense).
 HOPPER_DENSE_KERNELS = {
     "wgmma": cuda_dense.wgmma_dense_kernel,
     "tma": cuda_tma_dense.tma_dense_kernel,
     "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
     "pingpong": cuda_pingpong_dense.pingpong_dense_kernel,
 }
-HOPPER_DENSE = HOPPER_DENSE_KERNELS["persistent"]
+# What ``HOPPER_DENSE`` may be: one form for every product, or a choice between forms.
+HOPPER_DENSE_CHOICES = {**HOPPER_DENSE_KERNELS, "residual-pingpong": _pingpong_for_residuals}
+HOPPER_DENSE = HOPPER_DENSE_CHOICES["residual-pingpong"]
 
 
 def _dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str, epilogue: Epilogue):
