@@ -324,7 +324,8 @@ def main() -> None:
                         "tma: the warp-specialized kernels/cuda_tma_dense.py; persistent: its "
                         "persistent form; pingpong: kernels/cuda_pingpong_dense.py; "
                         "residual-pingpong: pingpong for products adding a residual, persistent "
-                        "for the others; wgmma: cuda_dense.wgmma_dense_kernel)")
+                        "for the others; tma-store: the same with the persistent form's TMA "
+                        "stores; wgmma: cuda_dense.wgmma_dense_kernel)")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
 

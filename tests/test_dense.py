@@ -276,9 +276,12 @@ def test_cpu_fuses_bias_gelu_and_residual():
 # --- CUDA on a real GPU ---------------------------------------------------------------------
 
 
-def gpu_target(kernel: str) -> tvm.target.Target:
+def gpu_target(kernel: str, monkeypatch=None) -> tvm.target.Target:
     """The visible GPU's target for ``kernel``: ``mma``, its plain target; ``wgmma``, its
-    sm_90a target (skips the test off Hopper)."""
+    sm_90a target (skips the test off Hopper), with the default ``HOPPER_DENSE``;
+    ``tma-store``, the same with the opt-in TMA-store choice put there through
+    ``monkeypatch``."""
+    from relax_masked_attn.passes import dispatch_dense as dd
     from relax_masked_attn.targets import device_cuda_target
 
     if kernel == "mma":
@@ -286,13 +289,15 @@ def gpu_target(kernel: str) -> tvm.target.Target:
     target = device_cuda_target()
     if not cuda_dense.has_wgmma(target):
         pytest.skip("not a Hopper GPU")
+    if kernel == "tma-store":
+        monkeypatch.setattr(dd, "HOPPER_DENSE", dd.HOPPER_DENSE_CHOICES["tma-store"])
     return target
 
 
-def gpu_vm(mod, kernel: str, name_part: str, prepack: bool):
+def gpu_vm(mod, kernel: str, name_part: str, prepack: bool, monkeypatch=None):
     """``mod`` built through our pipeline for :func:`gpu_target` ``(kernel)``, after checking
     that one of its dense kernels' names holds ``name_part``; its VM on the GPU."""
-    target = gpu_target(kernel)
+    target = gpu_target(kernel, monkeypatch)
     assert any(name_part in name for name in kernels_of(dispatched(mod, target)))
     ex = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline(
         "relax_masked_attn", prepack_weights=prepack))
@@ -300,18 +305,20 @@ def gpu_vm(mod, kernel: str, name_part: str, prepack: bool):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mma", "wgmma", "tma-store"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bias,activation,residual", EPILOGUES)
 @pytest.mark.parametrize("n,k", [(128, 64), (768, 768), (384, 1536), (1024, 192)])
-def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kernel):
+def test_cuda_dense_matches_numpy(n, k, bias, activation, residual, dtype, kernel,
+                                  monkeypatch):
     """Row counts off the 128-row tile (1, 7, 127, 129, 1000) and over it; every epilogue.
-    ``mma``: the device's plain target; ``wgmma``: its sm_90a target (Hopper only)."""
+    ``mma``: the device's plain target; ``wgmma``: its sm_90a target (Hopper only);
+    ``tma-store``: the same with the opt-in TMA stores."""
     import ml_dtypes
 
     assert cuda_available()
     dev = tvm.cuda(0)
-    target = gpu_target(kernel)
+    target = gpu_target(kernel, monkeypatch)
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np_dtype)
@@ -436,16 +443,16 @@ def test_swiglu_stays_apart_on_cpus_and_when_the_gate_is_used_again(target, shar
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mma", "wgmma", "tma-store"])
 @pytest.mark.parametrize("prepack", [True, False])
 @pytest.mark.parametrize("hidden,inner,dtype", [(256, 512, "float16"), (1024, 3072, "float16"),
                                                 (128, 384, "bfloat16")])
-def test_cuda_swiglu_matches_torch(hidden, inner, dtype, prepack, kernel):
+def test_cuda_swiglu_matches_torch(hidden, inner, dtype, prepack, kernel, monkeypatch):
     """The gated product against torch's ``down(silu(x Wg^T) * (x Wu^T))``, with the weights
     interleaved once by ``transform_params`` (prepack) or in every call."""
     import torch
 
-    vm = gpu_vm(swiglu_module(hidden, inner, dtype), kernel, "swiglu", prepack)
+    vm = gpu_vm(swiglu_module(hidden, inner, dtype), kernel, "swiglu", prepack, monkeypatch)
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(inner)
     wg, wu = (torch.randn(inner, hidden, generator=gen) / hidden**0.5 for _ in range(2))
@@ -553,18 +560,20 @@ def test_split_epilogue_checks_its_parts():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mma", "wgmma", "tma-store"])
 @pytest.mark.parametrize("prepack", [True, False])
 @pytest.mark.parametrize("hidden,widths,bias,dtype", [
     (768, (768, 768, 768), True, "float16"), (1024, (2048, 1024, 1024), False, "float16"),
     (256, (256, 512), True, "bfloat16")])
-def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, kernel):
+def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, kernel,
+                                         monkeypatch):
     """Each output of the joint kernel against torch's own ``linear`` of its weight, rows on
     both paths (split-k up to 64, the full-size kernel above), weights concatenated once by
     ``transform_params`` (prepack) or in every call."""
     import torch
 
-    vm = gpu_vm(siblings_module(hidden, widths, dtype, bias), kernel, "_to", prepack)
+    vm = gpu_vm(siblings_module(hidden, widths, dtype, bias), kernel, "_to", prepack,
+                monkeypatch)
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(sum(widths))
     weights = []
@@ -590,8 +599,9 @@ def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, k
 # --- The warp-specialized TMA kernel (kernels/cuda_tma_dense.py; sm_90a's dense kernel) --------
 
 
-def tma_cuda_source(n, k, epilogue, tiles=None, persistent=False) -> str:
-    func = cuda_tma_dense.tma_dense_kernel(n, k, "float16", epilogue, tiles, persistent)
+def tma_cuda_source(n, k, epilogue, tiles=None, persistent=False, tma_store=False) -> str:
+    func = cuda_tma_dense.tma_dense_kernel(n, k, "float16", epilogue, tiles, persistent,
+                                           tma_store)
     return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
 
 
@@ -685,10 +695,60 @@ def test_persistent_tma_kernel_walks_tiles_with_its_roles_rejoined(epilogue, til
         cuda_tma_dense.tma_dense_kernel(768, 512, "float16", epilogue, (256, 4), True)
 
 
+@pytest.mark.parametrize("epilogue,boxes", [
+    (Epilogue(True, "gelu"), 4), (Epilogue(gated=True), 2),
+    (Epilogue(True, split=(1024, 1024, 1024)), 12)])
+def test_tma_store_form_stores_tiles_behind_the_next_main_loop(epilogue, boxes):
+    """The persistent form's TMA stores: the consumers write the tile in TMA boxes (128-byte
+    swizzle), fence it for the TMA unit and join; one thread stores it, a box per 64 columns
+    (gated tiles have half as many output columns; a split product one tensor map an output),
+    and waits for the stores to have read the tile only before the next tile's writes, after
+    that tile's main loop, and once more at the end; no block-wide barrier for reading the
+    staging tile back. Residual products are refused (they take the ping-pong form)."""
+    import re
+
+    src = tma_cuda_source(3072, 768, epilogue, persistent=True, tma_store=True)
+    full = src[src.index("__launch_bounds__(384)"):]
+    full = full[full.index("{"):]
+    assert full.count("cp_async_bulk_tensor_s2g") == boxes
+    assert len(set(re.findall(r"s2g\w*\(\(\(void\*\)\(\(unsigned long long\)\(&\((\w+)\)",
+                              full))) == (3 if epilogue.split else 1)
+    assert full.count("cp_async_bulk_commit_group") == 1
+    assert full.count("cp_async_bulk_wait_group_async_bulk_wait_group_read_0()") == 2
+    waits = full.index("cp_async_bulk_wait_group_async_bulk_wait_group_read_0()")
+    # the first wait follows a main loop's end (its products waited for)
+    assert "wgmma_wait_group_wait_group_sync_aligned_0()" in full[
+        full.rindex("mma_async", 0, waits):waits]
+    assert full.index("bar_sync_count_sync((uint)1, (uint)256)") > waits
+    assert full.count("__syncthreads()") == 2  # the ring's setup, the join before the stores
+    assert "fence_proxy_proxy_async_shared__cta();\n      tvm_builtin_ptx_setmaxnreg_dec" in full
+    with pytest.raises(ValueError, match="without a residual"):
+        cuda_tma_dense.tma_dense_kernel(768, 768, "float16", Epilogue(True, None, True),
+                                        persistent=True, tma_store=True)
+    with pytest.raises(ValueError, match="persistent"):
+        cuda_tma_dense.tma_dense_kernel(768, 768, "float16", Epilogue(True), tma_store=True)
+
+
+@pytest.mark.parametrize("index", range(64))
+def test_tma_box_layout_is_the_swizzle_that_loads_land_in(index):
+    """The staging tile of the TMA stores is laid out as a box loaded by TMA lands
+    (hopper.swizzle128_descriptor's layout): element (r, c) of a 128 x 256 tile at 64-column
+    box c // 64, row r, 16-byte chunk (c % 64 // 8) ^ (r % 8); every element once."""
+    rng = np.random.default_rng(index)
+    r, c = int(rng.integers(128)), int(rng.integers(256))
+    expected = (c // 64) * 8192 + r * 64 + (((c % 64) // 8) ^ (r % 8)) * 8 + c % 8
+    assert cuda_tma_dense.box_offset(r, c) == expected
+    if index == 0:
+        offsets = {cuda_tma_dense.box_offset(r, c) for r in range(128) for c in range(256)}
+        assert offsets == set(range(128 * 256))
+
+
 @pytest.mark.parametrize("form,epilogue", [
     ("one-shot", Epilogue(True, None, True)), ("persistent", Epilogue(True, None, True)),
     ("pingpong", Epilogue(True, None, True)), ("pingpong", Epilogue(True, "gelu")),
-    ("pingpong", Epilogue(True, split=(1024, 1024, 1024)))])
+    ("pingpong", Epilogue(True, split=(1024, 1024, 1024))),
+    ("tma-store", Epilogue(True, "gelu")), ("tma-store", Epilogue(gated=True)),
+    ("tma-store", Epilogue(True, split=(1024, 1024, 1024)))])
 def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, form, epilogue):
     """nvcc's ptxas builds the 384-thread kernel with no spills (an accumulator that lived past
     the join of the roles was capped by the producer's budget: 1600 bytes spilled and the wgmma
@@ -699,6 +759,8 @@ def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, form, epilogue
 
     if form == "pingpong":
         src = pingpong_cuda_source(3072 if epilogue.split else 768, 3072, epilogue)
+    elif form == "tma-store":
+        src = tma_cuda_source(3072, 768, epilogue, persistent=True, tma_store=True)
     else:
         src = tma_cuda_source(768, 3072, epilogue, persistent=form == "persistent")
     name = re.search(r"__launch_bounds__\(384\) (\w+)\(", src).group(1)
@@ -743,7 +805,8 @@ def test_residual_reads_are_in_flight_together(kernel):
     (256, 1536, (128, 6), "one-shot"), (768, 768, None, "persistent"),
     (3072, 192, (256, 2), "persistent"), (256, 1536, (128, 4), "persistent"),
     (768, 768, None, "pingpong"), (3072, 192, (128, 2), "pingpong"),
-    (256, 1536, (128, 3), "pingpong")])
+    (256, 1536, (128, 3), "pingpong"), (768, 768, None, "tma-store"),
+    (3072, 192, (256, 2), "tma-store"), (256, 1536, (128, 4), "tma-store")])
 def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual, dtype):
     """On a Hopper GPU, row counts off and on the 128-row tile (rows past m arrive from TMA as
     zeros and are never stored), both paths (split-k up to 64 rows); the persistent and
@@ -757,10 +820,13 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
         pytest.skip("not a Hopper GPU")
     dev = tvm.cuda(0)
     epilogue = Epilogue(bias, activation, residual)
+    if form == "tma-store" and residual:
+        pytest.skip("the TMA-store form takes no residual")
     if form == "pingpong":
         func = cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue, tiles)
     else:
-        func = cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, tiles, form == "persistent")
+        func = cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, tiles, form != "one-shot",
+                                               form == "tma-store")
     kernel = tvm.compile(tvm.IRModule({"main": func}), target=SM90A)["main"]
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(n + k)
@@ -770,7 +836,7 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
         x = rng.standard_normal((rows, k)).astype(np_dtype)
         r = rng.standard_normal((rows, n)).astype(np_dtype)
         inputs = [x, w] + ([b] if bias else []) + ([r] if residual else [])
-        out = tvm.runtime.empty((rows, n), dtype, dev)
+        out = tvm.runtime.tensor(np.full((rows, n), np.nan, np_dtype), device=dev)
         kernel(*[tvm.runtime.tensor(a, device=dev) for a in inputs], out)
         tol = 2e-2 if dtype == "float16" else 6e-2
         np.testing.assert_allclose(out.numpy().astype("float32"),
@@ -779,7 +845,8 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
                                    rtol=tol, atol=tol, err_msg=f"{rows} rows")
 
 
-@pytest.mark.parametrize("kernel", ["residual-pingpong", "persistent", "tma", "wgmma", "pingpong"])
+@pytest.mark.parametrize("kernel", ["residual-pingpong", "persistent", "tma", "wgmma", "pingpong",
+                                    "tma-store"])
 def test_models_build_with_each_hopper_dense_kernel(monkeypatch, kernel):
     """The pipeline builds a layer's joined q/k/v product, BERT's output product with its
     residual and Qwen3's SwiGLU product for sm_90a with each choice of ``HOPPER_DENSE``
@@ -801,8 +868,10 @@ def test_models_build_with_each_hopper_dense_kernel(monkeypatch, kernel):
         assert tma == (kernel != "wgmma")
         persistent = "setmaxnreg_inc_sync_aligned_u32_168" in src  # its roles rejoin each tile
         pingpong = "bar_arrive_arrive(((uint)7 - " in src  # its consumers hand over the ring
+        tma_stores = "cp_async_bulk_tensor_s2g" in src
+        mixed = kernel in ("residual-pingpong", "tma-store")
         assert persistent == (kernel == "persistent"
-                              or kernel in ("pingpong", "residual-pingpong") and what == "swiglu"
-                              or kernel == "residual-pingpong" and what == "siblings"), what
-        assert pingpong == (kernel == "pingpong"
-                            or kernel == "residual-pingpong" and what == "residual"), what
+                              or (kernel == "pingpong" or mixed) and what == "swiglu"
+                              or mixed and what == "siblings"), what
+        assert pingpong == (kernel == "pingpong" or mixed and what == "residual"), what
+        assert tma_stores == (kernel == "tma-store" and what != "residual"), what

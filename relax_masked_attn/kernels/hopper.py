@@ -106,3 +106,27 @@ def load_row_tile(dst, tmap, row, col, bar, nbytes: int):
     barrier's phase completes when the bytes have landed (:func:`wait_barrier`)."""
     T.ptx.mbarrier.arrive.expect_tx.shared.b64(bar, T.uint32(nbytes))
     copy_row_tile(dst, tmap, row, col, bar)
+
+
+@T.macro
+def store_row_tile(tmap, row, col, src):
+    """One thread: start the TMA store of the box at (``row``, ``col``) of ``tmap``
+    (:func:`encode_row_tiles`; rows past the tensor's end are not written) from shared pointer
+    ``src`` (1 KiB aligned, laid out as a loaded box lands), in the thread's current bulk group
+    (:func:`commit_stores`, :func:`wait_stores_read`). The threads that wrote ``src`` must have
+    made their writes visible to the TMA unit (``fence.proxy.async``) and synced first."""
+    T.ptx["cp.async.bulk.tensor.2d.global.shared::cta.bulk_group"](
+        T.address_of(tmap), col, row, src)
+
+
+@T.macro
+def commit_stores():
+    """One thread: close its bulk group of :func:`store_row_tile` stores."""
+    T.ptx["cp.async.bulk.commit_group"]()
+
+
+@T.macro
+def wait_stores_read():
+    """One thread: wait until every bulk group it committed has read its shared memory (which
+    may then be written again); the stores to global memory may still be in flight."""
+    T.ptx["cp.async.bulk.wait_group.read"](0)

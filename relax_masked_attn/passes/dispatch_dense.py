@@ -25,11 +25,14 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
     return cuda_dense.supports(target, n, k, dtype)
 
 
-def _pingpong_for_residuals(n: int, k: int, dtype: str, epilogue: Epilogue):
-    """The ping-pong kernel for products that add a residual, the persistent one for others."""
+def _pingpong_for_residuals(n: int, k: int, dtype: str, epilogue: Epilogue,
+                            tma_store: bool = False):
+    """The ping-pong kernel for products that add a residual, the persistent one for others
+    (``tma_store``: its form that stores each tile by TMA)."""
     if epilogue.residual:
         return cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue)
-    return cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, persistent=True)
+    return cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, persistent=True,
+                                           tma_store=tma_store)
 
 
 # The Hopper dense kernel generators by name, each ``(n, k, dtype, epilogue)`` -> the same
@@ -46,9 +49,18 @@ HOPPER_DENSE_KERNELS = {
     "tma": cuda_tma_dense.tma_dense_kernel,
     "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
     "pingpong": cuda_pingpong_dense.pingpong_dense_kernel,
+    # the persistent form storing each tile by TMA (no residual; opt-in: on an H200 within 2%
+    # of the persistent form's own stores, docs/performance.md#dense)
+    "persistent-tma-store": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True,
+                                              tma_store=True),
 }
-# What ``HOPPER_DENSE`` may be: one form for every product, or a choice between forms.
-HOPPER_DENSE_CHOICES = {**HOPPER_DENSE_KERNELS, "residual-pingpong": _pingpong_for_residuals}
+# What ``HOPPER_DENSE`` may be: one form for every product, or a choice between forms
+# (``tma-store``: the default's choice with the persistent form's TMA stores).
+HOPPER_DENSE_CHOICES = {
+    **HOPPER_DENSE_KERNELS,
+    "residual-pingpong": _pingpong_for_residuals,
+    "tma-store": functools.partial(_pingpong_for_residuals, tma_store=True),
+}
 HOPPER_DENSE = HOPPER_DENSE_CHOICES["residual-pingpong"]
 
 
