@@ -71,25 +71,25 @@ class Epilogue:
         g, u = T.Cast("float32", gate), T.Cast("float32", up)
         return T.Cast(dtype, g / (T.float32(1) + T.exp(-g)) * u)
 
-    def value(self, acc, bias_value, erf=None):
+    def value(self, acc, bias_value):
         """The float32 value before the residual: ``activation(acc + bias)``."""
-        return self.activate(acc + T.Cast("float32", bias_value) if self.bias else acc, erf)
+        return self.activate(acc + T.Cast("float32", bias_value) if self.bias else acc)
 
-    def store(self, dtype: str, acc, bias_value, residual_value, erf=None):
+    def store(self, dtype: str, acc, bias_value, residual_value):
         """The output element: :meth:`value` rounded to ``dtype``, plus the residual (rounded
-        again) when there is one. ``erf``: how gelu computes erf (default ``T.erf``)."""
-        out = T.Cast(dtype, self.value(acc, bias_value, erf))
+        again) when there is one."""
+        out = T.Cast(dtype, self.value(acc, bias_value))
         return self.add_residual(dtype, out, residual_value) if self.residual else out
 
     @staticmethod
     def add_residual(dtype: str, out, residual_value):
         return T.Cast(dtype, T.Cast("float32", out) + T.Cast("float32", residual_value))
 
-    def activate(self, value, erf=None):
-        """``activation(value)`` for a float32 PrimExpr."""
+    def activate(self, value):
+        """``activation(value)`` for a float32 PrimExpr (gelu's erf: :func:`polynomial_erf`)."""
         if self.activation == "gelu":  # x / 2 (1 + erf(x / sqrt 2))
-            erf = erf or T.erf
-            return value * T.float32(0.5) * (T.float32(1) + erf(value * T.float32(SQRT_HALF)))
+            return value * T.float32(0.5) * (
+                T.float32(1) + polynomial_erf(value * T.float32(SQRT_HALF)))
         if self.activation == "gelu_tanh":  # x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
             cube = value * value * value
             inner = T.float32(SQRT_2_OVER_PI) * (value + T.float32(0.044715) * cube)
@@ -112,8 +112,13 @@ _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
 
 
 def polynomial_erf(value):
-    """erf of a float32 PrimExpr with multiplies, adds and one divide, which LLVM vectorizes
-    (``T.erf`` becomes a libm call a lane at a time on CPUs)."""
+    """erf of a float32 PrimExpr with multiplies, adds and one divide: the erf of every gelu
+    epilogue. On CPUs LLVM vectorizes it (``T.erf`` becomes a libm call a lane at a time). On
+    CUDA (nvcc 13, sm_90a, TVM's ``--use_fast_math``) it is 19 instructions an output against
+    CUDA ``erff``'s 25, of which 9 selects that run at half the FP32 rate: in the persistent
+    dense kernel's gelu epilogue, 3336 SASS instructions a thread a 128 x 256 tile against 4096
+    (896 without gelu). Its error on gelu (float32, against float64) is at most 1.4e-6, against
+    4.5e-7 for a correctly rounded float32 erf, far below an fp16 output's resolution."""
     x = T.max(T.min(value, T.float32(4)), T.float32(-4))
     x2 = x * x
     p, q = T.float32(_ERF_P[0]), T.float32(_ERF_Q[0])
