@@ -326,9 +326,10 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers, outpu
 
 
 # config.WgmmaAttentionTiles: (blocks an SM, O += P V deferred, K/V stages, output staged,
-# softmax overlapping O += P V[, keys a tile, K/V by TMA])
+# softmax overlapping O += P V[, keys a tile, K/V by TMA, warp-specialized])
 WGMMA_SWEEP = [
     (2, False, 2, True, False, 64, True),  # the default: K and V by TMA
+    (1, False, 2, True, False, 64, True, True),  # a producer warpgroup, consumers taking turns
     (2, False, 2, True, False),  # by cp.async
     (2, False, 2, True, True),
     (1, False, 2, True, True),

@@ -244,6 +244,53 @@ def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, overlap, mode, pac
     assert "C7512" not in ptxas_report(src, "sm_90a", tmp_path)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_warp_specialized_wgmma_block(head_dim, mode, packed, tmp_path):
+    """The warp-specialized block (``WgmmaAttentionTiles.specialized``, FlashAttention-3's
+    structure): 384 threads, one block an SM; one block-wide barrier (after the mbarriers are
+    set up); the producer warpgroup gives registers to the consumers and copies Q, K and V by
+    TMA (three tensor maps; Q's tile once both consumers are done with the last, a stage once
+    both released it); the consumers take turns issuing S = Q K^T (named barriers 1 and 2,
+    warpgroup 2 giving warpgroup 1 the first turn) and stage their output through shared
+    memory by ``st.shared`` / ``ld.shared`` behind their own named barriers (3, 4). nvcc's
+    ptxas builds it with no spills and no serialized wgmma. Other layouts are refused."""
+    import re
+
+    from relax_masked_attn.kernels import cuda_wgmma
+
+    tiles = (1, False, 2, True, False, 64, True, True)
+    func = cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, packed=packed,
+                                             tiles=tiles)
+    sm90a = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    src = tvm.compile(tvm.IRModule({"main": func}), target=sm90a).mod.imports[0].inspect_source()
+    kernel = src[src.rindex("__launch_bounds__(384, 1)"):]
+    for name in ("q_map", "k_map", "v_map"):
+        assert f"const __grid_constant__ CUtensorMap {name}" in kernel
+    body = kernel[kernel.index("{"):]
+    assert body.count("__syncthreads()") == 1
+    assert body.count("setmaxnreg_dec_sync_aligned_u32_40()") == 1
+    assert body.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
+    # Q's boxes, then K's and V's, head_dim / 64 each
+    assert len(re.findall(r"async_bulk_tensor_3d\w*\(", body)) == 3 * head_dim // 64
+    assert "cp_async_cg" not in body  # no thread copies Q
+    assert body.count("bar_arrive_arrive((uint)1, (uint)256)") == 1  # warpgroup 1 goes first
+    assert "bar_sync_count_sync(((uint)1 + ((uint)wg" in body
+    assert "bar_arrive_arrive(((uint)2 - ((uint)wg" in body
+    assert "ptx_st_shared_b32" in body and "ptx_ld_vec_shared_v4_b32" in body
+    assert "mbarrier_init_init_shared_b64" in body
+    for bad in ((2, False, 2, True, False, 64, True, True), (1, False, 2, True, True, 64, True,
+                                                             True)):
+        with pytest.raises(ValueError, match="warp-specialized"):
+            cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, tiles=bad)
+    report = ptxas_report(src, "sm_90a", tmp_path)
+    entry = report[report.index("Compiling entry function 'masked_prefill_kernel'"
+                                if not packed else "Compiling entry function 'packed_prefill"):]
+    assert re.search(r"\b0 bytes spill stores", entry.split("Compiling entry")[1])
+    assert "C7512" not in report
+
+
 @pytest.mark.parametrize("sm_scale", [1e-12, 0.125, 1e6])
 def test_tensor_core_kernels_build_for_any_positive_scale(sm_scale):
     """The softmax masks raw scores with ``NEG_INF / scale`` (``fragment_softmax``): a tiny

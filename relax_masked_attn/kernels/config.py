@@ -197,6 +197,9 @@ class WgmmaAttentionTiles(NamedTuple):
     overlap: bool  # the softmax of key tile kt + 1 during O += P V(kt)
     key_tile: int = 64  # keys a tile (64 or 128)
     tma_kv: bool = False  # K and V tiles copied by TMA (one thread; a K and a V mbarrier a stage)
+    # a producer warpgroup (Q, K and V by TMA) and two consumer warpgroups that take turns at
+    # the tensor cores, one block an SM (FlashAttention-3's structure; opt-in)
+    specialized: bool = False
 
 
 def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
@@ -243,6 +246,13 @@ def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
     16 more registers a thread either spill (two blocks) or cost the second block. 128-key
     tiles (64 registers of S a thread) likewise need one block an SM. Earlier sweeps: the
     deferred O += P V wait was no better than the plain one, and one stage spilled a few bytes.
+
+    ``specialized`` (FlashAttention-3's block: a TMA producer warpgroup and two consumer
+    warpgroups at 232 registers taking turns at the tensor cores, one block an SM;
+    ``(1, False, 2, True, False, 64, True, True)``, the sweep's second line) is built and checked
+    by ptxas (168 registers at launch, no spills, no serialized ``wgmma``) but not yet run on
+    a GPU: its GPU test (``test_gpu.py::test_kernel_variants``, ``wgmma-specialized``) and the
+    sweep decide whether it becomes the default.
     """
     del head_dim, dtype
     return WgmmaAttentionTiles(2, False, 2, True, False, 64, True)

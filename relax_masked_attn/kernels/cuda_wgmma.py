@@ -28,6 +28,19 @@ tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``), and K and V arrive 
 ``cp.async`` (``tma_kv``) in either loop. Every layout passes the GPU tests on the H200; the
 sweep that chose the default is in ``config.wgmma_attention_tiles``.
 
+``specialized`` (opt-in; built and checked by ptxas, not yet run on a GPU) is FlashAttention-3's
+block structure: one block an SM of three warpgroups. Warpgroup 0 gives up registers
+(``setmaxnreg``) and one of its threads copies each query tile's Q and its K and V tiles by TMA
+(three tensor maps) into a two-stage ring: a stage once both consumers have released it (an
+``empty`` mbarrier of two arrivals), Q's tile once both have written the last tile's output
+from it. Warpgroups 1 and 2 (232 registers) own 64 query rows each and run the serial loop,
+taking turns at the tensor cores: each issues S = Q K^T only in its turn (named barriers 1 and
+2) and hands the turn over, so that its softmax runs under the other's products. Their shared
+memory accesses outside the tensor cores (the V tail's zeros, the staged output) are
+``st.shared`` / ``ld.shared`` ordered by each warpgroup's own named barrier, since TVM 0.27's
+barrier planner cannot place a barrier inside a role's branch; the roles never join after the
+barriers are set up.
+
 Descriptors on 128-byte-swizzled tiles: 16-byte chunk ``c`` of a 64-element row ``r`` is stored
 at chunk ``c ^ (r % 8)``; 8 rows make a 1024-byte atom; a tile wider than 64 elements is stored
 as consecutive 64-wide column blocks. K-major (Q, K): stride 1024 bytes between 8-row groups,
@@ -40,6 +53,7 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
 from tvm.target import Target
 
 from ..modes import is_causal, is_left_padded
@@ -67,6 +81,15 @@ from .memo import memoized
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 ROWS, THREADS = 128, 256  # query rows a block (2 warpgroups x 64)
+# The warp-specialized block: a producer warpgroup and the two consumer ones, one block an SM;
+# registers a thread after `setmaxnreg` (128 x 40 + 256 x 232 <= 65536).
+SPECIALIZED_THREADS = 384
+SPECIALIZED_PRODUCER_REGISTERS, SPECIALIZED_CONSUMER_REGISTERS = 40, 232
+# Named barriers of the warp-specialized block (256 threads): consumer 1's and consumer 2's
+# turn at the tensor cores (each waits on its own, the other arrives); then (128 threads) each
+# consumer's own, ordering its writes and reads of shared memory (id 0: __syncthreads).
+SCHEDULER_BARRIERS = (1, 2)
+WARPGROUP_BARRIERS = (3, 4)
 
 
 def supports(target: Target, head_dim: int, dtype: str) -> bool:
@@ -91,14 +114,17 @@ def wgmma_attention_kernel(
         raise ValueError(f"wgmma_attention_kernel: head_dim {head_dim} / {dtype} not supported")
     causal, left = is_causal(mode), is_left_padded(mode)
     group = heads_q // heads_kv
-    min_blocks, defer_pv, stages, staged_out, overlap, cols, tma_kv = WgmmaAttentionTiles(
-        *(tiles or wgmma_attention_tiles(head_dim, dtype)))
+    min_blocks, defer_pv, stages, staged_out, overlap, cols, tma_kv, specialized = (
+        WgmmaAttentionTiles(*(tiles or wgmma_attention_tiles(head_dim, dtype))))
     if stages not in (1, 2) or cols not in (64, 128):
         raise ValueError(f"wgmma_attention_kernel: 1 or 2 K/V stages of 64 or 128 keys, not "
                          f"{stages} of {cols}")
     if (overlap or tma_kv) and (stages != 2 or defer_pv):
         raise ValueError("wgmma_attention_kernel: the overlapped loop and TMA copies run on 2 "
                          "stages, with O += P V not deferred")
+    if specialized and (min_blocks != 1 or not tma_kv or not staged_out or overlap):
+        raise ValueError("wgmma_attention_kernel: the warp-specialized block runs one block an "
+                         "SM, K and V by TMA, the staged output and the serial loop")
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
     q_elems, kv_elems = ROWS * d, cols * d
@@ -117,6 +143,29 @@ def wgmma_attention_kernel(
     online_softmax = fragment_softmax(1, cols // 8, d // 8, qk_scale, causal)
     scores_only = fragment_softmax(1, cols // 8, d // 8, qk_scale, causal, rescale_output=False)
     rescale_o = rescale(1, d // 8)
+
+    def row_registers():
+        """A warpgroup's registers for its 64 query rows (called in a macro, where the buffers
+        are declared): ``(s_acc, o_acc, p_frag, m_i, l_i, s_acc3, o_acc3, m_i2, l_i2, m_new2,
+        alpha2)``: S's and O's accumulators, P's fragments, the running maxima (rows g and
+        g + 8) and this lane's part of the row sums, then the same registers as
+        fragment_softmax's [atoms = 1, tiles, 4] and [1, 2] views (with the new maxima and
+        rescale factors)."""
+        s_acc = T.alloc_buffer((s_len,), "float32", scope="local")
+        o_acc = T.alloc_buffer((o_len,), "float32", scope="local")
+        p_frag = T.alloc_buffer((cols // 16, 4), "uint32", scope="local")
+        m_i = T.alloc_buffer((2,), "float32", scope="local")
+        l_i = T.alloc_buffer((2,), "float32", scope="local")
+        # named as the parser names what a macro assigns: these two are not returned
+        m_new = IRBuilder.name("m_new", T.alloc_buffer((2,), "float32", scope="local"))
+        alpha = IRBuilder.name("alpha", T.alloc_buffer((2,), "float32", scope="local"))
+        return (s_acc, o_acc, p_frag, m_i, l_i,
+                T.decl_buffer((1, cols // 8, 4), "float32", data=s_acc.data, scope="local"),
+                T.decl_buffer((1, d // 8, 4), "float32", data=o_acc.data, scope="local"),
+                T.decl_buffer((1, 2), "float32", data=m_i.data, scope="local"),
+                T.decl_buffer((1, 2), "float32", data=l_i.data, scope="local"),
+                T.decl_buffer((1, 2), "float32", data=m_new.data, scope="local"),
+                T.decl_buffer((1, 2), "float32", data=alpha.data, scope="local"))
 
     def swizzled(count, r, c):
         """Element offset of 16-byte chunk ``c`` of row ``r`` in a ``count``-row tile."""
@@ -155,16 +204,32 @@ def wgmma_attention_kernel(
         wait_barrier(kv[2].ptr_to([2 * operand + stage]), kv[3][2 * operand + stage])
         kv[3][2 * operand + stage] = kv[3][2 * operand + stage] ^ 1
 
-    @T.macro
-    def zero_v_tail(words, pad, stage, first, tx):
-        """Zero the rows ``first`` on of the V tile in ``stage`` (keys past the real block,
-        which TMA copies as they are: P is 0 there, but 0 times a NaN or an infinity is not)."""
-        for it in T.serial((cols * chunks + THREADS - 1) // THREADS):
-            if (it * THREADS + tx) // chunks < cols and (it * THREADS + tx) // chunks >= first:
-                words[T.Ramp(pad // 8 * 4 + (q_elems + stage * 2 * kv_elems + kv_elems
-                                             + swizzled(cols, (it * THREADS + tx) // chunks,
-                                                        (it * THREADS + tx) % chunks)) // 2,
-                             1, 4)] = T.Broadcast(T.uint32(0), 4)
+    def v_tail_zeroer(threads: int, opaque: bool = False):
+        """A macro ``zero_v_tail(words, pad, stage, first, tx)`` by which ``threads`` threads
+        zero the rows ``first`` on of the V tile in ``stage`` (keys past the real block, which
+        TMA copies as they are: P is 0 there, but 0 times a NaN or an infinity is not);
+        ``opaque``: by ``st.shared``, unseen by TVM's barrier planner."""
+
+        def word(pad, stage, it, tx):
+            """The first word of the 16 bytes thread ``tx`` zeroes in step ``it``."""
+            return pad // 8 * 4 + (q_elems + stage * 2 * kv_elems + kv_elems + swizzled(
+                cols, (it * threads + tx) // chunks, (it * threads + tx) % chunks)) // 2
+
+        @T.macro
+        def zero_v_tail(words, pad, stage, first, tx):
+            for it in T.serial((cols * chunks + threads - 1) // threads):
+                if (it * threads + tx) // chunks < cols and (it * threads + tx) // chunks >= first:
+                    if opaque:
+                        T.ptx.st.shared.v4.b32(words.ptr_to([word(pad, stage, it, tx)]),
+                                               T.uint32(0), T.uint32(0), T.uint32(0),
+                                               T.uint32(0))
+                    else:
+                        words[T.Ramp(word(pad, stage, it, tx), 1, 4)] = T.Broadcast(
+                            T.uint32(0), 4)
+
+        return zero_v_tail
+
+    zero_v_tail = v_tail_zeroer(THREADS)
 
     @T.macro
     def s_product(s_acc, descs, stage):
@@ -397,20 +462,8 @@ def wgmma_attention_kernel(
         smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data,
                                    scope="shared.dyn")
         base = T.alloc_buffer((2,), "uint32", scope="local")
-        s_acc = T.alloc_buffer((s_len,), "float32", scope="local")
-        o_acc = T.alloc_buffer((o_len,), "float32", scope="local")
-        p_frag = T.alloc_buffer((cols // 16, 4), "uint32", scope="local")
-        m_i = T.alloc_buffer((2,), "float32", scope="local")  # running max, rows g, g + 8
-        l_i = T.alloc_buffer((2,), "float32", scope="local")  # this lane's part of the sums
-        m_new = T.alloc_buffer((2,), "float32", scope="local")
-        alpha = T.alloc_buffer((2,), "float32", scope="local")
-        # The same registers as fragment_softmax's [atoms = 1, tiles, 4] and [1, 2] views.
-        s_acc3 = T.decl_buffer((1, cols // 8, 4), "float32", data=s_acc.data, scope="local")
-        o_acc3 = T.decl_buffer((1, d // 8, 4), "float32", data=o_acc.data, scope="local")
-        m_i2 = T.decl_buffer((1, 2), "float32", data=m_i.data, scope="local")
-        l_i2 = T.decl_buffer((1, 2), "float32", data=l_i.data, scope="local")
-        m_new2 = T.decl_buffer((1, 2), "float32", data=m_new.data, scope="local")
-        alpha2 = T.decl_buffer((1, 2), "float32", data=alpha.data, scope="local")
+        (s_acc, o_acc, p_frag, m_i, l_i, s_acc3, o_acc3, m_i2, l_i2, m_new2,
+         alpha2) = row_registers()
 
         b, h, h_kv = geom.heads(bh, heads_q, group)
         n = geom.length(b)
@@ -484,7 +537,170 @@ def wgmma_attention_kernel(
                                     )
                     T.cuda.cta_sync()  # every warp is done with Q before a next tile reloads it
 
-    grid = tensor_core_grid(heads_q, ROWS, THREADS)
+    # --- The warp-specialized block (``specialized``): FlashAttention-3's structure ----------
+    ws_stage, ws_write = staged_output(dtype, d, heads_q, lambda r, c: swizzled(ROWS, r, c),
+                                       opaque=True)
+    ws_zero_v_tail = v_tail_zeroer(128, opaque=True)
+    ws_zero_padding = padding_zeroer(dtype, d, THREADS)
+
+    @T.macro
+    def load_when_free(smem, pad, tmap, full, empty, operand, g, row, h_kv, tx):
+        """The producer's TMA copy of the K (``operand`` 0) or V (1) tile of the block's key
+        tile ``g`` into stage ``g % 2``, once both consumers have released its previous one."""
+        if g >= 2:
+            wait_barrier(empty.ptr_to([2 * operand + g % 2]), (g // 2 + 1) % 2)
+        tma_tile(smem, pad, tmap, full, operand, g % 2, row, h_kv, tx)
+
+    @T.macro
+    def producer(q, k, geom, seq_q, smem, pad, q_maps, full, empty, q_bars, count, tx, n, b,
+                 h, h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles):
+        """Warpgroup 0, thread 0: each query tile's Q (once both consumers are done with the
+        last one's) and its K and V tiles by TMA into the two-stage ring, each stage once both
+        consumers have released it (``empty``: 2 arrivals a phase)."""
+        T.ptx["setmaxnreg.dec.sync.aligned.u32"](SPECIALIZED_PRODUCER_REGISTERS)
+        if tx == 0:
+            count[0] = 0
+            tiles_done = T.alloc_buffer((1,), "int32", scope="local")
+            tiles_done[0] = 0
+            for rep in T.serial(reps):
+                r0 = (qt_first + rep * grid_tiles) * ROWS
+                if r0 < n:
+                    kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
+                    num_kt = (kv_end + cols - 1) // cols
+                    if tiles_done[0] > 0:  # the consumers have written the last tile's output
+                        wait_barrier(q_bars.ptr_to([1]), (tiles_done[0] - 1) % 2)
+                    tiles_done[0] = tiles_done[0] + 1
+                    T.ptx.mbarrier.arrive.expect_tx.shared.b64(q_bars.ptr_to([0]),
+                                                               T.uint32(q_elems * 2))
+                    for cb in T.unroll(d // 64):
+                        copy_head_tile(smem.ptr_to([pad + cb * ROWS * 64]), q_maps[0],
+                                       bi * q.shape[1] + q_off + r0, h, cb * 64,
+                                       q_bars.ptr_to([0]))
+                    row = bi * k.shape[1] + kv_off
+                    for kt in T.serial(num_kt):
+                        load_when_free(smem, pad, q_maps[1], full, empty, 0, count[0] + kt,
+                                       row + kt * cols, h_kv, tx)  # K
+                        load_when_free(smem, pad, q_maps[2], full, empty, 1, count[0] + kt,
+                                       row + kt * cols, h_kv, tx)  # V
+                    count[0] = count[0] + num_kt
+
+    @T.macro
+    def consumer(q, k, v, geom, out, seq_q, smem, smem_words, pad, base, full, empty, q_bars,
+                 count, kv, tx, n, b, h, h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles,
+                 qt_launch):
+        """Warpgroups 1 and 2 (``tx``: 0-255 over both): 64 query rows each, the serial key loop
+        of :func:`serial_tiles` on the ring the producer fills, taking turns at the tensor cores
+        (each issues S = Q K^T on named barrier 2 + its warpgroup and hands the turn to the
+        other, whose softmax then runs under those products); each releases a stage once its
+        O += P V on it is done and writes its rows of the output through its own rows of Q's
+        tile (ordered by a named barrier of its 128 threads)."""
+        T.ptx["setmaxnreg.inc.sync.aligned.u32"](SPECIALIZED_CONSUMER_REGISTERS)
+        (s_acc, o_acc, p_frag, m_i, l_i, s_acc3, o_acc3, m_i2, l_i2, m_new2,
+         alpha2) = row_registers()
+        wg = tx // 128  # 0 or 1: rows 64 wg .. of the tile
+        lane = tx % 32
+        g = lane // 4
+        t4 = lane % 4
+        descs = T.alloc_buffer((3,), "uint64", scope="local")
+        descs[0] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
+        descs[1] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
+        descs[2] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
+                                         cols * 128)
+        q_phase = T.alloc_buffer((1,), "int32", scope="local")
+        q_phase[0] = 0
+        count[0] = 0
+        ws_zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
+        if wg == 1:  # warpgroup 1 takes the first turn
+            T.ptx.bar.arrive(T.uint32(SCHEDULER_BARRIERS[0]), T.uint32(256))
+        for rep in T.serial(reps):
+            r0 = (qt_first + rep * grid_tiles) * ROWS
+            w0 = r0 + wg * 64
+            row0 = w0 + (tx % 128) // 32 * 16 + g
+            if r0 < n:
+                kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
+                num_kt = (kv_end + cols - 1) // cols
+                wait_barrier(q_bars.ptr_to([0]), q_phase[0])
+                q_phase[0] = q_phase[0] ^ 1
+                reset_rows(m_i, l_i, o_acc)
+                for kt in T.serial(num_kt):
+                    c0 = kt * cols
+                    st = (count[0] + kt) % 2
+                    wait_tile(kv, 0, st)  # K(kt)
+                    T.ptx.bar.sync(T.uint32(SCHEDULER_BARRIERS[0]) + T.Cast("uint32", wg),
+                                   T.uint32(256))
+                    if (not causal) or c0 < w0 + 64:
+                        s_product(s_acc, descs, st)
+                    T.ptx.bar.arrive(T.uint32(SCHEDULER_BARRIERS[1]) - T.Cast("uint32", wg),
+                                     T.uint32(256))
+                    if (not causal) or c0 < w0 + 64:
+                        T.ptx.wgmma.wait_group.sync.aligned(0)
+                        online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0, kv_end,
+                                       c0 + cols > kv_end or (causal and c0 + cols - 1 > w0),
+                                       row0, t4)
+                    wait_tile(kv, 1, st)  # V(kt)
+                    if c0 + cols > kv_end:
+                        # both consumers write the same zeros; each sees its own before its
+                        # products read the tile
+                        ws_zero_v_tail(smem_words, pad, st, kv_end - c0, tx % 128)
+                        T.ptx.fence.proxy.async_.shared__cta()
+                        T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
+                                       T.uint32(128))
+                    if (not causal) or c0 < w0 + 64:
+                        pack_p(p_frag, s_acc)
+                        pv_product(o_acc, p_frag, descs, st)
+                        T.ptx.wgmma.wait_group.sync.aligned(0)
+                    if tx % 128 == 0:  # this warpgroup is done with the stage
+                        T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([st]), T.uint32(1))
+                        T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([2 + st]), T.uint32(1))
+                count[0] = count[0] + num_kt
+                # normalize into this warpgroup's own rows of Q's tile, write them out, then
+                # hand Q's tile back to the producer
+                ws_stage(smem, pad, o_acc3, l_i2, 0, row0 - r0, t4)
+                T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
+                               T.uint32(128))
+                ws_write(smem_words, pad, out, bi, q_off, h, r0, n, wg * 64, 64, tx % 128, 128)
+                T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
+                               T.uint32(128))
+                if tx % 128 == 0:
+                    T.ptx.mbarrier.arrive.shared.b64(q_bars.ptr_to([1]), T.uint32(1))
+
+    @T.macro
+    def specialized_block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, q_maps):
+        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
+        smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data,
+                                   scope="shared.dyn")
+        base = T.alloc_buffer((2,), "uint32", scope="local")
+        full = T.alloc_buffer((4,), "uint64", scope="shared")  # K stages 0, 1, then V's
+        empty = T.alloc_buffer((4,), "uint64", scope="shared")
+        q_bars = T.alloc_buffer((2,), "uint64", scope="shared")  # Q landed; Q's tile free
+        phase = T.alloc_buffer((4,), "int32", scope="local")
+        count = T.alloc_buffer((1,), "int32", scope="local")  # the block's key tiles so far
+        b, h, h_kv = geom.heads(bh, heads_q, group)
+        n = geom.length(b)
+        q_off, kv_off, bi = geom.offsets(b, n)
+        grid_tiles = (seq_q + ROWS - 1) // ROWS
+        qt_first = grid_tiles - 1 - qt_launch  # the most key tiles first (causal)
+        realign_pool(base, smem)
+        pad = T.Cast("int32", base[1])
+        if tx == 0:
+            for i in T.unroll(4):
+                init_barrier(full.ptr_to([i]), 1)
+                init_barrier(empty.ptr_to([i]), 2)  # a release from each consumer
+            init_barrier(q_bars.ptr_to([0]), 1)
+            init_barrier(q_bars.ptr_to([1]), 2)
+        for i in T.unroll(4):
+            phase[i] = 0
+        T.tvm_storage_sync("shared")
+        reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
+        if tx < 128:
+            producer(q, k, geom, seq_q, smem, pad, q_maps, full, empty, q_bars, count, tx, n, b,
+                     h, h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles)
+        else:
+            consumer(q, k, v, geom, out, seq_q, smem, smem_words, pad, base, full, empty, q_bars,
+                     count, (q_maps[1], q_maps[2], full, phase, smem_words), tx - 128, n, b, h,
+                     h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles, qt_launch)
+
+    grid = tensor_core_grid(heads_q, ROWS, SPECIALIZED_THREADS if specialized else THREADS)
 
     @T.macro
     def bounded_block(q, k, v, geom, out, seq_q, k_map, v_map, bh, qt_launch, tx):
@@ -493,8 +709,22 @@ def wgmma_attention_kernel(
             block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, k_map, v_map)
 
     @T.macro
+    def bounded_specialized_block(q, k, v, geom, out, seq_q, q_maps, bh, qt_launch, tx):
+        with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", 1):
+            specialized_block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, q_maps)
+
+    @T.macro
     def body(q, k, v, geom, out, batch, seq_q, seq_kv):
-        if tma_kv:  # host side: K's and V's tensor maps, [rows, heads_kv, head_dim]
+        if specialized:  # host side: Q's, K's and V's tensor maps, [rows, heads, head_dim]
+            q_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+            k_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+            v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+            encode_head_tiles(q_map, q.data, dtype, q.shape[0] * q.shape[1], heads_q, d, ROWS)
+            encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)
+            encode_head_tiles(v_map, v.data, dtype, v.shape[0] * v.shape[1], heads_kv, d, cols)
+            grid(batch, seq_q, bounded_specialized_block,
+                 (q, k, v, geom, out, seq_q, (q_map, k_map, v_map)))
+        elif tma_kv:  # host side: K's and V's tensor maps, [rows, heads_kv, head_dim]
             k_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)

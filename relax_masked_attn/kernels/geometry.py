@@ -183,7 +183,7 @@ def padding_zeroer(dtype: str, head_dim: int, threads: int):
     return zero_padding
 
 
-def staged_output(dtype: str, head_dim: int, heads_q: int, chunk_offset):
+def staged_output(dtype: str, head_dim: int, heads_q: int, chunk_offset, opaque: bool = False):
     """The output epilogue of both tensor-core attention kernels, through shared memory: two
     ``T.macro`` s, ``(stage, write)``.
 
@@ -201,19 +201,28 @@ def staged_output(dtype: str, head_dim: int, heads_q: int, chunk_offset):
     ``chunk_offset(r, c)``: element offset of 16-byte chunk ``c`` of row ``r`` in the staging
     tile (each kernel's own swizzle: a warp's 8 rows of one chunk in distinct banks). A block
     syncs between the two; stores of 16 bytes send whole 32-byte sectors, where the fragments'
-    own 4-byte stores send a quarter of each."""
+    own 4-byte stores send a quarter of each. ``opaque``: the staging tile is written and read
+    by ``st.shared`` / ``ld.shared`` on its addresses, which TVM's barrier planner does not see
+    (for kernels whose warpgroups order their own accesses with named barriers)."""
     chunks = head_dim // 8
 
     @T.macro
     def stage(smem, base, o_acc, l_i, a, row, t4):
         pair = T.alloc_buffer((2,), dtype, scope="local")
+        if opaque:
+            pair_word = T.decl_buffer((1,), "uint32", data=pair.data, scope="local")
         for i in T.unroll(2):
             l_i[a, i] = T.cuda.warp_sum(l_i[a, i], 4)
             for j in T.unroll(chunks):
                 for c in T.unroll(2):
                     pair[c] = T.Cast(dtype, o_acc[a, j, 2 * i + c] / l_i[a, i])
-                smem[T.Ramp(base + chunk_offset(row + i * 8, j) + t4 * 2, 1, 2)] = pair[
-                    T.Ramp(0, 1, 2)]
+                if opaque:
+                    T.ptx.st.shared.b32(
+                        smem.ptr_to([base + chunk_offset(row + i * 8, j) + t4 * 2]),
+                        pair_word[0])
+                else:
+                    smem[T.Ramp(base + chunk_offset(row + i * 8, j) + t4 * 2, 1, 2)] = pair[
+                        T.Ramp(0, 1, 2)]
 
     @T.macro
     def write(words, base, out, bi, q_off, h, r0, n, first, count, tid, nthreads):
@@ -227,8 +236,12 @@ def staged_output(dtype: str, head_dim: int, heads_q: int, chunk_offset):
                 # base and every chunk's offset are multiples of 8 elements (16 bytes); written
                 # as base // 8 * 4 so that the word index is provably a multiple of 4 and the
                 # load one 16-byte vector
-                vec[T.Ramp(0, 1, 4)] = words[T.Ramp(base // 8 * 4 + chunk_offset(rr, cc) // 2, 1,
-                                                    4)]
+                if opaque:
+                    T.ptx.ld.shared.v4.b32(vec[0], vec[1], vec[2], vec[3], words.ptr_to(
+                        [base // 8 * 4 + chunk_offset(rr, cc) // 2]))
+                else:
+                    vec[T.Ramp(0, 1, 4)] = words[T.Ramp(
+                        base // 8 * 4 + chunk_offset(rr, cc) // 2, 1, 4)]
                 out_words[T.Ramp(((bi * out.shape[1] + q_off + r0 + rr) * heads_q + h)
                                  * (head_dim // 2) + cc * 4, 1, 4)] = vec[T.Ramp(0, 1, 4)]
 
