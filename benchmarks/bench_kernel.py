@@ -330,6 +330,9 @@ TC_SWEEP = [  # (warps, m16 tiles a warp, key rows a tile, Q in registers, outpu
 WGMMA_SWEEP = [
     (2, False, 2, True, False, 64, True),  # the default: K and V by TMA
     (1, False, 2, True, False, 64, True, True),  # a producer warpgroup, consumers taking turns
+    (1, False, 2, True, False, 128, True, True),  # and 128-key tiles
+    (1, False, 2, True, True, 128, True, True),  # and the softmax overlap: FA3's structure
+    (1, False, 2, True, True, 64, True, True),
     (2, False, 2, True, False),  # by cp.async
     (2, False, 2, True, True),
     (1, False, 2, True, True),

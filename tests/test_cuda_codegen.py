@@ -244,23 +244,26 @@ def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, overlap, mode, pac
     assert "C7512" not in ptxas_report(src, "sm_90a", tmp_path)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim,keys,overlap", [
+    (64, 64, False), (128, 64, False), (128, 128, False), (64, 64, True), (128, 128, True)])
 @pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_warp_specialized_wgmma_block(head_dim, mode, packed, tmp_path):
+def test_warp_specialized_wgmma_block(head_dim, keys, overlap, mode, packed, tmp_path):
     """The warp-specialized block (``WgmmaAttentionTiles.specialized``, FlashAttention-3's
     structure): 384 threads, one block an SM; one block-wide barrier (after the mbarriers are
     set up); the producer warpgroup gives registers to the consumers and copies Q, K and V by
     TMA (three tensor maps; Q's tile once both consumers are done with the last, a stage once
     both released it); the consumers take turns issuing S = Q K^T (named barriers 1 and 2,
     warpgroup 2 giving warpgroup 1 the first turn) and stage their output through shared
-    memory by ``st.shared`` / ``ld.shared`` behind their own named barriers (3, 4). nvcc's
-    ptxas builds it with no spills and no serialized wgmma. Other layouts are refused."""
+    memory by ``st.shared`` / ``ld.shared`` behind their own named barriers (3, 4); with
+    ``overlap`` each turn issues S of the next key tile and O += P V of this one, and waits for
+    all but the last group. nvcc's ptxas builds it (64- or 128-key tiles) with no spills and no
+    serialized wgmma. Other layouts are refused."""
     import re
 
     from relax_masked_attn.kernels import cuda_wgmma
 
-    tiles = (1, False, 2, True, False, 64, True, True)
+    tiles = (1, False, 2, True, overlap, keys, True, True)
     func = cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, packed=packed,
                                              tiles=tiles)
     sm90a = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
@@ -280,7 +283,13 @@ def test_warp_specialized_wgmma_block(head_dim, mode, packed, tmp_path):
     assert "bar_arrive_arrive(((uint)2 - ((uint)wg" in body
     assert "ptx_st_shared_b32" in body and "ptx_ld_vec_shared_v4_b32" in body
     assert "mbarrier_init_init_shared_b64" in body
-    for bad in ((2, False, 2, True, False, 64, True, True), (1, False, 2, True, True, 64, True,
+    if overlap:
+        wait1 = body.index("wgmma_wait_group_wait_group_sync_aligned_1();")
+        s_next = body.rindex(f"ss_mma_async_sync_aligned_m64n{keys}k16", 0, wait1)
+        pv = body.rindex(f"rs_mma_async_sync_aligned_m64n{head_dim}k16", 0, wait1)
+        turn = body.rindex("bar_arrive_arrive(((uint)2 - ((uint)wg", 0, wait1)
+        assert s_next < pv < turn  # S(kt + 1), O += P V(kt), the turn handed over, the wait
+    for bad in ((2, False, 2, True, False, 64, True, True), (1, False, 2, True, False, 64, False,
                                                              True)):
         with pytest.raises(ValueError, match="warp-specialized"):
             cuda_wgmma.wgmma_attention_kernel(8, 4, head_dim, "float16", mode, 0.1, tiles=bad)

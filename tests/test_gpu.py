@@ -139,6 +139,9 @@ def kernel_variant(variant: str):
         return (*wgmma, lambda d, dt: (1, False, 2, True, False, 128, True), "cuda-sm90a")
     if variant == "wgmma-specialized":  # a producer warpgroup, consumers taking turns
         return (*wgmma, lambda d, dt: (1, False, 2, True, False, 64, True, True), "cuda-sm90a")
+    if variant == "wgmma-specialized-overlap":  # and the softmax overlap, 128-key tiles at 128
+        return (*wgmma, lambda d, dt: (1, False, 2, True, True, 64 if d == 64 else 128, True,
+                                       True), "cuda-sm90a")
     if variant == "wgmma-overlap-tma":  # the overlapped loop on TMA copies
         return (*wgmma, lambda d, dt: (2 if d == 64 else 1, False, 2, True, True, 64, True),
                 "cuda-sm90a")
@@ -152,6 +155,7 @@ def kernel_variant(variant: str):
     ("wgmma-overlap", 128), ("wgmma-128-keys", 64), ("wgmma-128-keys", 128), ("wgmma-cp-async", 64),
     ("wgmma-cp-async", 128), ("wgmma-tma-128-keys", 128), ("wgmma-overlap-tma", 64),
     ("wgmma-overlap-tma", 128), ("wgmma-specialized", 64), ("wgmma-specialized", 128),
+    ("wgmma-specialized-overlap", 64), ("wgmma-specialized-overlap", 128),
     ("mma-direct-store", 32), ("mma-direct-store", 64),
     ("mma-direct-store", 128)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -248,11 +248,12 @@ def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
     deferred O += P V wait was no better than the plain one, and one stage spilled a few bytes.
 
     ``specialized`` (FlashAttention-3's block: a TMA producer warpgroup and two consumer
-    warpgroups at 232 registers taking turns at the tensor cores, one block an SM;
-    ``(1, False, 2, True, False, 64, True, True)``, the sweep's second line) is built and checked
-    by ptxas (168 registers at launch, no spills, no serialized ``wgmma``) but not yet run on
-    a GPU: its GPU test (``test_gpu.py::test_kernel_variants``, ``wgmma-specialized``) and the
-    sweep decide whether it becomes the default.
+    warpgroups at 232 registers taking turns at the tensor cores, one block an SM, in the
+    serial or the overlapped loop, 64- or 128-key tiles; ``bench_kernel.py``'s ``WGMMA_SWEEP``
+    lines 2-5) is built and checked by ptxas (168 registers at launch, no spills, no
+    serialized ``wgmma``) but not yet run on a GPU: its GPU tests
+    (``test_gpu.py::test_kernel_variants``, ``wgmma-specialized`` and
+    ``wgmma-specialized-overlap``) and the sweep decide whether it becomes the default.
     """
     del head_dim, dtype
     return WgmmaAttentionTiles(2, False, 2, True, False, 64, True)

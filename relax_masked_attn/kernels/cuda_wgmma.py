@@ -33,9 +33,12 @@ block structure: one block an SM of three warpgroups. Warpgroup 0 gives up regis
 (``setmaxnreg``) and one of its threads copies each query tile's Q and its K and V tiles by TMA
 (three tensor maps) into a two-stage ring: a stage once both consumers have released it (an
 ``empty`` mbarrier of two arrivals), Q's tile once both have written the last tile's output
-from it. Warpgroups 1 and 2 (232 registers) own 64 query rows each and run the serial loop,
-taking turns at the tensor cores: each issues S = Q K^T only in its turn (named barriers 1 and
-2) and hands the turn over, so that its softmax runs under the other's products. Their shared
+from it. Warpgroups 1 and 2 (232 registers) own 64 query rows each and take turns at the
+tensor cores: each issues its products only in its turn (named barriers 1 and 2) and hands the
+turn over, so that its softmax runs under the other's products. Their key loop is the serial
+one (S = Q K^T in a turn) or, with ``overlap``, FlashAttention-3's intra-warpgroup overlap
+(S of tile kt + 1 and O += P V(kt) in one turn, the softmax of kt + 1 while the latter runs);
+key tiles of 64 or 128. Their shared
 memory accesses outside the tensor cores (the V tail's zeros, the staged output) are
 ``st.shared`` / ``ld.shared`` ordered by each warpgroup's own named barrier, since TVM 0.27's
 barrier planner cannot place a barrier inside a role's branch; the roles never join after the
@@ -122,9 +125,9 @@ def wgmma_attention_kernel(
     if (overlap or tma_kv) and (stages != 2 or defer_pv):
         raise ValueError("wgmma_attention_kernel: the overlapped loop and TMA copies run on 2 "
                          "stages, with O += P V not deferred")
-    if specialized and (min_blocks != 1 or not tma_kv or not staged_out or overlap):
+    if specialized and (min_blocks != 1 or not tma_kv or not staged_out):
         raise ValueError("wgmma_attention_kernel: the warp-specialized block runs one block an "
-                         "SM, K and V by TMA, the staged output and the serial loop")
+                         "SM, K and V by TMA and the staged output")
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
     q_elems, kv_elems = ROWS * d, cols * d
@@ -286,6 +289,29 @@ def wgmma_attention_kernel(
             o_acc[i] = T.float32(0)
 
     @T.macro
+    def first_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, kv_end, w0,
+                     row0, t4):
+        """The overlapped loops' start: once S of key tile 0 is done, its online softmax and
+        P's fragments."""
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, 0, kv_end,
+                       cols > kv_end or (causal and cols - 1 > w0), row0, t4)
+        pack_p(p_frag, s_acc)
+
+    @T.macro
+    def next_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0, kv_end, w0,
+                    row0, t4):
+        """The overlapped loops' step once S(kt + 1) and O += P V(kt) are issued: the softmax
+        of key tile kt + 1 (at ``c0 + cols``) as soon as S is done, while the other product
+        runs; then O rescaled to the new row maxima and P(kt + 1) packed."""
+        T.ptx.wgmma.wait_group.sync.aligned(1)  # S(kt + 1) done; O += P V(kt) runs on
+        scores_only(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0 + cols, kv_end,
+                    c0 + 2 * cols > kv_end or (causal and c0 + 2 * cols - 1 > w0), row0, t4)
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        rescale_o(o_acc3, alpha2)  # O in the scale of the new row maxima
+        pack_p(p_frag, s_acc)
+
+    @T.macro
     def serial_tiles(q, k, v, smem, pad, descs, s_acc, o_acc, p_frag, s_acc3, o_acc3, m_i, l_i,
                      m_i2, m_new2, alpha2, l_i2, bi, h, h_kv, q_off, kv_off, n, r0, w0, row0,
                      kv_end, num_kt, t4, tx, kv):
@@ -405,10 +431,8 @@ def wgmma_attention_kernel(
         else:
             T.cuda.cta_sync()  # Q and K(0) landed
         s_product(s_acc, descs, 0)
-        T.ptx.wgmma.wait_group.sync.aligned(0)
-        online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, 0, kv_end,
-                       cols > kv_end or (causal and cols - 1 > w0), row0, t4)
-        pack_p(p_frag, s_acc)
+        first_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, kv_end, w0,
+                     row0, t4)
         for kt in T.serial(num_kt):
             c0 = kt * cols
             if tma_kv:
@@ -442,13 +466,8 @@ def wgmma_attention_kernel(
             if kt + 1 < num_kt and ((not causal) or c0 + cols < w0 + 64):
                 s_product(s_acc, descs, (kt + 1) % 2)
                 pv_product(o_acc, p_frag, descs, kt % 2)
-                T.ptx.wgmma.wait_group.sync.aligned(1)  # S(kt + 1) done; O += P V(kt) runs on
-                scores_only(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0 + cols, kv_end,
-                            c0 + 2 * cols > kv_end or (causal and c0 + 2 * cols - 1 > w0),
-                            row0, t4)
-                T.ptx.wgmma.wait_group.sync.aligned(0)
-                rescale_o(o_acc3, alpha2)  # O in the scale of the new row maxima
-                pack_p(p_frag, s_acc)
+                next_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0,
+                            kv_end, w0, row0, t4)
             else:
                 if (not causal) or c0 < w0 + 64:
                     pv_product(o_acc, p_frag, descs, kt % 2)
@@ -585,6 +604,33 @@ def wgmma_attention_kernel(
                     count[0] = count[0] + num_kt
 
     @T.macro
+    def take_turn(wg):
+        """Consumer ``wg`` (0 or 1) waits for its turn at the tensor cores."""
+        T.ptx.bar.sync(T.uint32(SCHEDULER_BARRIERS[0]) + T.Cast("uint32", wg), T.uint32(256))
+
+    @T.macro
+    def pass_turn(wg):
+        """Consumer ``wg`` hands the turn to the other once its products are issued."""
+        T.ptx.bar.arrive(T.uint32(SCHEDULER_BARRIERS[1]) - T.Cast("uint32", wg), T.uint32(256))
+
+    @T.macro
+    def zero_v_tail_once(smem_words, pad, st, c0, kv_end, wg, tx):
+        """Where the key tile at ``c0`` crosses the end of the real keys, the rows past it of
+        the V tile in stage ``st`` zeroed by this consumer: both consumers write the same zeros,
+        each seeing its own (fenced for the tensor cores) before its products read the tile."""
+        if c0 + cols > kv_end:
+            ws_zero_v_tail(smem_words, pad, st, kv_end - c0, tx % 128)
+            T.ptx.fence.proxy.async_.shared__cta()
+            T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg), T.uint32(128))
+
+    @T.macro
+    def release_stage(empty, st, tx):
+        """One thread of a consumer: it is done with K's and V's tiles in stage ``st``."""
+        if tx % 128 == 0:
+            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([st]), T.uint32(1))
+            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([2 + st]), T.uint32(1))
+
+    @T.macro
     def consumer(q, k, v, geom, out, seq_q, smem, smem_words, pad, base, full, empty, q_bars,
                  count, kv, tx, n, b, h, h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles,
                  qt_launch):
@@ -622,36 +668,57 @@ def wgmma_attention_kernel(
                 wait_barrier(q_bars.ptr_to([0]), q_phase[0])
                 q_phase[0] = q_phase[0] ^ 1
                 reset_rows(m_i, l_i, o_acc)
-                for kt in T.serial(num_kt):
-                    c0 = kt * cols
-                    st = (count[0] + kt) % 2
-                    wait_tile(kv, 0, st)  # K(kt)
-                    T.ptx.bar.sync(T.uint32(SCHEDULER_BARRIERS[0]) + T.Cast("uint32", wg),
-                                   T.uint32(256))
-                    if (not causal) or c0 < w0 + 64:
-                        s_product(s_acc, descs, st)
-                    T.ptx.bar.arrive(T.uint32(SCHEDULER_BARRIERS[1]) - T.Cast("uint32", wg),
-                                     T.uint32(256))
-                    if (not causal) or c0 < w0 + 64:
-                        T.ptx.wgmma.wait_group.sync.aligned(0)
-                        online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0, kv_end,
-                                       c0 + cols > kv_end or (causal and c0 + cols - 1 > w0),
-                                       row0, t4)
-                    wait_tile(kv, 1, st)  # V(kt)
-                    if c0 + cols > kv_end:
-                        # both consumers write the same zeros; each sees its own before its
-                        # products read the tile
-                        ws_zero_v_tail(smem_words, pad, st, kv_end - c0, tx % 128)
-                        T.ptx.fence.proxy.async_.shared__cta()
-                        T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
-                                       T.uint32(128))
-                    if (not causal) or c0 < w0 + 64:
-                        pack_p(p_frag, s_acc)
-                        pv_product(o_acc, p_frag, descs, st)
-                        T.ptx.wgmma.wait_group.sync.aligned(0)
-                    if tx % 128 == 0:  # this warpgroup is done with the stage
-                        T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([st]), T.uint32(1))
-                        T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([2 + st]), T.uint32(1))
+                if overlap:
+                    # tile 0's S and softmax; then each turn issues S(kt + 1) and
+                    # O += P V(kt), and the softmax of kt + 1 runs while the latter does
+                    wait_tile(kv, 0, count[0] % 2)  # K(0)
+                    take_turn(wg)
+                    s_product(s_acc, descs, count[0] % 2)
+                    pass_turn(wg)
+                    first_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2,
+                                 kv_end, w0, row0, t4)
+                    for kt in T.serial(num_kt):
+                        c0 = kt * cols
+                        st = (count[0] + kt) % 2
+                        if kt + 1 < num_kt:
+                            wait_tile(kv, 0, 1 - st)  # K(kt + 1)
+                        wait_tile(kv, 1, st)  # V(kt)
+                        zero_v_tail_once(smem_words, pad, st, c0, kv_end, wg, tx)
+                        take_turn(wg)
+                        if kt + 1 < num_kt and ((not causal) or c0 + cols < w0 + 64):
+                            s_product(s_acc, descs, 1 - st)
+                            pv_product(o_acc, p_frag, descs, st)
+                            pass_turn(wg)
+                            next_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2,
+                                        l_i2, c0, kv_end, w0, row0, t4)
+                        else:
+                            if (not causal) or c0 < w0 + 64:
+                                pv_product(o_acc, p_frag, descs, st)
+                            pass_turn(wg)
+                            T.ptx.wgmma.wait_group.sync.aligned(0)
+                        release_stage(empty, st, tx)
+                else:
+                    for kt in T.serial(num_kt):
+                        c0 = kt * cols
+                        st = (count[0] + kt) % 2
+                        wait_tile(kv, 0, st)  # K(kt)
+                        take_turn(wg)
+                        if (not causal) or c0 < w0 + 64:
+                            s_product(s_acc, descs, st)
+                        pass_turn(wg)
+                        if (not causal) or c0 < w0 + 64:
+                            T.ptx.wgmma.wait_group.sync.aligned(0)
+                            online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0,
+                                           kv_end,
+                                           c0 + cols > kv_end or (causal and c0 + cols - 1 > w0),
+                                           row0, t4)
+                        wait_tile(kv, 1, st)  # V(kt)
+                        zero_v_tail_once(smem_words, pad, st, c0, kv_end, wg, tx)
+                        if (not causal) or c0 < w0 + 64:
+                            pack_p(p_frag, s_acc)
+                            pv_product(o_acc, p_frag, descs, st)
+                            T.ptx.wgmma.wait_group.sync.aligned(0)
+                        release_stage(empty, st, tx)
                 count[0] = count[0] + num_kt
                 # normalize into this warpgroup's own rows of Q's tile, write them out, then
                 # hand Q's tile back to the producer
