@@ -22,8 +22,8 @@ The consumers take turns at the ring: each waits on a named barrier of both cons
 threads (:data:`ORDER_BARRIERS`) before its tile's first wait on the ring, and arrives on the
 other's once its tile's products are issued. A wait on an mbarrier names only the parity of
 the phase it waits for, so without the turns the second consumer, waiting on k-steps two phases
-of a slot ahead of the producer, found them "complete" at once and read slots not yet loaded
-(the kernel's first GPU run: a launch failure in every test). TVM 0.27's barrier planner cannot
+of a slot ahead of the producer, finds them "complete" at once and reads slots not yet loaded
+(every GPU test then ends in a launch failure). TVM 0.27's barrier planner cannot
 place a barrier inside one role's branch, so the staging tiles are written and read by
 ``st.shared`` / ``ld.shared`` on their addresses, which it does not see, and each consumer
 orders its own accesses with a named barrier of its 128 threads (ids 3 and 4).
