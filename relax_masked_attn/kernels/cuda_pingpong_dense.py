@@ -59,6 +59,7 @@ from .cuda_tma_dense import (
     ring_consumer,
     ring_loader,
     tma_dense_kernel,
+    warpgroup_roles,
 )
 from .epilogue import Epilogue, dense_func
 from .hopper import (
@@ -111,6 +112,11 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
         """The block's tiles: ``bid, bid + grid, ...``."""
         return (total_of(m) - bid + grid_of(m) - 1) // grid_of(m)
 
+    def tile_of(m, bid, i):
+        """The output tile (row of tiles, column of tiles) of the block's ``i``-th tile."""
+        tile = bid + i * grid_of(m)
+        return tile // tiles_n, tile % tiles_n
+
     consume = ring_consumer(tile_m, tile_n, stages, num_kt, dtype)
 
     @T.macro
@@ -119,13 +125,7 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
         w_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         encode_operands(x_map, w_map, x, w, m)
         bid = T.launch_thread("blockIdx.x", grid_of(m))
-        # threadIdx.y names the warpgroup, threadIdx.x the thread within it (128, as many as
-        # the split-k kernels of the same PrimFunc launch along x).
-        tx = T.launch_thread("threadIdx.x", 128)
-        wg = T.launch_thread("threadIdx.y", 3)
-        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
-        full = T.alloc_buffer((stages,), "uint64", scope="shared")
-        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
+        tx, wg, smem, full, empty = warpgroup_roles(pool_elems, dtype, stages)
         acc_lo = T.alloc_buffer((half_acc,), "float32", scope="local")
         acc_hi = T.alloc_buffer((half_acc,), "float32", scope="local")
         base = T.alloc_buffer((2,), "uint32", scope="local")
@@ -137,9 +137,7 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
                 for i in T.serial(count_of(m, bid)):
                     for kt in T.serial(num_kt):
                         load_step(smem, T.Cast("int32", base[1]) + 2 * staging_elems, full,
-                                  empty, x_map, w_map, i * num_kt + kt,
-                                  (bid + i * grid_of(m)) // tiles_n,
-                                  (bid + i * grid_of(m)) % tiles_n, kt)
+                                  empty, x_map, w_map, i * num_kt + kt, *tile_of(m, bid, i), kt)
         else:
             T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGISTERS)
             # consumer wg takes the block's tiles wg - 1, wg + 1, ...; it waits for the other
@@ -153,16 +151,13 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
                         (wg - 1 + 2 * j) * num_kt, tx, 0,
                         (T.uint32(ORDER_BARRIERS[1] + 1) - T.Cast("uint32", wg),
                          wg + 2 * j < count_of(m, bid)))
-                stage_half(smem, acc_lo, bias_buf,
-                           (bid + (wg - 1 + 2 * j) * grid_of(m)) % tiles_n * tile_n, 0, tx,
-                           T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
-                stage_half(smem, acc_hi, bias_buf,
-                           (bid + (wg - 1 + 2 * j) * grid_of(m)) % tiles_n * tile_n, 64, tx,
-                           T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
+                stage_half(smem, acc_lo, bias_buf, tile_of(m, bid, wg - 1 + 2 * j)[1] * tile_n,
+                           0, tx, T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
+                stage_half(smem, acc_hi, bias_buf, tile_of(m, bid, wg - 1 + 2 * j)[1] * tile_n,
+                           64, tx, T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
                 T.ptx.bar.sync(T.uint32(CONSUMER_BARRIERS[0] - 1) + T.Cast("uint32", wg),
                                T.uint32(128))
-                store(smem, residual, outs, m, (bid + (wg - 1 + 2 * j) * grid_of(m)) // tiles_n,
-                      (bid + (wg - 1 + 2 * j) * grid_of(m)) % tiles_n, tx,
+                store(smem, residual, outs, m, *tile_of(m, bid, wg - 1 + 2 * j), tx,
                       T.Cast("int32", base[1]) + (wg - 1) * staging_elems)
                 # the staging tile read before this consumer's next tile writes it
                 T.ptx.bar.sync(T.uint32(CONSUMER_BARRIERS[0] - 1) + T.Cast("uint32", wg),

@@ -61,6 +61,7 @@ from .hopper import (
     store_row_tile,
     swizzle128_descriptor,
     wait_barrier,
+    wait_released,
     wait_stores_read,
 )
 from .memo import memoized
@@ -100,6 +101,19 @@ def ring_barriers(stages: int, releases: int):
     return init_ring
 
 
+def warpgroup_roles(pool_elems: int, dtype: str, stages: int):
+    """The launch and ring of both warp-specialized kernels (called in a macro, inside the
+    block launch, where the threads and buffers are declared): ``(tx, wg, smem, full, empty)``.
+    ``threadIdx.y`` names the warpgroup (3: the producer, two consumers), ``threadIdx.x`` the
+    thread within it (128, as many as the split-k kernels of the same PrimFunc launch along
+    x); the shared pool of ``pool_elems`` elements and the ring's ``full`` and ``empty``
+    barriers, one of each a stage."""
+    return (T.launch_thread("threadIdx.x", 128), T.launch_thread("threadIdx.y", 3),
+            T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn"),
+            T.alloc_buffer((stages,), "uint64", scope="shared"),
+            T.alloc_buffer((stages,), "uint64", scope="shared"))
+
+
 def ring_loader(tile_m: int, tile_n: int, stages: int):
     """The producer's step of both warp-specialized kernels: a macro ``load_step(smem, ring,
     full, empty, x_map, w_map, g, bm, bn, kt)`` by which one thread loads k-step ``kt`` of
@@ -112,8 +126,7 @@ def ring_loader(tile_m: int, tile_n: int, stages: int):
 
     @T.macro
     def load_step(smem, ring, full, empty, x_map, w_map, g, bm, bn, kt):
-        if g >= stages:
-            wait_barrier(empty.ptr_to([g % stages]), (g // stages + 1) % 2)
+        wait_released(empty.ptr_to([g % stages]), g, stages)
         load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map, bm * tile_m,
                       kt * tile_k, full.ptr_to([g % stages]),
                       stage_elems * 2)  # both copies' bytes
@@ -425,13 +438,7 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
         else:
             bn = T.launch_thread("blockIdx.x", n // tile_n)
             bm = T.launch_thread("blockIdx.y", (m + tile_m - 1) // tile_m)
-        # threadIdx.y names the warpgroup, threadIdx.x the thread within it (128, as many as
-        # the split-k kernels of the same PrimFunc launch along x).
-        tx = T.launch_thread("threadIdx.x", 128)
-        wg = T.launch_thread("threadIdx.y", 3)
-        smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
-        full = T.alloc_buffer((stages,), "uint64", scope="shared")
-        empty = T.alloc_buffer((stages,), "uint64", scope="shared")
+        tx, wg, smem, full, empty = warpgroup_roles(pool_elems, dtype, stages)
         acc = T.alloc_buffer((acc_len,), "float32", scope="local")
         base = T.alloc_buffer((2,), "uint32", scope="local")
         realign_pool(base, smem)

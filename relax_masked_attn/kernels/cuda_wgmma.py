@@ -79,6 +79,7 @@ from .hopper import (
     realign_pool,
     swizzle128_descriptor,
     wait_barrier,
+    wait_released,
 )
 from .memo import memoized
 
@@ -566,13 +567,12 @@ def wgmma_attention_kernel(
     def load_when_free(smem, pad, tmap, full, empty, operand, g, row, h_kv, tx):
         """The producer's TMA copy of the K (``operand`` 0) or V (1) tile of the block's key
         tile ``g`` into stage ``g % 2``, once both consumers have released its previous one."""
-        if g >= 2:
-            wait_barrier(empty.ptr_to([2 * operand + g % 2]), (g // 2 + 1) % 2)
+        wait_released(empty.ptr_to([2 * operand + g % 2]), g, 2)
         tma_tile(smem, pad, tmap, full, operand, g % 2, row, h_kv, tx)
 
     @T.macro
-    def producer(q, k, geom, seq_q, smem, pad, q_maps, full, empty, q_bars, count, tx, n, b,
-                 h, h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles):
+    def producer(q, k, smem, pad, q_maps, full, empty, q_bars, count, tx, n, h, h_kv, q_off,
+                 kv_off, bi, reps, qt_first, grid_tiles):
         """Warpgroup 0, thread 0: each query tile's Q (once both consumers are done with the
         last one's) and its K and V tiles by TMA into the two-stage ring, each stage once both
         consumers have released it (``empty``: 2 arrivals a phase)."""
@@ -631,15 +631,15 @@ def wgmma_attention_kernel(
             T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([2 + st]), T.uint32(1))
 
     @T.macro
-    def consumer(q, k, v, geom, out, seq_q, smem, smem_words, pad, base, full, empty, q_bars,
-                 count, kv, tx, n, b, h, h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles,
-                 qt_launch):
-        """Warpgroups 1 and 2 (``tx``: 0-255 over both): 64 query rows each, the serial key loop
-        of :func:`serial_tiles` on the ring the producer fills, taking turns at the tensor cores
-        (each issues S = Q K^T on named barrier 2 + its warpgroup and hands the turn to the
-        other, whose softmax then runs under those products); each releases a stage once its
-        O += P V on it is done and writes its rows of the output through its own rows of Q's
-        tile (ordered by a named barrier of its 128 threads)."""
+    def consumer(geom, out, smem, smem_words, pad, base, empty, q_bars, count, kv, tx, n, b, h,
+                 q_off, bi, reps, qt_first, grid_tiles, qt_launch):
+        """Warpgroups 1 and 2 (``tx``: 0-255 over both; ``kv`` as :func:`serial_tiles` takes
+        it): 64 query rows each, on the ring the producer fills, the serial key loop or (with
+        ``overlap``) the overlapped one, taking turns at the tensor cores (each issues its
+        products in its turn, named barrier 1 + its warpgroup, and hands the turn to the other,
+        whose softmax then runs under them); each releases a stage once its O += P V on it is
+        done and writes its rows of the output through its own rows of Q's tile (ordered by a
+        named barrier of its 128 threads)."""
         T.ptx["setmaxnreg.inc.sync.aligned.u32"](SPECIALIZED_CONSUMER_REGISTERS)
         (s_acc, o_acc, p_frag, m_i, l_i, s_acc3, o_acc3, m_i2, l_i2, m_new2,
          alpha2) = row_registers()
@@ -760,12 +760,12 @@ def wgmma_attention_kernel(
         T.tvm_storage_sync("shared")
         reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
         if tx < 128:
-            producer(q, k, geom, seq_q, smem, pad, q_maps, full, empty, q_bars, count, tx, n, b,
-                     h, h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles)
+            producer(q, k, smem, pad, q_maps, full, empty, q_bars, count, tx, n, h, h_kv, q_off,
+                     kv_off, bi, reps, qt_first, grid_tiles)
         else:
-            consumer(q, k, v, geom, out, seq_q, smem, smem_words, pad, base, full, empty, q_bars,
-                     count, (q_maps[1], q_maps[2], full, phase, smem_words), tx - 128, n, b, h,
-                     h_kv, q_off, kv_off, bi, reps, qt_first, grid_tiles, qt_launch)
+            consumer(geom, out, smem, smem_words, pad, base, empty, q_bars, count,
+                     (q_maps[1], q_maps[2], full, phase, smem_words), tx - 128, n, b, h, q_off,
+                     bi, reps, qt_first, grid_tiles, qt_launch)
 
     grid = tensor_core_grid(heads_q, ROWS, SPECIALIZED_THREADS if specialized else THREADS)
 

@@ -91,6 +91,16 @@ def wait_barrier(bar, parity):
 
 
 @T.macro
+def wait_released(empty, g, stages: int):
+    """The producer of a ring of ``stages`` slots, before it refills a slot with the ring's
+    ``g``-th fill: wait until the slot's previous fill (``g - stages``) has been released on
+    ``empty``, the slot's barrier (no wait for the first ``stages`` fills). A fill ``j`` rounds
+    in completes phase ``j - 1`` of that barrier, whose parity is what the wait names."""
+    if g >= stages:
+        wait_barrier(empty, (g // stages + 1) % 2)
+
+
+@T.macro
 def copy_row_tile(dst, tmap, row, col, bar):
     """One thread: start the TMA copy of the box at (``row``, ``col``) of ``tmap``
     (:func:`encode_row_tiles`) to shared pointer ``dst`` (1 KiB aligned); its bytes count
