@@ -348,16 +348,19 @@ WGMMA_SWEEP = [
 def sweep_cuda(args) -> None:
     """Full-length CUDA configs under each tensor-core tile layout of TC_SWEEP, then on Hopper
     each wgmma layout of WGMMA_SWEEP (raw kernels, checked against the NumPy reference on a few
-    rows first)."""
+    rows first); with ``--layouts``, only those wgmma layouts."""
     from relax_masked_attn.kernels import cuda_mma, cuda_wgmma
     from relax_masked_attn.targets import device_cuda_target
 
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)
     hopper = device_cuda_target()
-    kernels = [(cuda_mma.tensor_core_kernel, tiles, target) for tiles in TC_SWEEP]
+    chosen = [WGMMA_SWEEP[int(i)] for i in args.layouts.split(",")] if args.layouts else None
+    kernels = [] if chosen else [(cuda_mma.tensor_core_kernel, tiles, target)
+                                 for tiles in TC_SWEEP]
     if cuda_wgmma.supports(hopper, 128, "float16"):
-        kernels += [(cuda_wgmma.wgmma_attention_kernel, tiles, hopper) for tiles in WGMMA_SWEEP]
+        kernels += [(cuda_wgmma.wgmma_attention_kernel, tiles, hopper)
+                    for tiles in chosen or WGMMA_SWEEP]
     sync = torch.cuda.synchronize
     print("tile sweep, full lengths, useful TFLOP/s:",
           "  ".join(f"{'wgmma' if tgt is hopper else 'mma'}{tiles}" for _, tiles, tgt in kernels))
@@ -404,6 +407,9 @@ def main() -> None:
                         help="CUDA: skip configs longer than this")
     parser.add_argument("--sweep", action="store_true",
                         help="CUDA: time the tensor-core tile layouts of TC_SWEEP instead")
+    parser.add_argument("--layouts", default="",
+                        help="CUDA, with --sweep: only these WGMMA_SWEEP lines (0-based, "
+                             "comma-separated)")
     args = parser.parse_args()
     if args.device == "cuda":
         if args.seq_sweep:

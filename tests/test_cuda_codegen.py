@@ -250,15 +250,15 @@ def test_wgmma_kernel_with_tma_copies(head_dim, blocks, keys, overlap, mode, pac
 @pytest.mark.parametrize("packed", [False, True])
 def test_warp_specialized_wgmma_block(head_dim, keys, overlap, mode, packed, tmp_path):
     """The warp-specialized block (``WgmmaAttentionTiles.specialized``, FlashAttention-3's
-    structure): 384 threads, one block an SM; one block-wide barrier (after the mbarriers are
-    set up); the producer warpgroup gives registers to the consumers and copies Q, K and V by
-    TMA (three tensor maps; Q's tile once both consumers are done with the last, a stage once
-    both released it); the consumers take turns issuing S = Q K^T (named barriers 1 and 2,
-    warpgroup 2 giving warpgroup 1 the first turn) and stage their output through shared
-    memory by ``st.shared`` / ``ld.shared`` behind their own named barriers (3, 4); with
-    ``overlap`` each turn issues S of the next key tile and O += P V of this one, and waits for
-    all but the last group. nvcc's ptxas builds it (64- or 128-key tiles) with no spills and no
-    serialized wgmma. Other layouts are refused."""
+    structure): 384 threads, one block an SM, persistent (a loop over its work items); one
+    block-wide barrier (after the mbarriers are set up); the producer warpgroup gives registers
+    to the consumers and copies Q, K and V by TMA (three tensor maps; Q's tile once both
+    consumers are done with the last, a stage once both released it); the consumers take turns
+    issuing S = Q K^T (named barriers 1 and 2, warpgroup 2 giving warpgroup 1 the first turn)
+    and stage their output through shared memory by ``st.shared`` / ``ld.shared`` behind their
+    own named barriers (3, 4); with ``overlap`` each turn issues S of the next key tile and O +=
+    P V of this one, and waits for all but the last group. nvcc's ptxas builds it (64- or
+    128-key tiles) with no spills and no serialized wgmma. Other layouts are refused."""
     import re
 
     from relax_masked_attn.kernels import cuda_wgmma
@@ -275,8 +275,9 @@ def test_warp_specialized_wgmma_block(head_dim, keys, overlap, mode, packed, tmp
     assert body.count("__syncthreads()") == 1
     assert body.count("setmaxnreg_dec_sync_aligned_u32_40()") == 1
     assert body.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
-    # Q's boxes, then K's and V's, head_dim / 64 each
-    assert len(re.findall(r"async_bulk_tensor_3d\w*\(", body)) == 3 * head_dim // 64
+    # Q's boxes, then K's and V's of a query tile's first key tile and of the others (each
+    # head_dim / 64 boxes of 64 columns)
+    assert len(re.findall(r"async_bulk_tensor_3d\w*\(", body)) == 5 * head_dim // 64
     assert "cp_async_cg" not in body  # no thread copies Q
     assert body.count("bar_arrive_arrive((uint)1, (uint)256)") == 1  # warpgroup 1 goes first
     assert "bar_sync_count_sync(((uint)1 + ((uint)wg" in body
@@ -313,3 +314,38 @@ def test_tensor_core_kernels_build_for_any_positive_scale(sm_scale):
         target = tvm.target.Target({"kind": "cuda", "arch": arch})
         lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
         assert "exp2f" in lib.mod.imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("batch,seq_q,heads,blocks", [
+    (16, 1024, 16, 132), (3, 300, 2, 132), (1, 128, 1, 132), (5, 1000, 3, 7)])
+def test_persistent_attention_schedule_deals_every_tile_once(batch, seq_q, heads, blocks):
+    """The warp-specialized block's persistent schedule (``geometry.PersistentTileGrid``),
+    evaluated on constants: every (batch row, query tile, head) is some block's item in exactly
+    one round, and with causal costs (a query tile's key tiles: ``tiles - qt_launch``, the
+    longest first) the busiest block carries at most 5% over the mean where every block gets
+    at least 8 items."""
+    from collections import Counter
+
+    from relax_masked_attn.kernels.geometry import PersistentTileGrid
+
+    grid = PersistentTileGrid(heads, 128, 384, blocks)
+    ana = tvm.sym.Analyzer()
+
+    def value(expr):
+        return int(ana.simplify(expr))
+
+    b_, s_ = tvm.tirx.const(batch, "int32"), tvm.tirx.const(seq_q, "int32")
+    tiles = -(-seq_q // 128)
+    launched, rounds = value(grid.grid(b_, s_)), value(grid.rounds(b_, s_))
+    assert launched == min(blocks, batch * tiles * heads)
+    seen, load = Counter(), Counter()
+    for bid in range(launched):
+        for i in range(rounds):
+            bh, qt, real = grid.item(b_, s_, tvm.tirx.const(bid, "int32"),
+                                     tvm.tirx.const(i, "int64"))
+            if value(real):
+                seen[value(bh), value(qt)] += 1
+                load[bid] += tiles - value(qt)
+    assert seen == Counter({(bh, qt): 1 for bh in range(batch * heads) for qt in range(tiles)})
+    if batch * tiles * heads >= 8 * launched:
+        assert max(load.values()) <= 1.05 * sum(load.values()) / launched

@@ -247,13 +247,31 @@ def wgmma_attention_tiles(head_dim: int, dtype: str) -> WgmmaAttentionTiles:
     tiles (64 registers of S a thread) likewise need one block an SM. Earlier sweeps: the
     deferred O += P V wait was no better than the plain one, and one stage spilled a few bytes.
 
-    ``specialized`` (FlashAttention-3's block: a TMA producer warpgroup and two consumer
-    warpgroups at 232 registers taking turns at the tensor cores, one block an SM, in the
-    serial or the overlapped loop, 64- or 128-key tiles; ``bench_kernel.py``'s ``WGMMA_SWEEP``
-    lines 2-5) is built and checked by ptxas (168 registers at launch, no spills, no
-    serialized ``wgmma``) but not yet run on a GPU: its GPU tests
-    (``test_gpu.py::test_kernel_variants``, ``wgmma-specialized`` and
-    ``wgmma-specialized-overlap``) and the sweep decide whether it becomes the default.
+    ``specialized`` (FlashAttention-3's block: a persistent block an SM, a TMA producer
+    warpgroup and two consumer warpgroups at 232 registers taking turns at the tensor cores, in
+    the serial or the overlapped loop, 64- or 128-key tiles) passes the GPU tests but is slower
+    than the chosen layout on every config: ``bench_kernel.py --sweep --layouts 0,1,2,3,4`` on
+    the H200 (2026-11-30, one run; the same three configs, full lengths, useful TFLOP/s):
+
+    ==============================  =======================  ===============================
+    layout                          TFLOP/s                  note
+    ==============================  =======================  ===============================
+    (2, F, 2, T, F, 64, T)          315.5 / 360.0 / 471.7    the chosen one, same run
+    (1, F, 2, T, F, 64, T, T)       240.3 / 266.6 / 339.8    specialized, serial loop
+    (1, F, 2, T, F, 128, T, T)      270.8 / 307.1 / 406.7    and 128-key tiles
+    (1, F, 2, T, T, 128, T, T)      270.9 / 341.4 / 459.2    overlapped loop, 128-key tiles
+    (1, F, 2, T, T, 64, T, T)       233.4 / 314.4 / 399.3    overlapped loop, 64-key tiles
+    ==============================  =======================  ===============================
+
+    Its best form is 0.86x / 0.95x / 0.97x of the default (a second run: 273.0 / 348.6 /
+    472.6 against 319.8 / 364.2 / 475.8, 0.85x / 0.96x / 0.99x): two consumer warpgroups an SM hide
+    less of the softmax than the default's four (two blocks of two), and at head_dim 64 there is
+    too little product a key tile to cover it (FlashAttention-3 runs three consumer warpgroups
+    there). The same block launched one a (batch row, query tile, head) instead of persistent
+    ran 171-264 TFLOP/s at head_dim 64 and 256-319 at (16, 1024) (the prologue and epilogue of
+    each block on an otherwise idle SM); persistent blocks dealt the work in plain rotation, batch
+    rows outermost, ran 205-301 at (16, 1024), where a model of that schedule puts the busiest
+    block 46% over the mean (``geometry.PersistentTileGrid`` has the order that balances it).
     """
     del head_dim, dtype
     return WgmmaAttentionTiles(2, False, 2, True, False, 64, True)

@@ -51,6 +51,7 @@ from .config import wgmma_dense_tiles
 from .cuda_dense import staged_store, wgmma_staging, with_small_batches
 from .epilogue import Epilogue, dense_func
 from .hopper import (
+    PERSISTENT_BLOCKS,
     TILE_COLUMNS,
     commit_stores,
     copy_row_tile,
@@ -72,9 +73,6 @@ CONSUMER_REGISTERS = 232  # and each consumer's: 128 x 40 + 256 x 232 <= 65536
 # form returns every warpgroup to it where the roles join in each tile (so that the code after
 # the join is not held to the producer's budget) and splits it again in the next.
 LAUNCH_REGISTERS = 168
-# Blocks of the persistent form: one an SM of an H100 SXM / H200 (132 SMs). On a GPU with
-# fewer SMs the extra blocks wait for a free one: slower, not wrong.
-PERSISTENT_BLOCKS = 132
 # Named barrier of the persistent form: the consumers arrive once their `setmaxnreg.inc` has
 # its registers, the producer waits there before its own `inc` (ids 0: __syncthreads, 1: the
 # consumers' barrier of the one-shot form).

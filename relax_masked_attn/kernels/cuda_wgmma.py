@@ -28,12 +28,16 @@ tiles are 64 or 128 keys (``WgmmaAttentionTiles.key_tile``), and K and V arrive 
 ``cp.async`` (``tma_kv``) in either loop. Every layout passes the GPU tests on the H200; the
 sweep that chose the default is in ``config.wgmma_attention_tiles``.
 
-``specialized`` (opt-in; built and checked by ptxas, not yet run on a GPU) is FlashAttention-3's
-block structure: one block an SM of three warpgroups. Warpgroup 0 gives up registers
-(``setmaxnreg``) and one of its threads copies each query tile's Q and its K and V tiles by TMA
-(three tensor maps) into a two-stage ring: a stage once both consumers have released it (an
-``empty`` mbarrier of two arrivals), Q's tile once both have written the last tile's output
-from it. Warpgroups 1 and 2 (232 registers) own 64 query rows each and take turns at the
+``specialized`` (opt-in: passes the GPU tests, slower than the default on the H200, see
+``config.wgmma_attention_tiles``) is FlashAttention-3's block structure: one persistent block an
+SM of three warpgroups, each block taking a (batch row, query tile, head) work item a round
+(``geometry.PersistentTileGrid``). Warpgroup 0 gives up registers (``setmaxnreg``) and one of
+its threads copies each query tile's Q and its K and V tiles by TMA (three tensor maps) into a
+two-stage ring: K's or V's tile of a stage once both consumers have released it (an ``empty``
+mbarrier of two arrivals; K's as soon as S = Q K^T on it is done), Q's tile once both have
+finished the last tile's products; the output leaves through a staging tile of its own, so the
+next tile's Q and first K and V land while the last one's output is written. Warpgroups 1 and 2
+(232 registers) own 64 query rows each and take turns at the
 tensor cores: each issues its products only in its turn (named barriers 1 and 2) and hands the
 turn over, so that its softmax runs under the other's products. Their key loop is the serial
 one (S = Q K^T in a turn) or, with ``overlap``, FlashAttention-3's intra-warpgroup overlap
@@ -67,12 +71,14 @@ from .fragment_softmax import fragment_softmax, rescale
 from .geometry import (
     LOG2E,
     NEG_INF,
+    PersistentTileGrid,
     attention_func,
     padding_zeroer,
     staged_output,
     tensor_core_grid,
 )
 from .hopper import (
+    PERSISTENT_BLOCKS,
     copy_head_tile,
     encode_head_tiles,
     init_barrier,
@@ -132,8 +138,10 @@ def wgmma_attention_kernel(
     d = head_dim
     chunks = d // 8  # 16-byte chunks in one row of a tile
     q_elems, kv_elems = ROWS * d, cols * d
-    # Q, then K and V of each stage; + 1 KiB to realign the pool to 1024 bytes
-    pool_elems = q_elems + 2 * stages * kv_elems + 512
+    # Q, then K and V of each stage (specialized: then the output's staging tile, so that the
+    # next tile's Q can land while this one's output leaves); + 1 KiB to realign the pool
+    o_elem = q_elems + 2 * stages * kv_elems
+    pool_elems = o_elem + (q_elems if specialized else 0) + 512
     if pool_elems * 2 * min_blocks > 227 * 1024:
         raise ValueError(f"wgmma_attention_kernel: {min_blocks} blocks of {pool_elems * 2} bytes "
                          "of shared memory do not fit an SM's 227 KiB")
@@ -562,6 +570,23 @@ def wgmma_attention_kernel(
                                        opaque=True)
     ws_zero_v_tail = v_tail_zeroer(128, opaque=True)
     ws_zero_padding = padding_zeroer(dtype, d, THREADS)
+    # one block an SM, each walking its (batch row, query tile, head) work items
+    work = PersistentTileGrid(heads_q, ROWS, SPECIALIZED_THREADS, PERSISTENT_BLOCKS)
+
+    def work_item(geom, batch, seq_q, bid, i):
+        """Block ``bid``'s work item of round ``i`` (called in the roles' macros, which bind
+        the names): ``(b, h, h_kv, n, q_off, kv_off, bi, qt_launch, qt_first, reps, real)``:
+        its batch row, heads, real rows and offsets as ``block`` has them, its query tile
+        (``qt_first``, the longest first), the query tiles it runs (``reps``: 0 past the
+        last item) and whether it is one."""
+        bh, qt_launch, real = work.item(batch, seq_q, bid, i)
+        b, h, h_kv = geom.heads(bh, heads_q, group)
+        n = geom.length(b)
+        q_off, kv_off, bi = geom.offsets(b, n)
+        grid_tiles = (seq_q + ROWS - 1) // ROWS
+        qt_first = grid_tiles - 1 - qt_launch  # the most key tiles first (causal)
+        reps = T.if_then_else(real, geom.tile_repeats(n, ROWS, grid_tiles, qt_first), 0)
+        return b, h, h_kv, n, q_off, kv_off, bi, qt_launch, qt_first, reps, real
 
     @T.macro
     def load_when_free(smem, pad, tmap, full, empty, operand, g, row, h_kv, tx):
@@ -571,37 +596,46 @@ def wgmma_attention_kernel(
         tma_tile(smem, pad, tmap, full, operand, g % 2, row, h_kv, tx)
 
     @T.macro
-    def producer(q, k, smem, pad, q_maps, full, empty, q_bars, count, tx, n, h, h_kv, q_off,
-                 kv_off, bi, reps, qt_first, grid_tiles):
-        """Warpgroup 0, thread 0: each query tile's Q (once both consumers are done with the
-        last one's) and its K and V tiles by TMA into the two-stage ring, each stage once both
-        consumers have released it (``empty``: 2 arrivals a phase)."""
+    def producer(q, k, geom, smem, pad, q_maps, full, empty, q_bars, count, tx, batch, seq_q,
+                 bid):
+        """Warpgroup 0, thread 0, over the block's work items: each query tile's K and V tiles
+        by TMA into the two-stage ring, each stage once both consumers have released it
+        (``empty``: 2 arrivals a phase), and its Q once both consumers are done with the last
+        tile's (issued after K of the first key tile, whose stage frees first)."""
         T.ptx["setmaxnreg.dec.sync.aligned.u32"](SPECIALIZED_PRODUCER_REGISTERS)
         if tx == 0:
             count[0] = 0
             tiles_done = T.alloc_buffer((1,), "int32", scope="local")
             tiles_done[0] = 0
-            for rep in T.serial(reps):
-                r0 = (qt_first + rep * grid_tiles) * ROWS
-                if r0 < n:
-                    kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
-                    num_kt = (kv_end + cols - 1) // cols
-                    if tiles_done[0] > 0:  # the consumers have written the last tile's output
-                        wait_barrier(q_bars.ptr_to([1]), (tiles_done[0] - 1) % 2)
-                    tiles_done[0] = tiles_done[0] + 1
-                    T.ptx.mbarrier.arrive.expect_tx.shared.b64(q_bars.ptr_to([0]),
-                                                               T.uint32(q_elems * 2))
-                    for cb in T.unroll(d // 64):
-                        copy_head_tile(smem.ptr_to([pad + cb * ROWS * 64]), q_maps[0],
-                                       bi * q.shape[1] + q_off + r0, h, cb * 64,
-                                       q_bars.ptr_to([0]))
-                    row = bi * k.shape[1] + kv_off
-                    for kt in T.serial(num_kt):
-                        load_when_free(smem, pad, q_maps[1], full, empty, 0, count[0] + kt,
-                                       row + kt * cols, h_kv, tx)  # K
-                        load_when_free(smem, pad, q_maps[2], full, empty, 1, count[0] + kt,
-                                       row + kt * cols, h_kv, tx)  # V
-                    count[0] = count[0] + num_kt
+            grid_tiles = (seq_q + ROWS - 1) // ROWS
+            for i in T.serial(work.rounds(batch, seq_q)):
+                (b, h, h_kv, n, q_off, kv_off, bi, qt_launch, qt_first, reps,
+                 real) = work_item(geom, batch, seq_q, bid, i)
+                for rep in T.serial(reps):
+                    r0 = (qt_first + rep * grid_tiles) * ROWS
+                    if r0 < n:
+                        kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
+                        num_kt = (kv_end + cols - 1) // cols
+                        row = bi * k.shape[1] + kv_off
+                        load_when_free(smem, pad, q_maps[1], full, empty, 0, count[0], row,
+                                       h_kv, tx)  # K(0)
+                        if tiles_done[0] > 0:  # both consumers are done with the last Q
+                            wait_barrier(q_bars.ptr_to([1]), (tiles_done[0] - 1) % 2)
+                        tiles_done[0] = tiles_done[0] + 1
+                        T.ptx.mbarrier.arrive.expect_tx.shared.b64(q_bars.ptr_to([0]),
+                                                                   T.uint32(q_elems * 2))
+                        for cb in T.unroll(d // 64):
+                            copy_head_tile(smem.ptr_to([pad + cb * ROWS * 64]), q_maps[0],
+                                           bi * q.shape[1] + q_off + r0, h, cb * 64,
+                                           q_bars.ptr_to([0]))
+                        load_when_free(smem, pad, q_maps[2], full, empty, 1, count[0], row,
+                                       h_kv, tx)  # V(0)
+                        for kt in T.serial(1, num_kt):
+                            load_when_free(smem, pad, q_maps[1], full, empty, 0, count[0] + kt,
+                                           row + kt * cols, h_kv, tx)  # K
+                            load_when_free(smem, pad, q_maps[2], full, empty, 1, count[0] + kt,
+                                           row + kt * cols, h_kv, tx)  # V
+                        count[0] = count[0] + num_kt
 
     @T.macro
     def take_turn(wg):
@@ -624,22 +658,24 @@ def wgmma_attention_kernel(
             T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg), T.uint32(128))
 
     @T.macro
-    def release_stage(empty, st, tx):
-        """One thread of a consumer: it is done with K's and V's tiles in stage ``st``."""
+    def release(empty, operand, st, tx):
+        """One thread of a consumer: it is done with K's (``operand`` 0) or V's (1) tile in
+        stage ``st``: K's once S = Q K^T on it is, so that the producer refills it while this
+        tile's softmax and O += P V run."""
         if tx % 128 == 0:
-            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([st]), T.uint32(1))
-            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([2 + st]), T.uint32(1))
+            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([2 * operand + st]), T.uint32(1))
 
     @T.macro
-    def consumer(geom, out, smem, smem_words, pad, base, empty, q_bars, count, kv, tx, n, b, h,
-                 q_off, bi, reps, qt_first, grid_tiles, qt_launch):
+    def consumer(geom, out, smem, smem_words, pad, base, empty, q_bars, count, kv, tx, batch,
+                 seq_q, bid):
         """Warpgroups 1 and 2 (``tx``: 0-255 over both; ``kv`` as :func:`serial_tiles` takes
         it): 64 query rows each, on the ring the producer fills, the serial key loop or (with
         ``overlap``) the overlapped one, taking turns at the tensor cores (each issues its
         products in its turn, named barrier 1 + its warpgroup, and hands the turn to the other,
         whose softmax then runs under them); each releases a stage once its O += P V on it is
-        done and writes its rows of the output through its own rows of Q's tile (ordered by a
-        named barrier of its 128 threads)."""
+        done, Q's tile once its last product is, and writes its rows of the output through its
+        own rows of the output's staging tile (ordered by a named barrier of its 128 threads)
+        while the producer loads the next tile's Q."""
         T.ptx["setmaxnreg.inc.sync.aligned.u32"](SPECIALIZED_CONSUMER_REGISTERS)
         (s_acc, o_acc, p_frag, m_i, l_i, s_acc3, o_acc3, m_i2, l_i2, m_new2,
          alpha2) = row_registers()
@@ -655,84 +691,94 @@ def wgmma_attention_kernel(
         q_phase = T.alloc_buffer((1,), "int32", scope="local")
         q_phase[0] = 0
         count[0] = 0
-        ws_zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
         if wg == 1:  # warpgroup 1 takes the first turn
             T.ptx.bar.arrive(T.uint32(SCHEDULER_BARRIERS[0]), T.uint32(256))
-        for rep in T.serial(reps):
-            r0 = (qt_first + rep * grid_tiles) * ROWS
-            w0 = r0 + wg * 64
-            row0 = w0 + (tx % 128) // 32 * 16 + g
-            if r0 < n:
-                kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
-                num_kt = (kv_end + cols - 1) // cols
-                wait_barrier(q_bars.ptr_to([0]), q_phase[0])
-                q_phase[0] = q_phase[0] ^ 1
-                reset_rows(m_i, l_i, o_acc)
-                if overlap:
-                    # tile 0's S and softmax; then each turn issues S(kt + 1) and
-                    # O += P V(kt), and the softmax of kt + 1 runs while the latter does
-                    wait_tile(kv, 0, count[0] % 2)  # K(0)
-                    take_turn(wg)
-                    s_product(s_acc, descs, count[0] % 2)
-                    pass_turn(wg)
-                    first_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2,
-                                 kv_end, w0, row0, t4)
-                    for kt in T.serial(num_kt):
-                        c0 = kt * cols
-                        st = (count[0] + kt) % 2
-                        if kt + 1 < num_kt:
-                            wait_tile(kv, 0, 1 - st)  # K(kt + 1)
-                        wait_tile(kv, 1, st)  # V(kt)
-                        zero_v_tail_once(smem_words, pad, st, c0, kv_end, wg, tx)
+        grid_tiles = (seq_q + ROWS - 1) // ROWS
+        for i in T.serial(work.rounds(batch, seq_q)):
+            (b, h, h_kv, n, q_off, kv_off, bi, qt_launch, qt_first, reps,
+             real) = work_item(geom, batch, seq_q, bid, i)
+            if real:
+                ws_zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
+            for rep in T.serial(reps):
+                r0 = (qt_first + rep * grid_tiles) * ROWS
+                w0 = r0 + wg * 64
+                row0 = w0 + (tx % 128) // 32 * 16 + g
+                if r0 < n:
+                    kv_end = T.if_then_else(causal, T.min(n, r0 + ROWS), n)
+                    num_kt = (kv_end + cols - 1) // cols
+                    wait_barrier(q_bars.ptr_to([0]), q_phase[0])
+                    q_phase[0] = q_phase[0] ^ 1
+                    reset_rows(m_i, l_i, o_acc)
+                    if overlap:
+                        # tile 0's S and softmax; then each turn issues S(kt + 1) and
+                        # O += P V(kt), and the softmax of kt + 1 runs while the latter does
+                        wait_tile(kv, 0, count[0] % 2)  # K(0)
                         take_turn(wg)
-                        if kt + 1 < num_kt and ((not causal) or c0 + cols < w0 + 64):
-                            s_product(s_acc, descs, 1 - st)
-                            pv_product(o_acc, p_frag, descs, st)
-                            pass_turn(wg)
-                            next_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2,
-                                        l_i2, c0, kv_end, w0, row0, t4)
-                        else:
-                            if (not causal) or c0 < w0 + 64:
-                                pv_product(o_acc, p_frag, descs, st)
-                            pass_turn(wg)
-                            T.ptx.wgmma.wait_group.sync.aligned(0)
-                        release_stage(empty, st, tx)
-                else:
-                    for kt in T.serial(num_kt):
-                        c0 = kt * cols
-                        st = (count[0] + kt) % 2
-                        wait_tile(kv, 0, st)  # K(kt)
-                        take_turn(wg)
-                        if (not causal) or c0 < w0 + 64:
-                            s_product(s_acc, descs, st)
+                        s_product(s_acc, descs, count[0] % 2)
                         pass_turn(wg)
-                        if (not causal) or c0 < w0 + 64:
-                            T.ptx.wgmma.wait_group.sync.aligned(0)
-                            online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0,
-                                           kv_end,
-                                           c0 + cols > kv_end or (causal and c0 + cols - 1 > w0),
-                                           row0, t4)
-                        wait_tile(kv, 1, st)  # V(kt)
-                        zero_v_tail_once(smem_words, pad, st, c0, kv_end, wg, tx)
-                        if (not causal) or c0 < w0 + 64:
-                            pack_p(p_frag, s_acc)
-                            pv_product(o_acc, p_frag, descs, st)
-                            T.ptx.wgmma.wait_group.sync.aligned(0)
-                        release_stage(empty, st, tx)
-                count[0] = count[0] + num_kt
-                # normalize into this warpgroup's own rows of Q's tile, write them out, then
-                # hand Q's tile back to the producer
-                ws_stage(smem, pad, o_acc3, l_i2, 0, row0 - r0, t4)
-                T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
-                               T.uint32(128))
-                ws_write(smem_words, pad, out, bi, q_off, h, r0, n, wg * 64, 64, tx % 128, 128)
-                T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
-                               T.uint32(128))
-                if tx % 128 == 0:
-                    T.ptx.mbarrier.arrive.shared.b64(q_bars.ptr_to([1]), T.uint32(1))
+                        first_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2,
+                                     kv_end, w0, row0, t4)
+                        release(empty, 0, count[0] % 2, tx)  # K(0)
+                        for kt in T.serial(num_kt):
+                            c0 = kt * cols
+                            st = (count[0] + kt) % 2
+                            if kt + 1 < num_kt:
+                                wait_tile(kv, 0, 1 - st)  # K(kt + 1)
+                            wait_tile(kv, 1, st)  # V(kt)
+                            zero_v_tail_once(smem_words, pad, st, c0, kv_end, wg, tx)
+                            take_turn(wg)
+                            if kt + 1 < num_kt and ((not causal) or c0 + cols < w0 + 64):
+                                s_product(s_acc, descs, 1 - st)
+                                pv_product(o_acc, p_frag, descs, st)
+                                pass_turn(wg)
+                                next_scores(s_acc, p_frag, s_acc3, o_acc3, m_i2, m_new2, alpha2,
+                                            l_i2, c0, kv_end, w0, row0, t4)
+                            else:
+                                if (not causal) or c0 < w0 + 64:
+                                    pv_product(o_acc, p_frag, descs, st)
+                                pass_turn(wg)
+                                T.ptx.wgmma.wait_group.sync.aligned(0)
+                            if kt + 1 < num_kt:
+                                release(empty, 0, 1 - st, tx)  # K(kt + 1): S is done
+                            release(empty, 1, st, tx)  # V(kt)
+                    else:
+                        for kt in T.serial(num_kt):
+                            c0 = kt * cols
+                            st = (count[0] + kt) % 2
+                            wait_tile(kv, 0, st)  # K(kt)
+                            take_turn(wg)
+                            if (not causal) or c0 < w0 + 64:
+                                s_product(s_acc, descs, st)
+                            pass_turn(wg)
+                            if (not causal) or c0 < w0 + 64:
+                                T.ptx.wgmma.wait_group.sync.aligned(0)
+                            release(empty, 0, st, tx)  # K(kt)
+                            if (not causal) or c0 < w0 + 64:
+                                online_softmax(s_acc3, o_acc3, m_i2, m_new2, alpha2, l_i2, c0,
+                                               kv_end,
+                                               c0 + cols > kv_end
+                                               or (causal and c0 + cols - 1 > w0), row0, t4)
+                            wait_tile(kv, 1, st)  # V(kt)
+                            zero_v_tail_once(smem_words, pad, st, c0, kv_end, wg, tx)
+                            if (not causal) or c0 < w0 + 64:
+                                pack_p(p_frag, s_acc)
+                                pv_product(o_acc, p_frag, descs, st)
+                                T.ptx.wgmma.wait_group.sync.aligned(0)
+                            release(empty, 1, st, tx)  # V(kt)
+                    count[0] = count[0] + num_kt
+                    if tx % 128 == 0:  # every product is done: Q's tile back to the producer
+                        T.ptx.mbarrier.arrive.shared.b64(q_bars.ptr_to([1]), T.uint32(1))
+                    # normalize into this warpgroup's own rows of the staging tile, write them out
+                    ws_stage(smem, pad + o_elem, o_acc3, l_i2, 0, row0 - r0, t4)
+                    T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
+                                   T.uint32(128))
+                    ws_write(smem_words, pad + o_elem, out, bi, q_off, h, r0, n, wg * 64, 64,
+                             tx % 128, 128)
+                    T.ptx.bar.sync(T.uint32(WARPGROUP_BARRIERS[0]) + T.Cast("uint32", wg),
+                                   T.uint32(128))
 
     @T.macro
-    def specialized_block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, q_maps):
+    def specialized_block(q, k, v, geom, out, batch, seq_q, q_maps, bid, tx):
         smem = T.alloc_buffer((pool_elems,), dtype, scope="shared.dyn")
         smem_words = T.decl_buffer((pool_elems // 2,), "uint32", data=smem.data,
                                    scope="shared.dyn")
@@ -742,11 +788,6 @@ def wgmma_attention_kernel(
         q_bars = T.alloc_buffer((2,), "uint64", scope="shared")  # Q landed; Q's tile free
         phase = T.alloc_buffer((4,), "int32", scope="local")
         count = T.alloc_buffer((1,), "int32", scope="local")  # the block's key tiles so far
-        b, h, h_kv = geom.heads(bh, heads_q, group)
-        n = geom.length(b)
-        q_off, kv_off, bi = geom.offsets(b, n)
-        grid_tiles = (seq_q + ROWS - 1) // ROWS
-        qt_first = grid_tiles - 1 - qt_launch  # the most key tiles first (causal)
         realign_pool(base, smem)
         pad = T.Cast("int32", base[1])
         if tx == 0:
@@ -758,16 +799,15 @@ def wgmma_attention_kernel(
         for i in T.unroll(4):
             phase[i] = 0
         T.tvm_storage_sync("shared")
-        reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
         if tx < 128:
-            producer(q, k, smem, pad, q_maps, full, empty, q_bars, count, tx, n, h, h_kv, q_off,
-                     kv_off, bi, reps, qt_first, grid_tiles)
+            producer(q, k, geom, smem, pad, q_maps, full, empty, q_bars, count, tx, batch,
+                     seq_q, bid)
         else:
             consumer(geom, out, smem, smem_words, pad, base, empty, q_bars, count,
-                     (q_maps[1], q_maps[2], full, phase, smem_words), tx - 128, n, b, h, q_off,
-                     bi, reps, qt_first, grid_tiles, qt_launch)
+                     (q_maps[1], q_maps[2], full, phase, smem_words), tx - 128, batch, seq_q,
+                     bid)
 
-    grid = tensor_core_grid(heads_q, ROWS, SPECIALIZED_THREADS if specialized else THREADS)
+    grid = tensor_core_grid(heads_q, ROWS, THREADS)
 
     @T.macro
     def bounded_block(q, k, v, geom, out, seq_q, k_map, v_map, bh, qt_launch, tx):
@@ -776,9 +816,9 @@ def wgmma_attention_kernel(
             block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, k_map, v_map)
 
     @T.macro
-    def bounded_specialized_block(q, k, v, geom, out, seq_q, q_maps, bh, qt_launch, tx):
+    def bounded_specialized_block(q, k, v, geom, out, batch, seq_q, q_maps, bid, tx):
         with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", 1):
-            specialized_block(q, k, v, geom, out, seq_q, bh, qt_launch, tx, q_maps)
+            specialized_block(q, k, v, geom, out, batch, seq_q, q_maps, bid, tx)
 
     @T.macro
     def body(q, k, v, geom, out, batch, seq_q, seq_kv):
@@ -789,8 +829,8 @@ def wgmma_attention_kernel(
             encode_head_tiles(q_map, q.data, dtype, q.shape[0] * q.shape[1], heads_q, d, ROWS)
             encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)
             encode_head_tiles(v_map, v.data, dtype, v.shape[0] * v.shape[1], heads_kv, d, cols)
-            grid(batch, seq_q, bounded_specialized_block,
-                 (q, k, v, geom, out, seq_q, (q_map, k_map, v_map)))
+            work.launch(batch, seq_q, bounded_specialized_block,
+                        (q, k, v, geom, out, batch, seq_q, (q_map, k_map, v_map)))
         elif tma_kv:  # host side: K's and V's tensor maps, [rows, heads_kv, head_dim]
             k_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+# Blocks of a persistent kernel (dense or attention): one an SM of an H100 SXM / H200 (132 SMs).
+# On a GPU with fewer SMs the extra blocks wait for a free one: slower, not wrong.
+PERSISTENT_BLOCKS = 132
+
 
 def swizzle128_descriptor(addr, leading_bytes: int = 16):
     """The ``wgmma`` matrix descriptor of a 128-byte-swizzled tile at shared byte address
