@@ -169,7 +169,8 @@ def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
     are: they hold NaN here); the ``mma.sync`` kernel storing 4 bytes from its accumulators
     (the default stages the output through shared memory: ``geometry.staged_output``).
     Every mode, GQA, the length patterns, lengths off the tiles (one key tile, two, many), and
-    the packed op with rows of no sequence around its sequences."""
+    the packed op with rows of no sequence around its sequences, its grid sized for the longest
+    sequence or for a third of it."""
     import relax_masked_attn as rma
 
     from .conftest import assert_packed_matches_reference, op_module, packed_inputs, vm_main
@@ -195,9 +196,11 @@ def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
             valid_len = lengths(pattern, 3, 130, rng)
             assert_matches_reference(run(q, k, v, valid_len), q, k, v, valid_len, mode)
         causal = mode.startswith("causal")
-        packed = vm_main(rma.op.standalone_packed_module(8, 4, head_dim, dtype, causal, 300),
-                         target)
         q, k, v, seq_start = packed_inputs([5, 0, 300, 129], 8, 4, head_dim, dtype, rng, 3, 4)
-        assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start, causal)
+        for max_len in (300, 100):  # 100: the longer sequences loop over the grid's tiles
+            packed = vm_main(rma.op.standalone_packed_module(8, 4, head_dim, dtype, causal,
+                                                             max_len), target)
+            assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start,
+                                            causal)
     finally:
         generator.cache_clear()  # nor one of the other layout after
