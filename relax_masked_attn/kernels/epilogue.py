@@ -91,9 +91,8 @@ class Epilogue:
             return bound(value, lambda x: x * T.float32(0.5) * (
                 T.float32(1) + polynomial_erf(x * T.float32(SQRT_HALF))))
         if self.activation == "gelu_tanh":  # x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-            cube = value * value * value
-            inner = T.float32(SQRT_2_OVER_PI) * (value + T.float32(0.044715) * cube)
-            return value * T.float32(0.5) * (T.float32(1) + T.tanh(inner))
+            return bound(value, lambda x: x * T.float32(0.5) * (T.float32(1) + T.tanh(
+                T.float32(SQRT_2_OVER_PI) * (x + T.float32(0.044715) * (x * x * x)))))
         return value
 
 
