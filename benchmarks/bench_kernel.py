@@ -355,7 +355,12 @@ def sweep_cuda(args) -> None:
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)
     hopper = device_cuda_target()
-    chosen = [WGMMA_SWEEP[int(i)] for i in args.layouts.split(",")] if args.layouts else None
+    chosen = None
+    if args.layouts:
+        picks = [int(i) for i in args.layouts.split(",")]
+        if not all(0 <= i < len(WGMMA_SWEEP) for i in picks):
+            raise SystemExit(f"--layouts: indices 0-{len(WGMMA_SWEEP) - 1} of WGMMA_SWEEP")
+        chosen = [WGMMA_SWEEP[i] for i in picks]
     kernels = [] if chosen else [(cuda_mma.tensor_core_kernel, tiles, target)
                                  for tiles in TC_SWEEP]
     if cuda_wgmma.supports(hopper, 128, "float16"):
