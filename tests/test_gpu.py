@@ -204,3 +204,16 @@ def test_kernel_variants(monkeypatch, variant, mode, dtype, head_dim):
                                             causal)
     finally:
         generator.cache_clear()  # nor one of the other layout after
+
+
+@pytest.mark.parametrize("target", ["cuda", "cuda-sm90a"])
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+def test_empty_batches(mode, target):
+    """A batch of no rows, and rows of no tokens, give empty outputs of the right shape on the
+    tensor-core kernels too (as on the CPU), not a launch of an empty grid."""
+    run = compiled_op(target, 4, 2, 64, "float16", mode)
+    rng = np.random.default_rng(0)
+    for batch, seq in [(0, 16), (2, 0)]:
+        q, k, v = random_qkv(batch, seq, seq, 4, 2, 64, "float16", rng)
+        out = run(q, k, v, np.zeros(batch, "int32"))
+        assert out.shape == q.shape
