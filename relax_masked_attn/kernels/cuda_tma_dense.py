@@ -282,24 +282,25 @@ def tile_stores(n: int, epilogue: Epilogue, tile_m: int, tile_n: int):
     cols = epilogue.out_columns(tile_n)
 
     @T.macro
+    def store_box(smem, tmap, first, bm, bn, b, base):
+        """Box ``b`` of the tile into the output of ``tmap``, whose column 0 is the product's
+        column ``first``."""
+        store_row_tile(tmap, bm * tile_m, bn * cols - first + b * TILE_COLUMNS,
+                       smem.ptr_to([base + b * tile_m * TILE_COLUMNS]))
+
+    @T.macro
     def store_tile(smem, maps, bm, bn, base):
         for b in T.unroll(cols // TILE_COLUMNS):
             if len(parts) == 1:
-                store_row_tile(maps[0], bm * tile_m, bn * cols + b * TILE_COLUMNS,
-                               smem.ptr_to([base + b * tile_m * TILE_COLUMNS]))
+                store_box(smem, maps[0], 0, bm, bn, b, base)
             else:
                 if bn * cols < parts[1][0]:
-                    store_row_tile(maps[0], bm * tile_m, bn * cols + b * TILE_COLUMNS,
-                                   smem.ptr_to([base + b * tile_m * TILE_COLUMNS]))
+                    store_box(smem, maps[0], 0, bm, bn, b, base)
                 else:
                     if len(parts) == 2 or bn * cols < parts[-1][0]:
-                        store_row_tile(maps[1], bm * tile_m,
-                                       bn * cols - parts[1][0] + b * TILE_COLUMNS,
-                                       smem.ptr_to([base + b * tile_m * TILE_COLUMNS]))
+                        store_box(smem, maps[1], parts[1][0], bm, bn, b, base)
                     else:
-                        store_row_tile(maps[-1], bm * tile_m,
-                                       bn * cols - parts[-1][0] + b * TILE_COLUMNS,
-                                       smem.ptr_to([base + b * tile_m * TILE_COLUMNS]))
+                        store_box(smem, maps[-1], parts[-1][0], bm, bn, b, base)
         commit_stores()
 
     return store_tile

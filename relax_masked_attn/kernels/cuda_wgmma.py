@@ -289,6 +289,15 @@ def wgmma_attention_kernel(
         T.ptx.wgmma.commit_group.sync.aligned()
 
     @T.macro
+    def first_descriptors(descs, base, pad, wg):
+        """The descriptors of the k-step-0 operands (Q of warpgroup ``wg``, K and V of stage
+        0); a k-step or a stage adds to the start address field (16-byte units)."""
+        descs[0] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
+        descs[1] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
+        descs[2] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
+                                         cols * 128)
+
+    @T.macro
     def reset_rows(m_i, l_i, o_acc):
         """A query tile's running maxima, sums and output accumulators, before its first key."""
         for i in T.unroll(2):
@@ -504,13 +513,8 @@ def wgmma_attention_kernel(
         t4 = lane % 4
         realign_pool(base, smem)
         pad = T.Cast("int32", base[1])
-        # The descriptors of the k-step-0 operands (Q of this warpgroup, K and V of stage 0); a
-        # k-step or a stage adds to the start address field (16-byte units).
         descs = T.alloc_buffer((3,), "uint64", scope="local")
-        descs[0] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
-        descs[1] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
-        descs[2] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
-                               cols * 128)
+        first_descriptors(descs, base, pad, wg)
 
         zero_padding(out, geom, b, h, n, qt_launch, qt_first * ROWS, ROWS, tx)
         reps = geom.tile_repeats(n, ROWS, grid_tiles, qt_first)
@@ -583,7 +587,7 @@ def wgmma_attention_kernel(
         b, h, h_kv = geom.heads(bh, heads_q, group)
         n = geom.length(b)
         q_off, kv_off, bi = geom.offsets(b, n)
-        grid_tiles = (seq_q + ROWS - 1) // ROWS
+        grid_tiles = work.tiles(seq_q)
         qt_first = grid_tiles - 1 - qt_launch  # the most key tiles first (causal)
         reps = T.if_then_else(real, geom.tile_repeats(n, ROWS, grid_tiles, qt_first), 0)
         return b, h, h_kv, n, q_off, kv_off, bi, qt_launch, qt_first, reps, real
@@ -607,7 +611,7 @@ def wgmma_attention_kernel(
             count[0] = 0
             tiles_done = T.alloc_buffer((1,), "int32", scope="local")
             tiles_done[0] = 0
-            grid_tiles = (seq_q + ROWS - 1) // ROWS
+            grid_tiles = work.tiles(seq_q)
             for i in T.serial(work.rounds(batch, seq_q)):
                 (b, h, h_kv, n, q_off, kv_off, bi, qt_launch, qt_first, reps,
                  real) = work_item(geom, batch, seq_q, bid, i)
@@ -672,10 +676,11 @@ def wgmma_attention_kernel(
         it): 64 query rows each, on the ring the producer fills, the serial key loop or (with
         ``overlap``) the overlapped one, taking turns at the tensor cores (each issues its
         products in its turn, named barrier 1 + its warpgroup, and hands the turn to the other,
-        whose softmax then runs under them); each releases a stage once its O += P V on it is
-        done, Q's tile once its last product is, and writes its rows of the output through its
-        own rows of the output's staging tile (ordered by a named barrier of its 128 threads)
-        while the producer loads the next tile's Q."""
+        whose softmax then runs under them); each releases a stage's K tile once its S = Q K^T
+        on it is done and its V tile once O += P V is, Q's tile once its last product is, and
+        writes its rows of the output through its own rows of the output's staging tile
+        (ordered by a named barrier of its 128 threads) while the producer loads the next
+        tile's Q."""
         T.ptx["setmaxnreg.inc.sync.aligned.u32"](SPECIALIZED_CONSUMER_REGISTERS)
         (s_acc, o_acc, p_frag, m_i, l_i, s_acc3, o_acc3, m_i2, l_i2, m_new2,
          alpha2) = row_registers()
@@ -684,16 +689,13 @@ def wgmma_attention_kernel(
         g = lane // 4
         t4 = lane % 4
         descs = T.alloc_buffer((3,), "uint64", scope="local")
-        descs[0] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + wg * 64 * 64) * 2), 16)
-        descs[1] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems) * 2), 16)
-        descs[2] = swizzle128_descriptor(base[0] + T.Cast("uint32", (pad + q_elems + kv_elems) * 2),
-                                         cols * 128)
+        first_descriptors(descs, base, pad, wg)
         q_phase = T.alloc_buffer((1,), "int32", scope="local")
         q_phase[0] = 0
         count[0] = 0
         if wg == 1:  # warpgroup 1 takes the first turn
             T.ptx.bar.arrive(T.uint32(SCHEDULER_BARRIERS[0]), T.uint32(256))
-        grid_tiles = (seq_q + ROWS - 1) // ROWS
+        grid_tiles = work.tiles(seq_q)
         for i in T.serial(work.rounds(batch, seq_q)):
             (b, h, h_kv, n, q_off, kv_off, bi, qt_launch, qt_first, reps,
              real) = work_item(geom, batch, seq_q, bid, i)

@@ -117,6 +117,14 @@ GRID_BATCH_MESSAGE = ("attention on CUDA tensor cores takes at most 65535 batch 
                       "and 65535 query tiles of 64-128 rows a call; split the batch")
 
 
+@T.macro
+def check_grid_limits(batch, seq_q, rows: int):
+    """Host side, before a tensor-core attention launch: at most :data:`GRID_BATCH_LIMIT` batch
+    rows and query tiles of ``rows`` rows, else :data:`GRID_BATCH_MESSAGE`."""
+    assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+    assert (seq_q + rows - 1) // rows <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+
+
 def tensor_core_grid(heads_q: int, rows: int, threads: int):
     """The grid of both tensor-core attention kernels: a macro ``grid(batch, seq_q, block,
     args)`` that launches blocks of ``threads`` threads over heads (x, innermost), query tiles
@@ -131,8 +139,7 @@ def tensor_core_grid(heads_q: int, rows: int, threads: int):
 
     @T.macro
     def grid(batch, seq_q, block, args):
-        assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
-        assert (seq_q + rows - 1) // rows <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+        check_grid_limits(batch, seq_q, rows)
         h_launch = T.launch_thread("blockIdx.x", heads_q)
         qt_launch = T.launch_thread("blockIdx.y", (seq_q + rows - 1) // rows)
         b_launch = T.launch_thread("blockIdx.z", batch)
@@ -170,8 +177,7 @@ class PersistentTileGrid:
 
         @T.macro
         def launch(batch, seq_q, block, args):
-            assert batch <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
-            assert (seq_q + rows - 1) // rows <= GRID_BATCH_LIMIT, GRID_BATCH_MESSAGE
+            check_grid_limits(batch, seq_q, rows)
             bid = T.launch_thread("blockIdx.x", T.Cast("int32", self.grid(batch, seq_q)))
             tx = T.launch_thread("threadIdx.x", threads)
             block(*args, bid, tx)
