@@ -173,7 +173,7 @@ class PersistentTileGrid:
     does not receive); the count runs in int64."""
 
     def __init__(self, heads_q: int, rows: int, threads: int, blocks: int):
-        self.heads_q, self.rows, self.threads, self.blocks = heads_q, rows, threads, blocks
+        self.heads_q, self.rows, self.blocks = heads_q, rows, blocks
 
         @T.macro
         def launch(batch, seq_q, block, args):
