@@ -174,6 +174,26 @@ def assert_packed_matches_reference(out, q, k, v, seq_start, causal):
     assert (out32[:first] == 0).all() and (out32[last:] == 0).all(), "rows of no sequence"
 
 
+def check_empty_batches(target: str, mode: str, dtype: str = "float16"):
+    """Both ops on ``target`` with nothing to compute: a batch of no rows, rows of no query or
+    no key tokens (all-padding outputs, exactly 0), no packed tokens at all; the shapes and
+    values the reference gives, not a launch of an empty grid."""
+    rng = np.random.default_rng(0)
+    run = compiled_op(target, 4, 2, 64, dtype, mode)
+    for batch, seq_q, seq_kv in [(0, 16, 16), (2, 0, 0), (2, 0, 16), (2, 16, 0)]:
+        q, k, v = random_qkv(batch, seq_q, seq_kv, 4, 2, 64, dtype, rng)
+        valid_len = np.full(batch, 16, "int32")
+        out = run(q, k, v, valid_len)
+        assert out.shape == q.shape
+        assert_matches_reference(out, q, k, v, valid_len, mode)
+    causal = mode.startswith("causal")
+    packed = compiled_packed(target, 4, 2, 64, dtype, causal, 16)
+    for lens in ([], [0, 0]):
+        q, k, v, seq_start = packed_inputs(lens, 4, 2, 64, dtype, rng)
+        out = packed(q, k, v, seq_start)
+        assert out.shape == q.shape == (0, 4, 64)
+
+
 # --- checkpoints: the packaged all-MiniLM-L6-v2, small random ones made by transformers ----------
 
 

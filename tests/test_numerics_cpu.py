@@ -8,6 +8,7 @@ from relax_masked_attn import MODES
 from .conftest import (
     assert_matches_reference,
     assert_packed_matches_reference,
+    check_empty_batches,
     compiled_op,
     compiled_packed,
     lengths,
@@ -110,6 +111,11 @@ def test_every_row_and_head_is_computed_around_the_part_count(mode):
                                            2, 3)
         assert_packed_matches_reference(packed(q, k, v, seq_start), q, k, v, seq_start,
                                         mode.startswith("causal"))
+
+
+@pytest.mark.parametrize("mode", ["padded", "causal_padded_left"])
+def test_empty_batches(mode):
+    check_empty_batches("llvm", mode, "float32")
 
 
 def test_fast_exp2_matches_numpy_on_its_domain():

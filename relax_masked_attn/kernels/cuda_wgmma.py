@@ -823,21 +823,31 @@ def wgmma_attention_kernel(
             specialized_block(q, k, v, geom, out, batch, seq_q, q_maps, bid, tx)
 
     @T.macro
+    def encode_kv_maps(k_map, v_map, q, k, v):
+        """Host side: K's and V's tensor maps, ``[rows, heads_kv, head_dim]``. Keys of no rows
+        (``seq_kv`` 0: every output row is padding, no tile is read) get maps of one row over
+        q's memory, which holds at least one row here: CUDA rejects a tensor map of no rows."""
+        if k.shape[0] * k.shape[1] > 0:
+            encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)
+            encode_head_tiles(v_map, v.data, dtype, v.shape[0] * v.shape[1], heads_kv, d, cols)
+        else:
+            encode_head_tiles(k_map, q.data, dtype, 1, heads_kv, d, cols)
+            encode_head_tiles(v_map, q.data, dtype, 1, heads_kv, d, cols)
+
+    @T.macro
     def body(q, k, v, geom, out, batch, seq_q, seq_kv):
         if specialized:  # host side: Q's, K's and V's tensor maps, [rows, heads, head_dim]
             q_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             k_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             encode_head_tiles(q_map, q.data, dtype, q.shape[0] * q.shape[1], heads_q, d, ROWS)
-            encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)
-            encode_head_tiles(v_map, v.data, dtype, v.shape[0] * v.shape[1], heads_kv, d, cols)
+            encode_kv_maps(k_map, v_map, q, k, v)
             work.launch(batch, seq_q, bounded_specialized_block,
                         (q, k, v, geom, out, batch, seq_q, (q_map, k_map, v_map)))
         elif tma_kv:  # host side: K's and V's tensor maps, [rows, heads_kv, head_dim]
             k_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
             v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-            encode_head_tiles(k_map, k.data, dtype, k.shape[0] * k.shape[1], heads_kv, d, cols)
-            encode_head_tiles(v_map, v.data, dtype, v.shape[0] * v.shape[1], heads_kv, d, cols)
+            encode_kv_maps(k_map, v_map, q, k, v)
             grid(batch, seq_q, bounded_block, (q, k, v, geom, out, seq_q, k_map, v_map))
         else:
             grid(batch, seq_q, bounded_block, (q, k, v, geom, out, seq_q, None, None))

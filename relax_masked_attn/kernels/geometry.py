@@ -329,7 +329,9 @@ def attention_func(
     ``body`` is a ``T.macro`` called as ``body(q, k, v, rows, out, batch, seq_q, seq_kv)`` with
     4-D buffers (the packed ones viewed as ``[1, t, heads, head_dim]``) and a :class:`Rows`;
     batch and lengths are symbolic variables of ``index_dtype``. ``scheduled`` marks the function
-    ``tirx.is_scheduled`` (GPU kernels with explicit threads; dlight leaves them alone).
+    ``tirx.is_scheduled`` (GPU kernels with explicit threads; dlight leaves them alone). An
+    empty output (no batch rows or no query rows; packed, no tokens) skips ``body`` on the host:
+    CUDA cannot launch a grid of no blocks, and there is nothing to write.
     """
     attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if scheduled else {})}
     index_var = getattr(T, index_dtype)
@@ -367,9 +369,11 @@ def attention_func(
             out4 = T.decl_buffer((1, t, heads_q, d), dtype, data=out.data)
             # (the grid's longest sequence written as an expression, not bound to a variable:
             # the host computes launch extents from it)
-            body(q4, k4, v4,
-                 Rows(True, False, seq_start, longest(max_len), longest(max_len), t, index_dtype),
-                 out4, packed_grid_batch(batch1 - 1), longest(max_len), longest(max_len))
+            if t > 0:  # no tokens, nothing to write: no launch of a kernel over no rows
+                body(q4, k4, v4,
+                     Rows(True, False, seq_start, longest(max_len), longest(max_len), t,
+                          index_dtype),
+                     out4, packed_grid_batch(batch1 - 1), longest(max_len), longest(max_len))
 
         return packed_prefill
 
@@ -395,7 +399,8 @@ def attention_func(
                 what="masked_sequence_prefill: q", bound="batch * seq_q * heads_q * head_dim")
             assert fits_int32(batch, seq_kv, heads_kv * d), OVERFLOW.format(
                 what="masked_sequence_prefill: k", bound="batch * seq_kv * heads_kv * head_dim")
-        body(q, k, v, Rows(False, left, valid_len, seq_q, seq_kv, None, index_dtype), out,
-             batch, seq_q, seq_kv)
+        if batch > 0 and seq_q > 0:  # an empty output: no launch of a grid of no blocks
+            body(q, k, v, Rows(False, left, valid_len, seq_q, seq_kv, None, index_dtype), out,
+                 batch, seq_q, seq_kv)
 
     return masked_prefill
