@@ -18,7 +18,6 @@ from tvm.relax.frontend import nn
 
 from . import __version__
 from .checkpoint import CheckpointError, ModelSpec, read_spec
-from .cuda_build import build_threads_from_env, parallel_kernel_build
 from .kernels.geometry import GRID_BATCH_LIMIT
 from .quantization import PRECISIONS, quantize_embeddings
 from .targets import default_cpu_threads, device_cuda_target, host_cpu_target
@@ -97,8 +96,7 @@ def compile_model(spec: ModelSpec, target: tvm.target.Target, dtype: str,
     if target.kind.name == "cuda":
         mod = with_graph_forward(mod, spec.max_length)
         config["relax.backend.use_cuda_graph"] = True
-    with tvm.transform.PassContext(config=config), parallel_kernel_build(
-            build_threads_from_env() if target.kind.name == "cuda" else 1):
+    with tvm.transform.PassContext(config=config):
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     if log:
         log(f"compiled in {time.perf_counter() - start:.1f} s")
