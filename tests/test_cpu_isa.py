@@ -57,14 +57,17 @@ def test_x86_dense_kernel_uses_the_isa_vectors():
 
 @pytest.mark.parametrize("name", ["haswell", "skylake-avx512"])
 def test_dense_inner_loop_reads_x_from_registers_only(name):
-    """The loop over k of a full register block (6 x 16 on AVX2, 12 x 32 on AVX-512) loads each
-    x row through one base register at constant distances and touches no stack slot: with a
-    pointer a row, AVX-512's 12 rows outnumber the free general registers and the pointers are
-    reloaded from the stack at every step of k."""
+    """The loop over k of a register block (6 x 16 on AVX2, 12 x 32 on AVX-512) loads each x
+    row through one base register at constant distances (the packed rows) and touches no stack
+    slot: with a pointer a row, AVX-512's 12 rows outnumber the free general registers and the
+    pointers are reloaded from the stack at every step of k."""
     target, _, lanes = TARGETS[name]
     tiles = cpu_dense.tiles_for(target)
     asm = asm_of(cpu_dense.dense_kernel(768, 768, "float32", Epilogue(), tiles), target)
-    loops = [block for block in re.split(r"\n(?=\.LBB)", asm)
+    # each innermost loop's body: from a label to a jump back to it, no label between
+    bodies = re.findall(r"^(\.LBB\w+):\n((?:(?!\.LBB\w+:).)*?\n\s+j\w+\s+\1)$", asm,
+                        re.S | re.M)
+    loops = [block for _, block in bodies
              if len(re.findall(r"vfmadd231ps", block)) == tiles.rows * tiles.cols // lanes]
     full = [block for block in loops
             if len(set(re.findall(r"vbroadcastss\s+-?\d*\((%\w+),", block))) == 1]
@@ -99,13 +102,14 @@ def test_parallel_bodies_take_only_their_buffers_from_the_workspace_pool():
     """TVM 0.27 takes each buffer of a parallel body, and each scalar bound by a plain assignment
     (``x = ...`` in TVMScript), from its workspace pool, for every parallel part: the kernels
     bind their scalars with ``T.let``, so that the allocations a part makes are its buffers
-    alone (the dense kernel's accumulators; the attention kernel's tiles, at most 11)."""
+    alone (the dense kernel's accumulators and packed x rows; the attention kernel's tiles, at
+    most 11)."""
     target = TARGETS["haswell"][0]
     dense = cpu_dense.dense_kernel(384, 1536, "float32", Epilogue(True, "gelu", True),
                                    cpu_dense.tiles_for(target))
     attention = cpu_kernel(8, 2, 64, "float32", "causal_padded_left", 0.125, packed=True,
                            isa="avx2")
-    for func, buffers in ((dense, 1), (attention, 11)):
+    for func, buffers in ((dense, 2), (attention, 11)):
         ll = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                             target=target).inspect_source("ll")
         sizes = [int(b) for b in re.findall(r"call ptr %\d+\(i32 1, i32 %dev_id, i64 (\d+)", ll)]

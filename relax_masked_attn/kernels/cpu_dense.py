@@ -14,6 +14,16 @@ Blocking (``kernels.config.cpu_dense_tiles``, per vector ISA): ``k`` in slices o
 reuse it); parallel tasks of ``task_rows`` rows by ``task_cols`` columns, numbered row block
 first so that a thread's consecutive tasks share their x rows in L2. The epilogue (bias, gelu,
 residual) runs on the last slice's registers, before the one store.
+
+Each task copies its x rows of the slice into a buffer of its own first (``pack_rows``, rows
+``depth + ROW_PAD`` floats apart), as BLAS libraries pack their broadcast operand: in ``x``
+itself a register block's rows lie ``k`` floats apart, and at ``k = 3072`` (12 KiB) all 12
+rows of an AVX-512 block map to one set of an 8-way L1, so each step of k missed L1 on every
+broadcast. Measured on a 2-core Skylake-SP Xeon (AVX-512), 768 x 3072 with 8192 rows,
+alternating with the unpacked kernel in one process: 0.82x torch against 0.72x (2 threads),
+66-70 GFLOP/s against 61-62 on one; the other MiniLM / BERT shapes within 3%. The copy is a
+vector copy of each row, under 1% of a task's multiply-adds, and rows past ``m`` are copied as
+row ``m - 1``, so every register block runs the one loop.
 """
 
 from __future__ import annotations
@@ -26,6 +36,10 @@ from ..targets import cpu_isa
 from .config import CpuDenseTiles, cpu_dense_tiles, largest_divisor
 from .epilogue import Epilogue, dense_func
 from .memo import memoized
+
+# Floats added to each packed x row (see dense_kernel): a row of 256 floats plus 16 is 1088
+# bytes, so a register block's rows fall in different L1 sets.
+ROW_PAD = 16
 
 
 def tiles_for(target: tvm.target.Target) -> CpuDenseTiles:
@@ -69,26 +83,36 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
         return epilogue.store(dtype, value, None if bias is None else bias[col],
                               None if residual is None else residual[row, col])
 
+    stride = depth + ROW_PAD  # floats between two rows of the packed x
+
     @T.macro
-    def multiply_add(acc, x, wp, row_of, s, col0):
-        """``acc += x[row_of(i), slice s] @ panel col0 / cols`` for the ``rows`` register rows.
-        ``row_of`` is affine in ``i`` wherever it can be: a clamped row index (``min``) makes
-        LLVM keep one pointer a row, and AVX-512's 12 rows then outnumber the free general
-        registers (pointers reloaded from the stack at every step of k)."""
+    def pack_rows(xp, x, row0, s, m):
+        """``xp[r, :depth] = x[min(row0 + r, m - 1), slice s]`` for the task's rows: rows past
+        ``m`` repeat row ``m - 1``, so every register block runs the one full-block loop."""
+        for r in T.serial(task_rows):
+            for kk in T.vectorized(depth):
+                xp[r * stride + kk] = x[T.min(row0 + r, m - 1), s * depth + kk]
+
+    @T.macro
+    def multiply_add(acc, xp, wp, b, s, col0):
+        """``acc += xp rows [b * rows, (b + 1) * rows) @ panel col0 / cols`` (slice ``s``)."""
         for kk in T.serial(depth):
             for i in T.unroll(rows):
                 for j in T.vectorized(cols):
-                    acc[i, j] = acc[i, j] + x[row_of(i), s * depth + kk] * wp[
+                    acc[i, j] = acc[i, j] + xp[(b * rows + i) * stride + kk] * wp[
                         col0 // cols, s * depth + kk, j]
 
     @T.macro
     def body(x, wp, bias, residual, outs, m):  # outs: the one output
         for task in T.parallel(((m + task_rows - 1) // task_rows) * col_tasks):
             acc = T.alloc_buffer((rows, cols), "float32", scope="local")
+            xp = T.alloc_buffer((task_rows * stride,), "float32")
+            task_row0: T.let[T.int64] = task // col_tasks * task_rows
             for s in T.serial(slices):
+                pack_rows(xp, x, task_row0, s, m)
                 for p in T.serial(panels):
                     for b in T.serial(blocks):
-                        row0: T.let[T.int64] = task // col_tasks * task_rows + b * rows
+                        row0: T.let[T.int64] = task_row0 + b * rows
                         col0: T.let[T.int64] = (task % col_tasks * panels + p) * cols
                         if row0 < m:
                             for i in T.unroll(rows):
@@ -96,12 +120,7 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                                     acc[i, j] = T.if_then_else(
                                         s == 0, T.float32(0),
                                         outs[0][T.min(row0 + i, m - 1), col0 + j])
-                            if row0 + rows <= m:
-                                # rows at constant distances from row0: one base pointer
-                                multiply_add(acc, x, wp, lambda i: row0 + i, s, col0)
-                            else:  # the last rows: repeat row m - 1 past the end
-                                multiply_add(acc, x, wp, lambda i: T.min(row0 + i, m - 1), s,
-                                             col0)
+                            multiply_add(acc, xp, wp, b, s, col0)
                             for i in T.unroll(rows):
                                 if row0 + i < m:
                                     if s < slices - 1:
