@@ -491,15 +491,20 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     return out_stride, store
 
 
-def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, out_stride: int,
-                  opaque: bool = False):
-    """The first half of the ``wgmma`` kernels' epilogue (the second is :func:`staged_store`):
-    a macro ``(smem, acc, bias, n0, row0, t)`` by which thread ``t`` of a warpgroup writes
-    its ``m64n{tile_n}`` accumulators, rows ``row0 ..`` of the staging tile, in the output dtype
-    with bias and activation applied (``n0``: the tile's first column). Accumulator ``i`` of a
+def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, offset,
+                  opaque: bool = False, swiglu: bool = False):
+    """The first half of the ``wgmma`` kernels' epilogue (the second is :func:`staged_store`, or
+    for the TMA-store form ``cuda_tma_dense.tile_stores``): a macro ``(smem, acc, bias, n0,
+    row0, t, base)`` by which thread ``t`` of a warpgroup writes its ``m64n{tile_n}``
+    accumulators, rows ``row0 ..`` of the staging tile at element ``base`` of the pool, in the
+    output dtype with bias and activation applied (``n0``: the tile's first column); output
+    ``(r, col)`` of the tile goes to element ``base + offset(r, col)``. Accumulator ``i`` of a
     thread: n8 tile ``i // 4``, row ``g`` (+ 8 for ``i % 4 >= 2``), column ``2 t`` (+ 1).
-    Called as ``stage(smem, acc, bias, n0, row0, t, base)``, ``base`` the staging tile's first
-    element in the pool; ``opaque`` as in :func:`staged_store` (``st.shared``)."""
+    ``opaque`` as in :func:`staged_store` (``st.shared``). ``swiglu``: a gated tile's gate
+    columns are its first half and up the second, and the tile stages ``silu(gate) * up``,
+    ``tile_n / 2`` columns (else a gated tile is staged as it is, for the store to pair)."""
+    tiles8 = (tile_n // 2 if swiglu else tile_n) // 8  # n8 tiles of staged outputs
+    gate_shift = tile_n // 2 // 8 * 4  # accumulators from a gate column to its up column
 
     def write_pair(smem, pair_word, elem):
         """The two halves of ``pair_word`` to element ``elem`` of the pool, by ``st.shared``."""
@@ -519,17 +524,22 @@ def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, out_stride: int,
                     bias_regs[j * 2 + c] = bias_buf[n0 + j * 8 + lane % 4 * 2 + c]
         for h in T.unroll(2):
             r = row0 + t // 32 * 16 + lane // 4 + h * 8
-            for j in T.unroll(tile_n // 8):
+            for j in T.unroll(tiles8):
                 col = j * 8 + lane % 4 * 2
                 for c in T.unroll(2):
-                    pair[c] = T.Cast(dtype, epilogue.value(
-                        acc[j * 4 + h * 2 + c],
-                        (bias_regs[j * 2 + c] if opaque else bias_buf[n0 + col + c])
-                        if epilogue.bias else None))
+                    if swiglu:
+                        pair[c] = epilogue.swiglu(
+                            dtype, T.Cast(dtype, acc[j * 4 + h * 2 + c]),
+                            T.Cast(dtype, acc[j * 4 + h * 2 + c + gate_shift]))
+                    else:
+                        pair[c] = T.Cast(dtype, epilogue.value(
+                            acc[j * 4 + h * 2 + c],
+                            (bias_regs[j * 2 + c] if opaque else bias_buf[n0 + col + c])
+                            if epilogue.bias else None))
                 if opaque:
-                    write_pair(smem, pair_word, base + r * out_stride + col)
+                    write_pair(smem, pair_word, base + offset(r, col))
                 else:
-                    smem[T.Ramp(base + r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+                    smem[T.Ramp(base + offset(r, col), 1, 2)] = pair[T.Ramp(0, 1, 2)]
 
     return stage
 
@@ -594,7 +604,8 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
     x_loads = tile_m * 8 // threads  # of which copy x's rows (each copy: 32 rows, 8 chunks)
     out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems,
                                      "shared.dyn")
-    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n, out_stride)
+    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n,
+                                       lambda r, col: r * out_stride + col)
 
     @T.macro
     def load_stage(smem, x_flat, w_flat, offsets, fill, kt):
