@@ -84,14 +84,20 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                               None if residual is None else residual[row, col])
 
     stride = depth + ROW_PAD  # floats between two rows of the packed x
+    lanes = tiles.lanes
 
     @T.macro
     def pack_rows(xp, x, row0, s, m):
         """``xp[r, :depth] = x[min(row0 + r, m - 1), slice s]`` for the task's rows: rows past
         ``m`` repeat row ``m - 1``, so every register block runs the one full-block loop."""
         for r in T.serial(task_rows):
-            for kk in T.vectorized(depth):
-                xp[r * stride + kk] = x[T.min(row0 + r, m - 1), s * depth + kk]
+            for c in T.serial(depth // lanes):  # whole vectors, then the rest one by one
+                for j in T.vectorized(lanes):
+                    xp[r * stride + c * lanes + j] = x[T.min(row0 + r, m - 1),
+                                                       s * depth + c * lanes + j]
+            for kk in T.serial(depth % lanes):
+                xp[r * stride + depth // lanes * lanes + kk] = x[
+                    T.min(row0 + r, m - 1), s * depth + depth // lanes * lanes + kk]
 
     @T.macro
     def multiply_add(acc, xp, wp, b, s, col0):
