@@ -106,7 +106,7 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
     steps = k // tile_k // splits  # k-steps of one block
     b_base = tile_m // rows_per_line
     pool_elems = stages * (tile_m + tile_n) * tile_k
-    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems, scope)
+    offset, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems, scope)
     ab = "f16" if dtype == "float16" else "bf16"
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
 
@@ -223,7 +223,7 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
                             acc[i, j, h * 2 + c],
                             bias_buf[n0 + col + c] if epilogue.bias else None,
                         ))
-                    staging[T.Ramp(r * out_stride + col, 1, 2)] = pair[T.Ramp(0, 1, 2)]
+                    staging[T.Ramp(offset(r, col), 1, 2)] = pair[T.Ramp(0, 1, 2)]
         T.tvm_storage_sync("shared")
         store(smem, residual, outs, m, bm, bn, tx, 0)
 
@@ -380,9 +380,11 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     pool as ``tile_m`` rows of ``tile_n + 8`` elements (the value before the residual, in the
     output dtype), written to ``out`` in whole 16-byte vectors, the residual's 16 bytes read and
     added on the way (those of :data:`RESIDUAL_BATCH` rows read before the first of them is
-    stored, so that their global latencies overlap). Returns ``(row stride of the staging tile,
-    macro)``; the macro is called as ``store(smem, residual, out, m, bm, bn, tx, base)`` after a
-    barrier that follows the writes, ``base`` the staging tile's first element in the pool.
+    stored, so that their global latencies overlap). Returns ``(offset, macro)``: ``offset(r,
+    col)`` is the element of the staging tile that output ``(r, col)`` of the tile goes to (for
+    :func:`wgmma_staging`); the macro is called as ``store(smem, residual, out, m, bm, bn, tx,
+    base)`` after a barrier that follows the writes, ``base`` the staging tile's first element
+    in the pool.
     ``opaque``: the tile is read by ``ld.shared`` on its addresses, which TVM's barrier planner
     does not see (for kernels whose warpgroups order their own accesses with named barriers).
 
@@ -488,7 +490,7 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                                     out_words2[T.Ramp(out_word(bm, bn, it, tx, 2), 1, 4)] = words[
                                         T.Ramp(0, 1, 4)]
 
-    return out_stride, store
+    return (lambda r, col: r * out_stride + col), store
 
 
 def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, offset,
@@ -602,10 +604,9 @@ def wgmma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = N
     acc_len = tile_n // 2  # fp32 accumulators a thread
     loads = rows * 8 // threads  # 16-byte cp.async a thread a stage
     x_loads = tile_m * 8 // threads  # of which copy x's rows (each copy: 32 rows, 8 chunks)
-    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems,
-                                     "shared.dyn")
-    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n,
-                                       lambda r, col: r * out_stride + col)
+    offset, store = staged_store(n, dtype, epilogue, tile_m, tile_n, threads, pool_elems,
+                                 "shared.dyn")
+    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n, offset)
 
     @T.macro
     def load_stage(smem, x_flat, w_flat, offsets, fill, kt):

@@ -99,10 +99,9 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
     num_kt = k // tile_k
     tiles_n = n // tile_n
     half_acc = tile_n // 2  # fp32 accumulators a thread for one 64-row half
-    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 128, pool_elems,
-                                     "shared.dyn", opaque=True)
-    stage_half = wgmma_staging(dtype, epilogue, tile_n, lambda r, col: r * out_stride + col,
-                               opaque=True)
+    offset, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 128, pool_elems,
+                                 "shared.dyn", opaque=True)
+    stage_half = wgmma_staging(dtype, epilogue, tile_n, offset, opaque=True)
 
     total_of, grid_of = persistent_grid(tile_m, tiles_n)
     init_ring = ring_barriers(stages, 1)  # a slot's one consumer releases it

@@ -327,10 +327,9 @@ def tma_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None = Non
                          f"{pool_elems * 2} bytes of shared memory, more than 226 KiB")
     num_kt = k // tile_k
     acc_len = tile_n // 2  # fp32 accumulators a consumer thread
-    out_stride, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 256, pool_elems,
-                                     "shared.dyn")
-    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n,
-                                       lambda r, col: r * out_stride + col)
+    offset, store = staged_store(n, dtype, epilogue, tile_m, tile_n, 256, pool_elems,
+                                 "shared.dyn")
+    stage_accumulators = wgmma_staging(dtype, epilogue, tile_n, offset)
     # the TMA-store form: SwiGLU applied, boxes of 64 columns (box_offset)
     stage_final = wgmma_staging(dtype, epilogue, tile_n, box_offset, swiglu=epilogue.gated)
     store_tile = tile_stores(n, epilogue, tile_m, tile_n)
