@@ -119,6 +119,11 @@ EPILOGUE_SHAPES = [  # (n, k, Epilogue fields, what): BERT-base's and Qwen3-0.6B
 ]
 
 
+def chosen(args, name: str) -> bool:
+    """Whether ``--kernels`` names kernel ``name`` (every kernel without it)."""
+    return args.kernels is None or name in args.kernels.split(",")
+
+
 def epilogue_sweep(args, tdtype) -> None:
     """BERT's and Qwen3's fused products (bias, gelu, residual) under each Hopper dense kernel
     (raw kernels, checked against torch first), next to torch running the same steps unfused:
@@ -127,7 +132,7 @@ def epilogue_sweep(args, tdtype) -> None:
     if not cuda_dense.has_wgmma(hopper):
         print("epilogue sweep: not a Hopper GPU")
         return
-    names = list(HOPPER_DENSE_KERNELS)
+    names = [name for name in HOPPER_DENSE_KERNELS if chosen(args, name)]
     print("epilogue sweep (ms, raw kernels; torch unfused):", "  ".join(["torch", *names]))
     for n, k, fields, what in EPILOGUE_SHAPES:
         epilogue = Epilogue(*fields)
@@ -323,6 +328,8 @@ def main() -> None:
                         "median of")
     parser.add_argument("--epilogue-sweep", action="store_true",
                         help="only time BERT's fused epilogues under each Hopper dense kernel")
+    parser.add_argument("--kernels", help="CUDA: which kernels, comma-separated (mma.sync and "
+                        f"the Hopper ones: {', '.join(HOPPER_DENSE_KERNELS)}; default: all)")
     args = parser.parse_args()
     if args.device == "cpu":
         cpu_sweep(args) if args.sweep else bench_cpu(args)
@@ -336,6 +343,7 @@ def main() -> None:
     hopper = device_cuda_target()
     if cuda_dense.has_wgmma(hopper):
         targets.update(dict.fromkeys(HOPPER_DENSE_KERNELS, hopper))
+    targets = {name: tgt for name, tgt in targets.items() if chosen(args, name)}
     tdtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows; TFLOP/s, ratio = "
           "torch time / ours")

@@ -1,5 +1,7 @@
 """The dense kernels behind nn.Linear (CPU float32, CUDA tensor cores) and their dispatch."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -682,6 +684,34 @@ def test_pingpong_kernel_never_joins_its_roles(epilogue, tiles):
         cuda_pingpong_dense.pingpong_dense_kernel(768, 512, "float16", epilogue, (128, 5))
 
 
+def test_pingpong_cluster_form_multicasts_w_and_releases_slots_in_both_ctas():
+    """The ping-pong form in clusters of two: launched in clusters (a ``clusterCtaIdx.x`` of
+    2), each CTA multicasting its half of the ``w`` box to both CTAs (mask 3) next to its own
+    ``x`` box, a consumer arriving on a slot's ``empty`` barrier in CTA 0 and in CTA 1 through
+    ``mapa``, the barriers made visible to the cluster before use, and a cluster barrier at the
+    start and at the end. The plain form has none of it; other cluster sizes are refused."""
+    epilogue = Epilogue(True, None, True)
+    func = cuda_pingpong_dense.pingpong_dense_kernel(768, 512, "float16", epilogue, None, 2)
+    assert 'T.launch_thread("clusterCtaIdx.x", 2)' in func.script()
+    src = tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+    full = src[src.index("__launch_bounds__(384)"):]
+    full = full[full.index("{"):]
+    assert full.count("multicast__cluster(") == 1 and "(ushort)3)" in full
+    assert full.count("g2s_cluster_async_bulk_tensor_2d_shared__cluster_global_mbarrier__"
+                      "complete_tx__bytes(") == 1  # x, this CTA's own
+    ranks = re.findall(r"mapa_u32_shared__cluster_u32\(remote_ptr\w*\[0\], tvm_builtin_cuda_cvta_"
+                       r"generic_to_shared\(\(&\(empty_ptr\[[^]]*\]\)\)\), \(uint\)(\d)\);", full)
+    assert sorted(ranks) == ["0", "0", "1", "1"]  # in the main loop and after the last k-step
+    assert full.count("mbarrier_arrive_nocount_arrive_shared__cluster_b64(") == 4
+    assert full.count("fence_mbarrier_init_mbarrier_init_release_cluster()") == 1
+    assert full.count("tvm_builtin_cuda_cluster_sync()") == 2
+    plain = pingpong_cuda_source(768, 512, epilogue)
+    assert "cluster_sync()" not in plain[plain.index("__launch_bounds__(384)"):]
+    assert "multicast" not in plain
+    with pytest.raises(ValueError, match="clusters of 1 or 2"):
+        cuda_pingpong_dense.pingpong_dense_kernel(768, 512, "float16", epilogue, None, 4)
+
+
 def test_pingpong_kernel_leaves_gated_products_to_the_persistent_kernel():
     """A SwiGLU product's weight interleaves gate and up in groups of half the persistent
     kernel's tile; the ping-pong generator hands it that kernel."""
@@ -849,7 +879,9 @@ def test_residual_reads_are_in_flight_together(kernel):
     (256, 1536, (128, 6), "one-shot"), (768, 768, None, "persistent"),
     (3072, 192, (256, 2), "persistent"), (256, 1536, (128, 4), "persistent"),
     (768, 768, None, "pingpong"), (3072, 192, (128, 2), "pingpong"),
-    (256, 1536, (128, 3), "pingpong"), (768, 768, None, "tma-store"),
+    (256, 1536, (128, 3), "pingpong"), (768, 768, None, "pingpong-cluster"),
+    (3072, 192, (128, 2), "pingpong-cluster"), (256, 1536, (128, 3), "pingpong-cluster"),
+    (768, 768, None, "tma-store"),
     (3072, 192, (256, 2), "tma-store"), (256, 1536, (128, 4), "tma-store")])
 def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual, dtype):
     """On a Hopper GPU, row counts off and on the 128-row tile (rows past m arrive from TMA as
@@ -866,8 +898,9 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
     epilogue = Epilogue(bias, activation, residual)
     if form == "tma-store" and residual:
         pytest.skip("the TMA-store form takes no residual")
-    if form == "pingpong":
-        func = cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue, tiles)
+    if form.startswith("pingpong"):
+        func = cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue, tiles,
+                                                         2 if form == "pingpong-cluster" else 1)
     else:
         func = cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, tiles, form != "one-shot",
                                                form == "tma-store")
@@ -890,7 +923,7 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
 
 
 @pytest.mark.parametrize("kernel", ["residual-pingpong", "persistent", "tma", "wgmma", "pingpong",
-                                    "tma-store"])
+                                    "pingpong-cluster", "tma-store"])
 def test_models_build_with_each_hopper_dense_kernel(monkeypatch, kernel):
     """The pipeline builds a layer's joined q/k/v product, BERT's output product with its
     residual and Qwen3's SwiGLU product for sm_90a with each choice of ``HOPPER_DENSE``
@@ -914,8 +947,10 @@ def test_models_build_with_each_hopper_dense_kernel(monkeypatch, kernel):
         pingpong = "bar_arrive_arrive(((uint)7 - " in src  # its consumers hand over the ring
         tma_stores = "cp_async_bulk_tensor_s2g" in src
         mixed = kernel in ("residual-pingpong", "tma-store")
+        every_pingpong = kernel.startswith("pingpong")
         assert persistent == (kernel == "persistent"
-                              or (kernel == "pingpong" or mixed) and what == "swiglu"
+                              or (every_pingpong or mixed) and what == "swiglu"
                               or mixed and what == "siblings"), what
-        assert pingpong == (kernel == "pingpong" or mixed and what == "residual"), what
+        assert pingpong == (every_pingpong or mixed and what == "residual"), what
+        assert ("multicast" in src) == (kernel == "pingpong-cluster"), what
         assert tma_stores == (kernel == "tma-store" and what != "residual"), what

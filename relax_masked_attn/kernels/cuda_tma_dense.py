@@ -53,11 +53,13 @@ from .epilogue import Epilogue, dense_func
 from .hopper import (
     PERSISTENT_BLOCKS,
     TILE_COLUMNS,
+    arrive_in_cta,
     commit_stores,
     copy_row_tile,
     encode_row_tiles,
     init_barrier,
     load_row_tile,
+    multicast_row_tile,
     realign_pool,
     store_row_tile,
     swizzle128_descriptor,
@@ -112,24 +114,36 @@ def warpgroup_roles(pool_elems: int, dtype: str, stages: int):
             T.alloc_buffer((stages,), "uint64", scope="shared"))
 
 
-def ring_loader(tile_m: int, tile_n: int, stages: int):
+def ring_loader(tile_m: int, tile_n: int, stages: int, cluster: int = 1):
     """The producer's step of both warp-specialized kernels: a macro ``load_step(smem, ring,
-    full, empty, x_map, w_map, g, bm, bn, kt)`` by which one thread loads k-step ``kt`` of
-    output tile (``bm``, ``bn``) into the ring slot of the block's k-step count ``g`` (slots
+    full, empty, x_map, w_map, g, bm, bn, kt, rank=0)`` by which one thread loads k-step ``kt``
+    of output tile (``bm``, ``bn``) into the ring slot of the block's k-step count ``g`` (slots
     of ``tile_m + tile_n`` rows of 128 bytes from element ``ring`` of the pool), once the
-    slot's previous k-step is released on its ``empty`` barrier; both copies complete the
-    slot's ``full`` barrier by their bytes."""
+    slot's previous k-step is released on its ``empty`` barrier; the copies complete the
+    slot's ``full`` barrier by their bytes.
+
+    ``cluster`` 2: the block is CTA ``rank`` of a cluster of two whose CTAs load the same
+    rows of ``w`` (their tiles share a column); each loads its own ``x`` box and multicasts
+    its half of the ``w`` box (``w_map``'s boxes are ``tile_n / 2`` rows) to the same place in
+    both CTAs' slots, so each ``full`` barrier counts the peer's half too."""
     tile_k = TILE_COLUMNS
     stage_elems = (tile_m + tile_n) * tile_k
+    w_rows = tile_n // cluster  # rows of w a CTA loads
 
     @T.macro
-    def load_step(smem, ring, full, empty, x_map, w_map, g, bm, bn, kt):
+    def load_step(smem, ring, full, empty, x_map, w_map, g, bm, bn, kt, rank=0):
         wait_released(empty.ptr_to([g % stages]), g, stages)
         load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map, bm * tile_m,
                       kt * tile_k, full.ptr_to([g % stages]),
-                      stage_elems * 2)  # both copies' bytes
-        copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems + tile_m * tile_k]), w_map,
-                      bn * tile_n, kt * tile_k, full.ptr_to([g % stages]))
+                      stage_elems * 2)  # all copies' bytes
+        if cluster == 1:
+            copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems + tile_m * tile_k]),
+                          w_map, bn * tile_n, kt * tile_k, full.ptr_to([g % stages]))
+        else:
+            multicast_row_tile(
+                smem.ptr_to([ring + g % stages * stage_elems + (tile_m + rank * w_rows) * tile_k]),
+                w_map, bn * tile_n + rank * w_rows, kt * tile_k, full.ptr_to([g % stages]),
+                (1 << cluster) - 1)
 
     return load_step
 
@@ -137,7 +151,8 @@ def ring_loader(tile_m: int, tile_n: int, stages: int):
 def operand_maps(n: int, k: int, dtype: str, tile_m: int, tile_n: int):
     """Host side of both warp-specialized kernels: a macro ``encode(x_map, w_map, x, w, m)``
     writing the tensor maps of ``x [m, k]`` (boxes of ``tile_m`` rows) and ``w [n, k]`` (boxes
-    of ``tile_n`` rows) into two ``T.tvm_stack_alloca("tensormap", 1)`` handles."""
+    of ``tile_n`` rows: a CTA's share of a cluster's tile, :func:`ring_loader`) into two
+    ``T.tvm_stack_alloca("tensormap", 1)`` handles."""
 
     @T.macro
     def encode(x_map, w_map, x, w, m):
@@ -147,7 +162,8 @@ def operand_maps(n: int, k: int, dtype: str, tile_m: int, tile_n: int):
     return encode
 
 
-def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str):
+def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str,
+                  cluster: int = 1):
     """The consumer's main loop of both warp-specialized kernels: a macro ``consume(acc_lo, acc_hi,
     full, empty, pool, ring, g0, tx, row0, hand_over=None)`` by which a warpgroup multiplies the 64
     rows of the ring's x tiles from ``row0`` into ``acc_lo`` (``m64n{tile_n}``, ``tile_n / 2``
@@ -159,12 +175,24 @@ def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str
     slot is released once the tile's products are done.
     ``hand_over``: a pair ``(barrier, more)``; where ``more`` holds, the warpgroup arrives on named
     barrier ``barrier`` (256 threads) once the last k-step's ``wgmma`` are issued, before it waits
-    for them (the ping-pong kernel hands the ring to its other consumer there)."""
+    for them (the ping-pong kernel hands the ring to its other consumer there).
+    ``cluster`` 2: a slot is released in both CTAs of the cluster (:func:`ring_loader`: the
+    peer's producer writes half of each slot)."""
     tile_k = TILE_COLUMNS
     stage_elems = (tile_m + tile_n) * tile_k
     ab = "f16" if dtype == "float16" else "bf16"
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{tile_n}k16.f32.{ab}.{ab}"
     acc_len = tile_n // 2
+
+    @T.macro
+    def release(bar):
+        """One thread: release a ring slot on its ``empty`` barrier ``bar``, in every CTA of
+        the cluster."""
+        if cluster == 1:
+            T.ptx.mbarrier.arrive.shared.b64(bar, T.uint32(1))
+        else:
+            for rank in T.unroll(cluster):
+                arrive_in_cta(bar, rank)
 
     @T.macro
     def consume(acc_lo, acc_hi, full, empty, pool, ring, g0, tx, row0, hand_over=None):
@@ -193,15 +221,13 @@ def ring_consumer(tile_m: int, tile_n: int, stages: int, num_kt: int, dtype: str
             T.ptx.wgmma.commit_group.sync.aligned()
             T.ptx.wgmma.wait_group.sync.aligned(1)  # k-step kt - 1's group is done
             if kt > 0 and tx == 0:
-                T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + kt - 1) % stages]),
-                                                 T.uint32(1))
+                release(empty.ptr_to([(g0 + kt - 1) % stages]))
         if hand_over is not None:
             if hand_over[1]:
                 T.ptx.bar.arrive(hand_over[0], T.uint32(256))
         T.ptx.wgmma.wait_group.sync.aligned(0)
         if tx == 0:
-            T.ptx.mbarrier.arrive.shared.b64(empty.ptr_to([(g0 + num_kt - 1) % stages]),
-                                             T.uint32(1))
+            release(empty.ptr_to([(g0 + num_kt - 1) % stages]))
 
     return consume
 

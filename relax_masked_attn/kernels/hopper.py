@@ -114,6 +114,36 @@ def copy_row_tile(dst, tmap, row, col, bar):
 
 
 @T.macro
+def multicast_row_tile(dst, tmap, row, col, bar, cta_mask: int):
+    """One thread: start the TMA copy of the box at (``row``, ``col``) of ``tmap`` to shared
+    pointer ``dst`` in each CTA of the cluster that ``cta_mask`` names (bit ``i``: CTA rank
+    ``i``), at the same offset in each; its bytes count towards the current phase of the
+    barrier at ``bar``'s offset in each of those CTAs."""
+    T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+          ".multicast::cluster"](dst, T.address_of(tmap), col, row, bar, T.uint16(cta_mask))
+
+
+@T.macro
+def arrive_in_cta(bar, rank):
+    """One arrival on the barrier at ``bar``'s offset in the shared memory of CTA ``rank`` of
+    the cluster (``mapa``; the block's own rank too)."""
+    remote = T.alloc_buffer((1,), "uint32", scope="local")
+    T.ptx.mapa.shared__cluster.u32(remote[0], T.cuda.cvta_generic_to_shared(bar),
+                                   T.uint32(rank))
+    T.ptx.mbarrier.arrive.shared__cluster.b64(remote[0])
+
+
+@T.macro
+def sync_cluster_barriers(leader):
+    """After the block's ``mbarrier.init`` (by the thread where ``leader`` holds) and a block
+    sync: make the barriers visible to the cluster's other CTAs and wait for theirs
+    (every thread of the block)."""
+    if leader:
+        T.ptx.fence.mbarrier_init.release.cluster()
+    T.cuda.cluster_sync()
+
+
+@T.macro
 def load_row_tile(dst, tmap, row, col, bar, nbytes: int):
     """One thread: arrive on barrier ``bar`` expecting ``nbytes`` more bytes this phase (this
     copy's and any others the caller starts on it) and start :func:`copy_row_tile`; the

@@ -49,6 +49,9 @@ HOPPER_DENSE_KERNELS = {
     "tma": cuda_tma_dense.tma_dense_kernel,
     "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
     "pingpong": cuda_pingpong_dense.pingpong_dense_kernel,
+    # the ping-pong form in clusters of two CTAs sharing each w box by TMA multicast (opt-in:
+    # 2-14% slower than the plain ping-pong form on an H200, docs/performance.md#dense)
+    "pingpong-cluster": functools.partial(cuda_pingpong_dense.pingpong_dense_kernel, cluster=2),
     # the persistent form storing each tile by TMA (no residual; opt-in: on an H200 within 2%
     # of the persistent form's own stores, docs/performance.md#dense)
     "persistent-tma-store": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True,
