@@ -71,6 +71,7 @@ from .cuda_tma_dense import (
     CONSUMER_REGISTERS,
     PRODUCER_REGISTERS,
     operand_maps,
+    persistent_grid,
     ring_barriers,
     ring_consumer,
     ring_loader,
@@ -79,7 +80,6 @@ from .cuda_tma_dense import (
 )
 from .epilogue import Epilogue, dense_func
 from .hopper import (
-    PERSISTENT_BLOCKS,
     TILE_COLUMNS,
     realign_pool,
     sync_cluster_barriers,
@@ -125,19 +125,12 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
                                  "shared.dyn", opaque=True)
     stage_half = wgmma_staging(dtype, epilogue, tile_n, offset, opaque=True)
 
-    # A cluster's CTAs take the `cluster` row tiles of one column of tiles (a group) together;
-    # a cluster of one is a block taking one tile.
     init_ring = ring_barriers(stages, cluster)  # a slot's consumer in each CTA releases it
     load_step = ring_loader(tile_m, tile_n, stages, cluster)
     encode_operands = operand_maps(n, k, dtype, tile_m, tile_n // cluster)
-
-    def groups_of(m):
-        """Groups of the product: ``cluster`` consecutive row tiles by a column of tiles (rows
-        past ``m`` in the last group's tiles arrive as zeros and are never stored)."""
-        return ((m + tile_m - 1) // tile_m + cluster - 1) // cluster * tiles_n
-
-    def clusters_of(m):
-        return T.min(groups_of(m), PERSISTENT_BLOCKS // cluster)
+    # A cluster's CTAs take the `cluster` row tiles of one column of tiles (a group) together;
+    # a cluster of one is a block taking one tile.
+    groups_of, clusters_of = persistent_grid(tile_m, tiles_n, cluster)
 
     def count_of(m, bid):
         """The block's tiles: one in each of its cluster's groups ``c, c + clusters, ...``."""

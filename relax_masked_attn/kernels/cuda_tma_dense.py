@@ -59,7 +59,6 @@ from .hopper import (
     encode_row_tiles,
     init_barrier,
     load_row_tile,
-    multicast_row_tile,
     realign_pool,
     store_row_tile,
     swizzle128_descriptor,
@@ -136,14 +135,10 @@ def ring_loader(tile_m: int, tile_n: int, stages: int, cluster: int = 1):
         load_row_tile(smem.ptr_to([ring + g % stages * stage_elems]), x_map, bm * tile_m,
                       kt * tile_k, full.ptr_to([g % stages]),
                       stage_elems * 2)  # all copies' bytes
-        if cluster == 1:
-            copy_row_tile(smem.ptr_to([ring + g % stages * stage_elems + tile_m * tile_k]),
-                          w_map, bn * tile_n, kt * tile_k, full.ptr_to([g % stages]))
-        else:
-            multicast_row_tile(
-                smem.ptr_to([ring + g % stages * stage_elems + (tile_m + rank * w_rows) * tile_k]),
-                w_map, bn * tile_n + rank * w_rows, kt * tile_k, full.ptr_to([g % stages]),
-                (1 << cluster) - 1)
+        copy_row_tile(
+            smem.ptr_to([ring + g % stages * stage_elems + (tile_m + rank * w_rows) * tile_k]),
+            w_map, bn * tile_n + rank * w_rows, kt * tile_k, full.ptr_to([g % stages]),
+            0 if cluster == 1 else (1 << cluster) - 1)  # multicast to the cluster's CTAs
 
     return load_step
 
@@ -299,17 +294,19 @@ def tile_stores(n: int, epilogue: Epilogue, tile_m: int, tile_n: int):
     return store_tile
 
 
-def persistent_grid(tile_m: int, tiles_n: int):
-    """``(total_of, grid_of)``: the output tiles of a product of ``m`` rows (``tiles_n`` tiles
-    a row of tiles) and the blocks of a persistent kernel over them, as functions of ``m``
-    (written out where used: a name bound in a macro would be a host variable that the kernel
-    does not receive)."""
+def persistent_grid(tile_m: int, tiles_n: int, cluster: int = 1):
+    """``(total_of, grid_of)``, as functions of ``m``: the work items of a product of ``m`` rows
+    (``tiles_n`` tiles a row of tiles), each ``cluster`` consecutive row tiles of one column of
+    tiles (one output tile where ``cluster`` is 1; rows past ``m`` in the last item's tiles
+    arrive as zeros and are never stored), and the clusters of a persistent kernel over them
+    (blocks, where ``cluster`` is 1). Written out where used: a name bound in a macro would be
+    a host variable that the kernel does not receive."""
 
     def total_of(m):
-        return (m + tile_m - 1) // tile_m * tiles_n
+        return ((m + tile_m - 1) // tile_m + cluster - 1) // cluster * tiles_n
 
     def grid_of(m):
-        return T.min(total_of(m), PERSISTENT_BLOCKS)
+        return T.min(total_of(m), PERSISTENT_BLOCKS // cluster)
 
     return total_of, grid_of
 

@@ -105,22 +105,18 @@ def wait_released(empty, g, stages: int):
 
 
 @T.macro
-def copy_row_tile(dst, tmap, row, col, bar):
+def copy_row_tile(dst, tmap, row, col, bar, cta_mask: int = 0):
     """One thread: start the TMA copy of the box at (``row``, ``col``) of ``tmap``
     (:func:`encode_row_tiles`) to shared pointer ``dst`` (1 KiB aligned); its bytes count
-    towards the current phase of barrier ``bar``."""
-    T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"](
-        dst, T.address_of(tmap), col, row, bar)
-
-
-@T.macro
-def multicast_row_tile(dst, tmap, row, col, bar, cta_mask: int):
-    """One thread: start the TMA copy of the box at (``row``, ``col``) of ``tmap`` to shared
-    pointer ``dst`` in each CTA of the cluster that ``cta_mask`` names (bit ``i``: CTA rank
-    ``i``), at the same offset in each; its bytes count towards the current phase of the
-    barrier at ``bar``'s offset in each of those CTAs."""
-    T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-          ".multicast::cluster"](dst, T.address_of(tmap), col, row, bar, T.uint16(cta_mask))
+    towards the current phase of barrier ``bar``. ``cta_mask`` (bit ``i``: CTA rank ``i`` of
+    the cluster): the box lands at ``dst``'s offset in each CTA it names, counted by the
+    barrier at ``bar``'s offset in each (multicast)."""
+    if cta_mask == 0:
+        T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"](
+            dst, T.address_of(tmap), col, row, bar)
+    else:
+        T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+              ".multicast::cluster"](dst, T.address_of(tmap), col, row, bar, T.uint16(cta_mask))
 
 
 @T.macro
