@@ -322,10 +322,11 @@ def main() -> None:
                                      if make is dispatch_dense.HOPPER_DENSE),
                         help="CUDA: the dense kernel of sm_90a builds (default: the dispatch's; "
                         "tma: the warp-specialized kernels/cuda_tma_dense.py; persistent: its "
-                        "persistent form; pingpong: kernels/cuda_pingpong_dense.py; "
-                        "residual-pingpong: pingpong for products adding a residual, persistent "
-                        "for the others; tma-store: the same with the persistent form's TMA "
-                        "stores; wgmma: cuda_dense.wgmma_dense_kernel)")
+                        "persistent form; pingpong, cooperative: kernels/cuda_pingpong_dense.py;"
+                        " residual-pingpong: pingpong for products adding a residual, persistent "
+                        "for gated ones, cooperative for the others; tma-store: the same with "
+                        "the persistent form's TMA stores in place of the cooperative form; "
+                        "wgmma: cuda_dense.wgmma_dense_kernel)")
     args = parser.parse_args()
     bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
 

@@ -423,7 +423,8 @@ def test_each_kernel_is_generated_once_per_model(target):
     target = tvm.target.Target(target)
     dtype = "float32" if target.kind.name == "llvm" else "float16"
     generator = (cpu_dense.dense_kernel if target.kind.name == "llvm"
-                 else cuda_tma_dense.tma_dense_kernel if cuda_dense.has_wgmma(target)
+                 else cuda_pingpong_dense.cooperative_dense_kernel
+                 if cuda_dense.has_wgmma(target)
                  else cuda_dense.dense_kernel)
     generated = []
     for count in (1, 4):
@@ -656,6 +657,58 @@ def pingpong_cuda_source(n, k, epilogue, tiles=None) -> str:
     return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
 
 
+def cooperative_cuda_source(n, k, epilogue, tiles=None) -> str:
+    func = cuda_pingpong_dense.cooperative_dense_kernel(n, k, "float16", epilogue, tiles)
+    return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("epilogue,tiles", [
+    (Epilogue(True, "gelu"), (256, 4)), (Epilogue(True, None, True), (128, 6)),
+    (Epilogue(), (128, 3)), (Epilogue(True, split=(256, 256, 256)), (256, 3))])
+def test_cooperative_kernel_never_joins_its_roles(epilogue, tiles):
+    """The cooperative kernel: one block-wide barrier (after the ring's barriers are set up),
+    the registers split once, both consumers on every tile (one ``m64n256`` or ``m64n128``
+    product a 16-wide k-step, no turns at the ring), each staging and storing its rows 128
+    columns at a time behind its own named barrier (twice a window), the staging tile read
+    back at swizzled addresses; 4 stages of 256-column tiles (6 of 128 columns) fit in
+    226 KiB, 5 are refused."""
+    src = cooperative_cuda_source(768, 512, epilogue, tiles)
+    full = src[src.index("__launch_bounds__(384)"):]
+    full = full[full.index("{"):]
+    assert full.count("__syncthreads()") == 1
+    assert full.count("setmaxnreg_dec_sync_aligned_u32_40()") == 1
+    assert full.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
+    assert "u32_168" not in full and "(uint)256)" not in full and "bar_arrive" not in full
+    assert full.count(f"mma_async_sync_aligned_m64n{tiles[0]}k16") == 4
+    assert full.count("bar_sync_count_sync(((uint)2 + ((uint)((int)threadIdx.y))), (uint)128)"
+                      ) == 2 * tiles[0] // 128
+    reads = [line for line in full.splitlines() if "ld_vec_shared_v4_b32(" in line]
+    assert reads and all(" ^ " in line for line in reads)
+    assert "ptx_st_shared_b32" in full and "cp_async_bulk_tensor" in full
+    with pytest.raises(ValueError, match="226 KiB"):
+        cuda_pingpong_dense.cooperative_dense_kernel(768, 512, "float16", epilogue, (256, 5))
+
+
+def test_swizzled_staging_tile_is_free_of_bank_conflicts():
+    """The cooperative kernel's staging tile (64 x 128, unpadded): every element once; the 8
+    rows of a fragment that a warp writes at once (4 threads a row, 4 bytes each) fall in 32
+    distinct banks, and the 8 threads of a quarter warp reading one row's 16-byte chunks read
+    8 distinct 16-byte bank groups."""
+    offset, _ = cuda_dense.staged_store(768, "float16", Epilogue(), 64, 128, 128, 64 * 128,
+                                        "shared.dyn", opaque=True, swizzled=True)
+    offsets = {offset(r, c) for r in range(64) for c in range(128)}
+    assert offsets == set(range(64 * 128))
+    for row0 in range(0, 64, 8):
+        for col in range(0, 128, 8):
+            banks = {(offset(row0 + g, col + 2 * t) * 2 // 4) % 32
+                     for g in range(8) for t in range(4)}
+            assert len(banks) == 32
+    for r in range(64):
+        for first in (0, 64):
+            groups = {(offset(r, first + 8 * j) * 2 // 16) % 8 for j in range(8)}
+            assert len(groups) == 8
+
+
 @pytest.mark.parametrize("epilogue,tiles", [
     (Epilogue(True, "gelu"), None), (Epilogue(True, None, True), (128, 4)),
     (Epilogue(True, split=(256, 256, 256)), (128, 3))])
@@ -712,12 +765,14 @@ def test_pingpong_cluster_form_multicasts_w_and_releases_slots_in_both_ctas():
         cuda_pingpong_dense.pingpong_dense_kernel(768, 512, "float16", epilogue, None, 4)
 
 
-def test_pingpong_kernel_leaves_gated_products_to_the_persistent_kernel():
+@pytest.mark.parametrize("make", [cuda_pingpong_dense.pingpong_dense_kernel,
+                                  cuda_pingpong_dense.cooperative_dense_kernel])
+def test_never_joining_kernels_leave_gated_products_to_the_persistent_kernel(make):
     """A SwiGLU product's weight interleaves gate and up in groups of half the persistent
-    kernel's tile; the ping-pong generator hands it that kernel."""
+    kernel's tile; the ping-pong and cooperative generators hand it that kernel."""
     gated = Epilogue(gated=True)
     assert tvm_ffi.structural_equal(
-        cuda_pingpong_dense.pingpong_dense_kernel(1536, 512, "float16", gated),
+        make(1536, 512, "float16", gated),
         cuda_tma_dense.tma_dense_kernel(1536, 512, "float16", gated, persistent=True))
 
 
@@ -822,7 +877,9 @@ def test_tma_box_layout_is_the_swizzle_that_loads_land_in(index):
     ("pingpong", Epilogue(True, None, True)), ("pingpong", Epilogue(True, "gelu")),
     ("pingpong", Epilogue(True, split=(1024, 1024, 1024))),
     ("tma-store", Epilogue(True, "gelu")), ("tma-store", Epilogue(gated=True)),
-    ("tma-store", Epilogue(True, split=(1024, 1024, 1024)))])
+    ("tma-store", Epilogue(True, split=(1024, 1024, 1024))),
+    ("cooperative", Epilogue(True, "gelu")), ("cooperative", Epilogue(True, None, True)),
+    ("cooperative", Epilogue(True, split=(1024, 1024, 1024)))])
 def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, form, epilogue):
     """nvcc's ptxas builds the 384-thread kernel with no spills (an accumulator that lived past
     the join of the roles was capped by the producer's budget: 1600 bytes spilled and the wgmma
@@ -833,6 +890,8 @@ def test_ptxas_keeps_the_tma_kernel_out_of_local_memory(tmp_path, form, epilogue
 
     if form == "pingpong":
         src = pingpong_cuda_source(3072 if epilogue.split else 768, 3072, epilogue)
+    elif form == "cooperative":
+        src = cooperative_cuda_source(3072 if epilogue.split else 768, 3072, epilogue)
     elif form == "tma-store":
         src = tma_cuda_source(3072, 768, epilogue, persistent=True, tma_store=True)
     else:
@@ -882,7 +941,9 @@ def test_residual_reads_are_in_flight_together(kernel):
     (256, 1536, (128, 3), "pingpong"), (768, 768, None, "pingpong-cluster"),
     (3072, 192, (128, 2), "pingpong-cluster"), (256, 1536, (128, 3), "pingpong-cluster"),
     (768, 768, None, "tma-store"),
-    (3072, 192, (256, 2), "tma-store"), (256, 1536, (128, 4), "tma-store")])
+    (3072, 192, (256, 2), "tma-store"), (256, 1536, (128, 4), "tma-store"),
+    (768, 768, None, "cooperative"), (3072, 192, (256, 2), "cooperative"),
+    (256, 1536, (128, 4), "cooperative")])
 def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual, dtype):
     """On a Hopper GPU, row counts off and on the 128-row tile (rows past m arrive from TMA as
     zeros and are never stored), both paths (split-k up to 64 rows); the persistent and
@@ -898,7 +959,9 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
     epilogue = Epilogue(bias, activation, residual)
     if form == "tma-store" and residual:
         pytest.skip("the TMA-store form takes no residual")
-    if form.startswith("pingpong"):
+    if form == "cooperative":
+        func = cuda_pingpong_dense.cooperative_dense_kernel(n, k, dtype, epilogue, tiles)
+    elif form.startswith("pingpong"):
         func = cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue, tiles,
                                                          2 if form == "pingpong-cluster" else 1)
     else:
@@ -923,13 +986,14 @@ def test_tma_kernel_matches_numpy(n, k, tiles, form, bias, activation, residual,
 
 
 @pytest.mark.parametrize("kernel", ["residual-pingpong", "persistent", "tma", "wgmma", "pingpong",
-                                    "pingpong-cluster", "tma-store"])
+                                    "pingpong-cluster", "cooperative", "tma-store"])
 def test_models_build_with_each_hopper_dense_kernel(monkeypatch, kernel):
     """The pipeline builds a layer's joined q/k/v product, BERT's output product with its
     residual and Qwen3's SwiGLU product for sm_90a with each choice of ``HOPPER_DENSE``
     (``bench_models.py --hopper-dense``): the default gives the residual product the ping-pong
-    kernel and the others the persistent one; the ping-pong generator gives the gated product of
-    Qwen3's MLP the persistent kernel (its down product the ping-pong one)."""
+    kernel, the gated one the persistent kernel and the others (q/k/v, Qwen3's down product) the
+    cooperative one; the ping-pong and cooperative generators give the gated product of Qwen3's
+    MLP the persistent kernel (its down product their own)."""
     from relax_masked_attn.passes import dispatch_dense as dd
 
     assert dd.HOPPER_DENSE is dd.HOPPER_DENSE_CHOICES["residual-pingpong"]
@@ -946,11 +1010,16 @@ def test_models_build_with_each_hopper_dense_kernel(monkeypatch, kernel):
         persistent = "setmaxnreg_inc_sync_aligned_u32_168" in src  # its roles rejoin each tile
         pingpong = "bar_arrive_arrive(((uint)7 - " in src  # its consumers hand over the ring
         tma_stores = "cp_async_bulk_tensor_s2g" in src
+        # the cooperative kernel's staging tiles are swizzled: read back at XORed addresses
+        cooperative = any(" ^ " in line for line in src.splitlines() if "ld_vec_shared" in line)
         mixed = kernel in ("residual-pingpong", "tma-store")
         every_pingpong = kernel.startswith("pingpong")
         assert persistent == (kernel == "persistent"
-                              or (every_pingpong or mixed) and what == "swiglu"
-                              or mixed and what == "siblings"), what
+                              or (every_pingpong or mixed or kernel == "cooperative")
+                              and what == "swiglu"
+                              or kernel == "tma-store" and what == "siblings"), what
         assert pingpong == (every_pingpong or mixed and what == "residual"), what
+        assert cooperative == (kernel == "cooperative"
+                               or kernel == "residual-pingpong" and what != "residual"), what
         assert ("multicast" in src) == (kernel == "pingpong-cluster"), what
         assert tma_stores == (kernel == "tma-store" and what != "residual"), what

@@ -375,7 +375,8 @@ RESIDUAL_BATCH = 4
 
 
 def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: int,
-                 threads: int, pool_elems: int, scope: str, opaque: bool = False):
+                 threads: int, pool_elems: int, scope: str, opaque: bool = False,
+                 swizzled: bool = False):
     """The second half of both kernels' epilogue: the block's output tile, staged in the shared
     pool as ``tile_m`` rows of ``tile_n + 8`` elements (the value before the residual, in the
     output dtype), written to ``out`` in whole 16-byte vectors, the residual's 16 bytes read and
@@ -387,6 +388,9 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     in the pool.
     ``opaque``: the tile is read by ``ld.shared`` on its addresses, which TVM's barrier planner
     does not see (for kernels whose warpgroups order their own accesses with named barriers).
+    ``swizzled``: the rows are not padded; 16-byte chunk ``j`` of row ``r`` lies at chunk ``j ^
+    (r % 8)`` of it, which spreads a fragment's 8 rows over the banks as the padding does, in
+    ``tile_m * tile_n`` elements (the cooperative kernel's 4-stage ring leaves no more).
 
     The staging rows are padded by 16 bytes, so the 8 rows of an ``mma`` fragment that a warp
     writes at once fall in distinct banks. Each thread moves 8 columns of a row as four 4-byte
@@ -397,11 +401,17 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
     (:func:`~relax_masked_attn.kernels.epilogue.gated_weight` with ``group = tile_n / 2``): a
     thread reads 8 of each and writes 8 outputs ``silu(gate) * up``.
     """
-    out_stride = tile_n + 8
+    out_stride = tile_n if swizzled else tile_n + 8
     cols = epilogue.out_columns(tile_n)  # output columns of the tile
     parts = epilogue.outputs(n)  # (first column, width) of each output
     per_row = cols // 8  # threads a row
     assert tile_m * out_stride <= pool_elems and threads % per_row == 0
+
+    def offset(r, col):
+        """Element of output ``(r, col)`` of the tile within the staging tile."""
+        if swizzled:
+            return r * out_stride + (col // 8 ^ r % 8) * 8 + col % 8
+        return r * out_stride + col
     assert all(start % cols == 0 for start, _ in parts), "a tile must lie in one split part"
 
     steps = tile_m * per_row // threads  # rows a thread moves
@@ -456,20 +466,20 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                 col = tx % per_row * 8
                 if bm * tile_m + r < m:
                     if opaque:
-                        read_staged(words, smem, base + r * out_stride + col)
+                        read_staged(words, smem, base + offset(r, col))
                     else:
                         for q in T.unroll(4):
-                            words[q] = smem_words[(base + r * out_stride + col) // 2 + q]
+                            words[q] = smem_words[(base + offset(r, col)) // 2 + q]
                     if epilogue.residual:
                         for e in T.unroll(8):
                             halves[e] = epilogue.add_residual(dtype, halves[e],
                                                               res_halves[j * 8 + e])
                     if epilogue.gated:
                         if opaque:
-                            read_staged(up, smem, base + r * out_stride + cols + col)
+                            read_staged(up, smem, base + offset(r, cols + col))
                         else:
                             for q in T.unroll(4):
-                                up[q] = smem_words[(base + r * out_stride + cols + col) // 2 + q]
+                                up[q] = smem_words[(base + offset(r, cols + col)) // 2 + q]
                         for e in T.unroll(8):
                             halves[e] = epilogue.swiglu(dtype, halves[e], up_halves[e])
                     if len(parts) == 1:
@@ -490,11 +500,11 @@ def staged_store(n: int, dtype: str, epilogue: Epilogue, tile_m: int, tile_n: in
                                     out_words2[T.Ramp(out_word(bm, bn, it, tx, 2), 1, 4)] = words[
                                         T.Ramp(0, 1, 4)]
 
-    return (lambda r, col: r * out_stride + col), store
+    return offset, store
 
 
 def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, offset,
-                  opaque: bool = False, swiglu: bool = False):
+                  opaque: bool = False, swiglu: bool = False, window: int | None = None):
     """The first half of the ``wgmma`` kernels' epilogue (the second is :func:`staged_store`, or
     for the TMA-store form ``cuda_tma_dense.tile_stores``): a macro ``(smem, acc, bias, n0,
     row0, t, base)`` by which thread ``t`` of a warpgroup writes its ``m64n{tile_n}``
@@ -504,26 +514,32 @@ def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, offset,
     thread: n8 tile ``i // 4``, row ``g`` (+ 8 for ``i % 4 >= 2``), column ``2 t`` (+ 1).
     ``opaque`` as in :func:`staged_store` (``st.shared``). ``swiglu``: a gated tile's gate
     columns are its first half and up the second, and the tile stages ``silu(gate) * up``,
-    ``tile_n / 2`` columns (else a gated tile is staged as it is, for the store to pair)."""
+    ``tile_n / 2`` columns (else a gated tile is staged as it is, for the store to pair).
+    ``window``: the macro takes one more argument, ``first`` (a multiple of ``window``), and
+    stages only the accumulators of columns ``first .. first + window``, as columns ``0 ..
+    window`` of the staging tile."""
     tiles8 = (tile_n // 2 if swiglu else tile_n) // 8  # n8 tiles of staged outputs
     gate_shift = tile_n // 2 // 8 * 4  # accumulators from a gate column to its up column
+    if window is not None:
+        assert not swiglu and tile_n % window == 0
+        tiles8 = window // 8
 
     def write_pair(smem, pair_word, elem):
         """The two halves of ``pair_word`` to element ``elem`` of the pool, by ``st.shared``."""
         return T.ptx.st.shared.b32(smem.ptr_to([elem]), pair_word[0])
 
     @T.macro
-    def stage(smem, acc, bias_buf, n0, row0, t, base):
+    def stage_window(smem, acc, bias_buf, n0, row0, t, base, first):
         lane = t % 32
         pair = T.alloc_buffer((2,), dtype, scope="local")
         pair_word = T.decl_buffer((1,), "uint32", data=pair.data, scope="local")
         if opaque and epilogue.bias:
             # the thread's bias values first: an `st.shared` (an asm statement that may write
             # memory, to the compiler) would otherwise hold each bias read behind the last one
-            bias_regs = T.alloc_buffer((tile_n // 4,), dtype, scope="local")
-            for j in T.unroll(tile_n // 8):
+            bias_regs = T.alloc_buffer((tiles8 * 2,), dtype, scope="local")
+            for j in T.unroll(tiles8):
                 for c in T.unroll(2):
-                    bias_regs[j * 2 + c] = bias_buf[n0 + j * 8 + lane % 4 * 2 + c]
+                    bias_regs[j * 2 + c] = bias_buf[n0 + first + j * 8 + lane % 4 * 2 + c]
         for h in T.unroll(2):
             r = row0 + t // 32 * 16 + lane // 4 + h * 8
             for j in T.unroll(tiles8):
@@ -535,15 +551,19 @@ def wgmma_staging(dtype: str, epilogue: Epilogue, tile_n: int, offset,
                             T.Cast(dtype, acc[j * 4 + h * 2 + c + gate_shift]))
                     else:
                         pair[c] = T.Cast(dtype, epilogue.value(
-                            acc[j * 4 + h * 2 + c],
-                            (bias_regs[j * 2 + c] if opaque else bias_buf[n0 + col + c])
+                            acc[first // 2 + j * 4 + h * 2 + c],
+                            (bias_regs[j * 2 + c] if opaque else bias_buf[n0 + first + col + c])
                             if epilogue.bias else None))
                 if opaque:
                     write_pair(smem, pair_word, base + offset(r, col))
                 else:
                     smem[T.Ramp(base + offset(r, col), 1, 2)] = pair[T.Ramp(0, 1, 2)]
 
-    return stage
+    @T.macro
+    def stage(smem, acc, bias_buf, n0, row0, t, base):
+        stage_window(smem, acc, bias_buf, n0, row0, t, base, 0)
+
+    return stage if window is None else stage_window
 
 
 def split_fits(target: Target, widths, k: int, dtype: str) -> bool:

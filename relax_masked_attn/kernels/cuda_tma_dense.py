@@ -18,8 +18,9 @@ maps land the tiles in the 128-byte-swizzled layout the ``wgmma`` descriptors re
 (:mod:`.hopper`); rows of ``x`` past ``m`` arrive as zeros. The epilogue is the shared one
 (:func:`~relax_masked_attn.kernels.cuda_dense.staged_store`) on the consumers' 256 threads.
 
-Its persistent form (``persistent=True``) is the dense kernel of ``sm_90a`` builds for products
-without a residual (``DispatchDense``; those with one get :mod:`.cuda_pingpong_dense`):
+Its persistent form (``persistent=True``) is the dense kernel of ``sm_90a`` builds for SwiGLU's
+gated products (``DispatchDense``; the others get the kernels of :mod:`.cuda_pingpong_dense`,
+whose roles never join):
 :data:`PERSISTENT_BLOCKS` blocks walk the output tiles ``bid, bid + grid,
 ...``; the staging tile of the epilogue lies apart from the ring (so at most 3 stages of
 256-column tiles fit in 226 KiB), and the producer, once this tile's k-steps are issued, loads

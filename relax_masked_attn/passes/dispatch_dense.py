@@ -27,21 +27,26 @@ def _has_dense_kernel(target: tvm.target.Target, n: int, k: int, dtype: str,
 
 def _pingpong_for_residuals(n: int, k: int, dtype: str, epilogue: Epilogue,
                             tma_store: bool = False):
-    """The ping-pong kernel for products that add a residual, the persistent one for others
-    (``tma_store``: its form that stores each tile by TMA)."""
+    """The ping-pong kernel for products that add a residual, the cooperative one for others
+    (gated ones: the persistent kernel; ``tma_store``: the persistent form that stores each tile
+    by TMA)."""
     if epilogue.residual:
         return cuda_pingpong_dense.pingpong_dense_kernel(n, k, dtype, epilogue)
-    return cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, persistent=True,
-                                           tma_store=tma_store)
+    if tma_store:
+        return cuda_tma_dense.tma_dense_kernel(n, k, dtype, epilogue, persistent=True,
+                                               tma_store=True)
+    return cuda_pingpong_dense.cooperative_dense_kernel(n, k, dtype, epilogue)
 
 
 # The Hopper dense kernel generators by name, each ``(n, k, dtype, epilogue)`` -> the same
-# PrimFunc: the warp-specialized TMA kernel, its persistent form, the persistent kernel whose
-# consumers take turns on whole tiles (ping-pong), and the kernel whose threads all copy through
-# ``cp.async``. ``HOPPER_DENSE`` is what ``sm_90a`` targets get: the ping-pong form for products
-# that add a residual (1-15% faster than the persistent form on an H200: their epilogue reads a
-# tile of the residual, which the other consumer's products now hide), the persistent form for
-# the others (0.93-1.00x cuBLAS; the ping-pong form's smaller tiles cost it up to 5% there);
+# PrimFunc: the warp-specialized TMA kernel, its persistent form, the persistent kernels whose
+# roles never join (ping-pong: the consumers take turns on whole tiles; cooperative: both on
+# every tile), and the kernel whose threads all copy through ``cp.async``. ``HOPPER_DENSE`` is
+# what ``sm_90a`` targets get: the ping-pong form for products that add a residual (1-15% faster
+# than the persistent form on an H200: their epilogue reads a tile of the residual, which the
+# other consumer's products now hide), the cooperative one for the others (0.83-0.97x cuBLAS,
+# 0-3% ahead of the persistent form with its deeper ring; the ping-pong form's smaller tiles
+# cost it up to 5% there), SwiGLU's gated products the persistent one;
 # ``bench_models.py --hopper-dense NAME`` puts another there to compare whole models, and
 # ``bench_dense.py`` times each (docs/performance.md#dense).
 HOPPER_DENSE_KERNELS = {
@@ -49,6 +54,7 @@ HOPPER_DENSE_KERNELS = {
     "tma": cuda_tma_dense.tma_dense_kernel,
     "persistent": functools.partial(cuda_tma_dense.tma_dense_kernel, persistent=True),
     "pingpong": cuda_pingpong_dense.pingpong_dense_kernel,
+    "cooperative": cuda_pingpong_dense.cooperative_dense_kernel,
     # the ping-pong form in clusters of two CTAs sharing each w box by TMA multicast (opt-in:
     # 2-14% slower than the plain ping-pong form on an H200, docs/performance.md#dense)
     "pingpong-cluster": functools.partial(cuda_pingpong_dense.pingpong_dense_kernel, cluster=2),
