@@ -689,6 +689,35 @@ def test_cooperative_kernel_never_joins_its_roles(epilogue, tiles):
         cuda_pingpong_dense.cooperative_dense_kernel(768, 512, "float16", epilogue, (256, 5))
 
 
+def test_wgmma_kernels_sharing_a_primfunc_take_no_uint64_parameter():
+    """Two ``wgmma`` kernels in one PrimFunc, the host choosing between them by the row count
+    (the cooperative kernel's two tile widths): their descriptors' constant fields stay literals
+    inside each kernel. Written as shifts, TVM's common-subexpression pass lifted them above the
+    host's choice, so that both kernels took them as ``uint64`` parameters, which apache-tvm
+    0.27's CUDA launcher refuses ("Cannot handle uint64 as device function argument"): every
+    call failed."""
+    from tvm.script import tirx as T
+
+    from relax_masked_attn.kernels.epilogue import dense_func
+
+    epilogue = Epilogue(True)
+    wide = cuda_pingpong_dense.cooperative_body(768, 768, "float16", epilogue, 256, 4)
+    narrow = cuda_pingpong_dense.cooperative_body(768, 768, "float16", epilogue, 128, 6)
+
+    @T.macro
+    def by_rows(x, w, bias, residual, outs, m):
+        if m >= 1024:
+            wide(x, w, bias, residual, outs, m)
+        else:
+            narrow(x, w, bias, residual, outs, m)
+
+    func = dense_func(768, 768, "float16", by_rows, epilogue)
+    src = tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+    signatures = re.findall(r"__global__ void __launch_bounds__\(384\) \w+\(([^)]*)\)", src)
+    assert len(set(signatures)) == 2
+    assert not any("uint64_t" in signature for signature in signatures)
+
+
 def test_swizzled_staging_tile_is_free_of_bank_conflicts():
     """The cooperative kernel's staging tile (64 x 128, unpadded): every element once; the 8
     rows of a fragment that a warp writes at once (4 threads a row, 4 bytes each) fall in 32

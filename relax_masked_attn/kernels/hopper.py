@@ -13,13 +13,14 @@ PERSISTENT_BLOCKS = 132
 def swizzle128_descriptor(addr, leading_bytes: int = 16):
     """The ``wgmma`` matrix descriptor of a 128-byte-swizzled tile at shared byte address
     ``addr``: start address >> 4, leading byte offset (unused by K-major tiles, where it is 16),
-    1024 bytes between 8-row groups, swizzle mode 128B."""
-    return (
-        T.Cast("uint64", (addr & T.uint32(0x3FFFF)) >> T.uint32(4))
-        | (T.uint64(leading_bytes >> 4) << T.uint64(16))
-        | (T.uint64(1024 >> 4) << T.uint64(32))
-        | (T.uint64(1) << T.uint64(62))
-    )
+    1024 bytes between 8-row groups, swizzle mode 128B.
+
+    The constant fields are one literal: written as shifts, TVM's common-subexpression pass
+    lifts them out of a kernel's body where two kernels of one PrimFunc share them, and the
+    kernels then take them as ``uint64`` parameters, which apache-tvm 0.27's CUDA launcher
+    refuses ("Cannot handle uint64 as device function argument")."""
+    fields = (leading_bytes >> 4) << 16 | (1024 >> 4) << 32 | 1 << 62
+    return T.Cast("uint64", (addr & T.uint32(0x3FFFF)) >> T.uint32(4)) | T.uint64(fields)
 
 
 @T.macro
