@@ -191,6 +191,8 @@ CPU_SWEEP = [
     {"long_k": 2048, "long_task_blocks": 16},
     {"depth": 128, "task_blocks": 16},
     {"whole_k": 768, "task_cols": 512},
+    {"blocks_outer_k": 0},  # panels outermost at every k
+    {"blocks_outer_k": 1 << 30},  # register blocks outermost at every k
 ]
 
 
@@ -208,13 +210,15 @@ def sweep_tiles(base, change: dict):
 
 
 def tiles_label(tiles) -> str:
-    """``12x32,256,96x256``: register block, depth, task; then ``whole<=K``, ``k>=K:R`` where
-    set."""
+    """``12x32,256,96x256``: register block, depth, task; then ``whole<=K``, ``k>=K:R``,
+    ``blocks-outer<=K`` where set."""
     label = f"{tiles.rows}x{tiles.cols},{tiles.depth},{tiles.task_rows}x{tiles.task_cols}"
     if tiles.whole_k:
         label += f",whole<={tiles.whole_k}"
     if tiles.long_k:
         label += f",k>={tiles.long_k}:{tiles.long_task_rows}"
+    if tiles.blocks_outer_k:
+        label += f",blocks-outer<={tiles.blocks_outer_k}"
     return label
 
 

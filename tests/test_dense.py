@@ -126,6 +126,33 @@ def test_cpu_dense_matches_numpy(target, bias, activation, residual, rows, k):
                                reference(x, w, b, activation, r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks_outer", [False, True])
+@pytest.mark.parametrize("rows,k", [(13, 600), (100, 2112)])
+def test_cpu_dense_loop_orders_match_numpy(blocks_outer, rows, k):
+    """Both orders a task may walk its register blocks and weight panels in
+    (``CpuDenseTiles.blocks_outer_k``: AVX-512 walks its blocks outermost up to k = 768), on
+    this CPU's ISA whichever it is, with 3 panels a task and several slices of k, bias, gelu
+    and residual fused."""
+    import dataclasses
+
+    target = host_cpu_target()
+    tiles = dataclasses.replace(cpu_dense.tiles_for(target),
+                                blocks_outer_k=k if blocks_outer else 0)
+    n = 3 * tiles.cols
+    epilogue = Epilogue(True, "gelu", True)
+    kernel = tvm.compile(tvm.IRModule({"main": cpu_dense.dense_kernel(
+        n, k, "float32", epilogue, tiles)}), target=target)["main"]
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((rows, k)).astype("float32")
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype("float32")
+    b = rng.standard_normal(n).astype("float32")
+    r = rng.standard_normal((rows, n)).astype("float32")
+    wp = np.ascontiguousarray(w.reshape(n // tiles.cols, tiles.cols, k).transpose(0, 2, 1))
+    out = tvm.runtime.tensor(np.full((rows, n), np.nan, "float32"))
+    kernel(*[tvm.runtime.tensor(a) for a in (x, wp, b, r)], out)
+    np.testing.assert_allclose(out.numpy(), reference(x, w, b, "gelu", r), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch,seq", [(1, 1), (3, 7), (2, 33)])
 def test_cpu_dense_dispatch_matches_numpy(batch, seq):
     """nn.Linear-shaped matmuls with leading dims go to our CPU dense kernel."""

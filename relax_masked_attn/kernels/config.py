@@ -102,7 +102,10 @@ class CpuDenseTiles:
     ``depth`` is the most ``k`` a block runs before its partial sums go back to ``out`` (one
     weight panel of ``depth x cols`` floats stays in L1), except that a ``k`` of at most
     ``whole_k`` runs in one slice; a parallel task owns ``task_rows`` rows (``long_task_rows``
-    for a ``k`` of at least ``long_k``, where set) and ``task_cols`` columns.
+    for a ``k`` of at least ``long_k``, where set) and ``task_cols`` columns. Within a slice a
+    task walks its weight panels outermost, each read by its register blocks in turn, except
+    that for a ``k`` of at most ``blocks_outer_k`` it walks its register blocks outermost, each
+    block's packed x rows read against every panel in turn.
     """
 
     rows: int
@@ -114,6 +117,7 @@ class CpuDenseTiles:
     whole_k: int = 0
     long_k: int = 0
     long_task_rows: int = 0
+    blocks_outer_k: int = 0
 
 
 def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
@@ -140,11 +144,22 @@ def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
     3 MiB at k = 3072) then serves twice the rows; at 768 x 3072 on the Zen 3, alternating in
     one process, 3%, 16% and 7% faster in three runs; at k = 768 and 1536 it was -11% to +5%,
     within that VM's noise, so those keep 48.
+
+    ``avx512`` walks its register blocks outermost up to k = 768: a 12 x 32 block's panel
+    slice (32 columns by 256 of k, 32 KiB) fills the L1 by itself, so a panel cannot stay there
+    for the next block while that block's x rows come in, where a block's 12 packed rows (12 KiB)
+    stay there across the task's 8 panels. On a 2-core Skylake-SP, 8192 rows, 2 threads,
+    alternating with the panel-outer order in one process (median of 5 to 7 rounds, three
+    runs): 384 x 384 +16%, -2%, +11%; 1536 x 384 +28%; 768 x 768 +4.5%, +13%, +7.5%; 3072 x 768
+    +6%, +27%, +4.5% (one thread: +8% and +13%); at k = 1536 +1%, at k = 3072 -15%, -4% and
+    (one thread) +2%, so longer ``k`` keeps the panels outermost. The AVX2 build, measured the
+    same way, gained nothing from it (-12% to +2%) and keeps them everywhere.
     """
     rows, cols = {"avx512": (12, 32), "avx2": (6, 16), "neon": (6, 16), "sse": (6, 8)}[isa]
     return CpuDenseTiles(rows, cols, VECTOR_LANES[isa], task_rows=rows * 8,
                          **({"whole_k": 768, "long_k": 2048, "long_task_rows": 96}
-                            if isa == "avx2" else {}))
+                            if isa == "avx2" else {}),
+                         **({"blocks_outer_k": 768} if isa == "avx512" else {}))
 
 
 def tensor_core_dense_tiles(dtype: str) -> tuple[int, int, int, int, int, int]:

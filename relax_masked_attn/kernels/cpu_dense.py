@@ -10,9 +10,12 @@ are one contiguous run; :func:`pack_weight` is a Relax expression on the paramet
 ``LiftTransformParams`` moves out of ``forward`` to run once at load time.
 
 Blocking (``kernels.config.cpu_dense_tiles``, per vector ISA): ``k`` in slices of at most
-``depth`` (a ``depth x cols`` panel stays in L1 while ``task_rows / rows`` register blocks
-reuse it); parallel tasks of ``task_rows`` rows by ``task_cols`` columns, numbered row block
-first so that a thread's consecutive tasks share their x rows in L2. The epilogue (bias, gelu,
+``depth``; parallel tasks of ``task_rows`` rows by ``task_cols`` columns, numbered row block
+first so that a thread's consecutive tasks share their x rows in L2. Within a slice a task
+walks its weight panels outermost, each ``depth x cols`` panel read by its ``task_rows /
+rows`` register blocks in turn, or, where ``k <= blocks_outer_k`` (AVX-512 up to 768), its
+register blocks outermost, each block's packed x rows read against every panel in turn and
+staying in L1 (an AVX-512 panel slice of 32 KiB fills the L1 by itself). The epilogue (bias, gelu,
 residual) runs on the last slice's registers, before the one store.
 
 Each task copies its x rows of the slice into a buffer of its own first (``pack_rows``, rows
@@ -78,6 +81,7 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
     # a longer k streams more weight a task: longer tasks read each panel for more rows
     task_rows = tiles.long_task_rows if tiles.long_k and k >= tiles.long_k else tiles.task_rows
     blocks = task_rows // rows  # register blocks a task, along m
+    blocks_outer = k <= tiles.blocks_outer_k
 
     def finish(value, bias, residual, row, col):
         return epilogue.store(dtype, value, None if bias is None else bias[col],
@@ -109,6 +113,30 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
                         col0 // cols, s * depth + kk, j]
 
     @T.macro
+    def register_block(acc, xp, x, wp, bias, residual, outs, m, task, task_row0, s, p, b):
+        """Register block ``b`` of the task's rows by panel ``p`` of its columns, slice ``s``:
+        the partial sums from ``out`` (zero in the first slice), the slice's products, back to
+        ``out`` (with the epilogue after the last slice)."""
+        row0: T.let[T.int64] = task_row0 + b * rows
+        col0: T.let[T.int64] = (task % col_tasks * panels + p) * cols
+        if row0 < m:
+            for i in T.unroll(rows):
+                for j in T.vectorized(cols):
+                    acc[i, j] = T.if_then_else(
+                        s == 0, T.float32(0),
+                        outs[0][T.min(row0 + i, m - 1), col0 + j])
+            multiply_add(acc, xp, wp, b, s, col0)
+            for i in T.unroll(rows):
+                if row0 + i < m:
+                    if s < slices - 1:
+                        for j in T.vectorized(cols):
+                            outs[0][row0 + i, col0 + j] = acc[i, j]
+                    else:
+                        for j in T.vectorized(cols):
+                            outs[0][row0 + i, col0 + j] = finish(
+                                acc[i, j], bias, residual, row0 + i, col0 + j)
+
+    @T.macro
     def body(x, wp, bias, residual, outs, m):  # outs: the one output
         for task in T.parallel(((m + task_rows - 1) // task_rows) * col_tasks):
             acc = T.alloc_buffer((rows, cols), "float32", scope="local")
@@ -116,26 +144,16 @@ def dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue,
             task_row0: T.let[T.int64] = task // col_tasks * task_rows
             for s in T.serial(slices):
                 pack_rows(xp, x, task_row0, s, m)
-                for p in T.serial(panels):
+                if blocks_outer:  # a block's packed x rows stay in L1 across the panels
                     for b in T.serial(blocks):
-                        row0: T.let[T.int64] = task_row0 + b * rows
-                        col0: T.let[T.int64] = (task % col_tasks * panels + p) * cols
-                        if row0 < m:
-                            for i in T.unroll(rows):
-                                for j in T.vectorized(cols):
-                                    acc[i, j] = T.if_then_else(
-                                        s == 0, T.float32(0),
-                                        outs[0][T.min(row0 + i, m - 1), col0 + j])
-                            multiply_add(acc, xp, wp, b, s, col0)
-                            for i in T.unroll(rows):
-                                if row0 + i < m:
-                                    if s < slices - 1:
-                                        for j in T.vectorized(cols):
-                                            outs[0][row0 + i, col0 + j] = acc[i, j]
-                                    else:
-                                        for j in T.vectorized(cols):
-                                            outs[0][row0 + i, col0 + j] = finish(
-                                                acc[i, j], bias, residual, row0 + i, col0 + j)
+                        for p in T.serial(panels):
+                            register_block(acc, xp, x, wp, bias, residual, outs, m, task,
+                                           task_row0, s, p, b)
+                else:  # a panel is read by the task's blocks one after another
+                    for p in T.serial(panels):
+                        for b in T.serial(blocks):
+                            register_block(acc, xp, x, wp, bias, residual, outs, m, task,
+                                           task_row0, s, p, b)
 
     return dense_func(n, k, dtype, body, epilogue, index_dtype="int64",
                       w_shape=(n // cols, k, cols))
