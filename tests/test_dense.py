@@ -673,20 +673,37 @@ def test_cuda_split_products_match_torch(hidden, widths, bias, dtype, prepack, k
 # --- The warp-specialized TMA kernel (kernels/cuda_tma_dense.py; sm_90a's dense kernel) --------
 
 
-def tma_cuda_source(n, k, epilogue, tiles=None, persistent=False, tma_store=False) -> str:
-    func = cuda_tma_dense.tma_dense_kernel(n, k, "float16", epilogue, tiles, persistent,
-                                           tma_store)
+def sm90a_source(func) -> str:
+    """The CUDA source of PrimFunc ``func`` built for sm_90a."""
     return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+
+
+def tma_cuda_source(n, k, epilogue, tiles=None, persistent=False, tma_store=False) -> str:
+    return sm90a_source(cuda_tma_dense.tma_dense_kernel(n, k, "float16", epilogue, tiles,
+                                                        persistent, tma_store))
 
 
 def pingpong_cuda_source(n, k, epilogue, tiles=None) -> str:
-    func = cuda_pingpong_dense.pingpong_dense_kernel(n, k, "float16", epilogue, tiles)
-    return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+    return sm90a_source(cuda_pingpong_dense.pingpong_dense_kernel(n, k, "float16", epilogue,
+                                                                  tiles))
 
 
 def cooperative_cuda_source(n, k, epilogue, tiles=None) -> str:
-    func = cuda_pingpong_dense.cooperative_dense_kernel(n, k, "float16", epilogue, tiles)
-    return tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+    return sm90a_source(cuda_pingpong_dense.cooperative_dense_kernel(n, k, "float16", epilogue,
+                                                                     tiles))
+
+
+def never_joining_body(src: str) -> str:
+    """The body of the 384-thread kernel in ``src``, after checking the frame both kernels of
+    ``cuda_pingpong_dense`` share: one block-wide barrier (after the ring's barriers are set
+    up), the registers split once (producer 40, consumers 232) and never handed back."""
+    body = src[src.index("__launch_bounds__(384)"):]
+    body = body[body.index("{"):]
+    assert body.count("__syncthreads()") == 1
+    assert body.count("setmaxnreg_dec_sync_aligned_u32_40()") == 1
+    assert body.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
+    assert "u32_168" not in body
+    return body
 
 
 @pytest.mark.parametrize("epilogue,tiles", [
@@ -699,13 +716,8 @@ def test_cooperative_kernel_never_joins_its_roles(epilogue, tiles):
     columns at a time behind its own named barrier (twice a window), the staging tile read
     back at swizzled addresses; 4 stages of 256-column tiles (6 of 128 columns) fit in
     226 KiB, 5 are refused."""
-    src = cooperative_cuda_source(768, 512, epilogue, tiles)
-    full = src[src.index("__launch_bounds__(384)"):]
-    full = full[full.index("{"):]
-    assert full.count("__syncthreads()") == 1
-    assert full.count("setmaxnreg_dec_sync_aligned_u32_40()") == 1
-    assert full.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
-    assert "u32_168" not in full and "(uint)256)" not in full and "bar_arrive" not in full
+    full = never_joining_body(cooperative_cuda_source(768, 512, epilogue, tiles))
+    assert "(uint)256)" not in full and "bar_arrive" not in full
     assert full.count(f"mma_async_sync_aligned_m64n{tiles[0]}k16") == 4
     assert full.count("bar_sync_count_sync(((uint)2 + ((uint)((int)threadIdx.y))), (uint)128)"
                       ) == 2 * tiles[0] // 128
@@ -739,7 +751,7 @@ def test_wgmma_kernels_sharing_a_primfunc_take_no_uint64_parameter():
             narrow(x, w, bias, residual, outs, m)
 
     func = dense_func(768, 768, "float16", by_rows, epilogue)
-    src = tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+    src = sm90a_source(func)
     signatures = re.findall(r"__global__ void __launch_bounds__\(384\) \w+\(([^)]*)\)", src)
     assert len(set(signatures)) == 2
     assert not any("uint64_t" in signature for signature in signatures)
@@ -774,13 +786,7 @@ def test_pingpong_kernel_never_joins_its_roles(epilogue, tiles):
     with its named barrier (3 or 4: 2 + warpgroup), read and written by ``ld.shared`` /
     ``st.shared``, the consumers handing each other the ring on barriers 5 and 6; the ring plus
     two staging tiles fit in 226 KiB or are refused."""
-    src = pingpong_cuda_source(768, 512, epilogue, tiles)
-    full = src[src.index("__launch_bounds__(384)"):]
-    full = full[full.index("{"):]
-    assert full.count("__syncthreads()") == 1
-    assert full.count("setmaxnreg_dec_sync_aligned_u32_40()") == 1
-    assert full.count("setmaxnreg_inc_sync_aligned_u32_232()") == 1
-    assert "u32_168" not in full
+    full = never_joining_body(pingpong_cuda_source(768, 512, epilogue, tiles))
     assert full.count("bar_sync_count_sync(((uint)2 + ((uint)((int)threadIdx.y))), (uint)128)") == 2
     # the consumers take turns at the ring: without it the second one's wait on the ring's
     # `full` barrier of a k-step two phases ahead passed at once (a parity wait cannot tell
@@ -802,7 +808,7 @@ def test_pingpong_cluster_form_multicasts_w_and_releases_slots_in_both_ctas():
     epilogue = Epilogue(True, None, True)
     func = cuda_pingpong_dense.pingpong_dense_kernel(768, 512, "float16", epilogue, None, 2)
     assert 'T.launch_thread("clusterCtaIdx.x", 2)' in func.script()
-    src = tvm.compile(tvm.IRModule({"main": func}), target=SM90A).mod.imports[0].inspect_source()
+    src = sm90a_source(func)
     full = src[src.index("__launch_bounds__(384)"):]
     full = full[full.index("{"):]
     assert full.count("multicast__cluster(") == 1 and "(ushort)3)" in full
