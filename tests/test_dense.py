@@ -728,6 +728,30 @@ def test_cooperative_kernel_never_joins_its_roles(epilogue, tiles):
         cuda_pingpong_dense.cooperative_dense_kernel(768, 512, "float16", epilogue, (256, 5))
 
 
+@pytest.mark.parametrize("n,m,wide", [
+    (768, 8192, False), (768, 10368, True), (3072, 8192, True), (3072, 10368, False),
+    (1024, 8192, True), (1024, 10368, False), (2304, 8192, False), (2304, 10368, True),
+    (3072, 65, False), (768, 1000, False), (768, 20000, True)])
+def test_cooperative_kernel_takes_the_tiles_that_fill_their_waves(n, m, wide):
+    """By default the cooperative kernel holds both tile widths where ``n`` allows 256 columns
+    and the host picks by the row count: wide tiles where their waves of 132 blocks are as
+    full as the narrow ones' (a wide tile's work at 1.03x the rate), narrow ones where a wide
+    grid would leave a wave mostly empty (8192 rows of n = 768: 192 tiles, 2 waves, against
+    384 in 3) or where either fits in one wave. Both kernels are built; a width ``n`` does not
+    allow is never built."""
+    from relax_masked_attn.kernels.hopper import PERSISTENT_BLOCKS
+
+    def waves(cols):
+        return -(-(-(-m // 128) * (n // cols)) // PERSISTENT_BLOCKS)
+
+    assert (waves(256) * 2 / 1.03 <= waves(128)) == wide
+    assert bool(cuda_pingpong_dense.wide_tiles_win(n, m)) == wide
+    if m == 8192 and n == 768:
+        src = cooperative_cuda_source(n, 512, Epilogue(True))
+        assert "m64n256k16" in src and "m64n128k16" in src
+        assert "m64n256k16" not in cooperative_cuda_source(640, 512, Epilogue(True))
+
+
 def test_wgmma_kernels_sharing_a_primfunc_take_no_uint64_parameter():
     """Two ``wgmma`` kernels in one PrimFunc, the host choosing between them by the row count
     (the cooperative kernel's two tile widths): their descriptors' constant fields stay literals

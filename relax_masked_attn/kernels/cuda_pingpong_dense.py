@@ -100,6 +100,7 @@ from .cuda_tma_dense import (
 )
 from .epilogue import Epilogue, dense_func
 from .hopper import (
+    PERSISTENT_BLOCKS,
     TILE_COLUMNS,
     realign_pool,
     sync_cluster_barriers,
@@ -259,6 +260,29 @@ def pingpong_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | None 
 
 
 COOPERATIVE_WINDOW = 128  # columns of the cooperative kernel's staging tiles
+# The cooperative kernel's 256-column tiles do a product's work at this rate over its 128-column
+# ones when both fill their waves (H200, 8192 rows: 2.5-3.5% faster on the four products whose
+# waves are whole either way), in hundredths: ``wide_tiles_win``'s weight.
+WIDE_TILE_RATE = 103
+
+
+def wide_tiles_win(n: int, m):
+    """Whether the cooperative kernel's 256-column tiles finish ``m`` rows sooner than its
+    128-column ones (``m`` a TIR expression, evaluated on the host at each call): the waves of
+    :data:`PERSISTENT_BLOCKS` tiles each takes, a wide wave costing twice a narrow one less
+    :data:`WIDE_TILE_RATE`'s gain. 8192 rows of BERT-base's n = 768 make 192 wide tiles (2 waves
+    of 132 SMs, the second half empty) or 384 narrow ones (3 waves): narrow; 10368 rows make 243
+    and 486 (2 and 4 waves): wide, and 3072 columns the other way round (8 and 15 waves) -- as
+    timed on an H200 at each, as on all sixteen products of ``bench_dense.py``'s shapes at those
+    two row counts."""
+    row_tiles = (m + 127) // 128
+
+    def waves(tiles_n):
+        return (row_tiles * tiles_n + PERSISTENT_BLOCKS - 1) // PERSISTENT_BLOCKS
+
+    return waves(n // 128) * WIDE_TILE_RATE >= waves(n // 256) * 200
+
+
 def cooperative_body(n: int, k: int, dtype: str, epilogue: Epilogue, tile_n: int, stages: int):
     """The cooperative kernel's body on ``tile_n``-column tiles in ``stages`` slots (the module
     docstring)."""
@@ -300,14 +324,27 @@ def cooperative_dense_kernel(n: int, k: int, dtype: str, epilogue: Epilogue | No
                              tiles=None) -> tirx.PrimFunc:
     """PrimFunc ``(x [m, k], w [n, k], [bias [n],] [residual [m, n],] out [m, n])`` for
     ``sm_90a``, as :func:`pingpong_dense_kernel`'s, both consumers on every tile (the module
-    docstring). ``tiles`` is ``(tile_n, stages)``: 128 or 256 columns (default: 256 where ``n``
-    allows, in 4 stages; 128 in 6). A gated product gets the persistent kernel of
-    ``cuda_tma_dense``."""
+    docstring). ``tiles`` is ``(tile_n, stages)``, 128 or 256 columns; by default 128-column
+    tiles in 6 stages, and where ``n`` is a multiple of 256 also 256-column ones in 4, the host
+    choosing between them at each call by the row count (:func:`wide_tiles_win`). A gated
+    product gets the persistent kernel of ``cuda_tma_dense``."""
     epilogue = epilogue or Epilogue()
     if epilogue.gated:
         return tma_dense_kernel(n, k, dtype, epilogue, persistent=True)
-    tile_n = 256 if n % 256 == 0 else 128
-    tile_n, stages = tiles or (tile_n, 4 if tile_n == 256 else 6)
-    body = cooperative_body(n, k, dtype, epilogue, tile_n, stages)
+    if tiles is not None or n % 256:
+        tile_n, stages = tiles or (128, 6)
+        body = cooperative_body(n, k, dtype, epilogue, tile_n, stages)
+    else:
+        tile_n = 256
+        wide = cooperative_body(n, k, dtype, epilogue, 256, 4)
+        narrow = cooperative_body(n, k, dtype, epilogue, 128, 6)
+
+        @T.macro
+        def body(x, w, bias_buf, residual, outs, m):
+            if wide_tiles_win(n, m):
+                wide(x, w, bias_buf, residual, outs, m)
+            else:
+                narrow(x, w, bias_buf, residual, outs, m)
+
     return dense_func(n, k, dtype, with_small_batches(n, k, dtype, epilogue, body, tile_n, 128),
                       epilogue)
