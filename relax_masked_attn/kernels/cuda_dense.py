@@ -117,20 +117,48 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
         """Swizzled 16-byte chunk of logical (row r, chunk c) within its 128-byte line."""
         return ((r % rows_per_line) * chunks + c) ^ (line(r) % 8)
 
+    # Expressions, not names assigned in the macro (which TVMScript makes mutable locals, opaque
+    # to the simplifier): the row and chunk thread tx copies in turn it of a tile.
+    def copy_row(it, tx):
+        return (it * threads + tx) // chunks
+
+    def copy_chunk(it, tx):
+        return (it * threads + tx) % chunks
+
     @T.macro
-    def load_tile(smem, base, src, row0, rows, limit, kt, slot, tx):
+    def load_tile(smem, base, src, row0, rows, limit, kt, slot, tx, bounded):
         """cp.async ``src[row0 : row0 + rows, kt * tile_k : ...]`` into ``smem[slot]`` from line
-        ``base`` on."""
+        ``base`` on; where ``bounded``, rows from ``limit`` on are zeros (and read row
+        ``limit - 1``). An unbounded copy's addresses are a base fixed for the thread plus
+        constants, which the compiler keeps out of the k-loop."""
         for it in T.unroll(rows * chunks // threads):
-            e = it * threads + tx
-            r = e // chunks
-            c = e % chunks
-            T.ptx.cp.async_.cg.shared.global_(
-                smem.ptr_to([slot, base + line(r), chunk(r, c) * 8]),
-                src.ptr_to([T.min(row0 + r, limit - 1), kt * tile_k + c * 8]),
-                16,
-                T.if_then_else(row0 + r < limit, T.uint32(16), T.uint32(0)),
-            )
+            if bounded:
+                T.ptx.cp.async_.cg.shared.global_(
+                    smem.ptr_to([slot, base + line(copy_row(it, tx)),
+                                 chunk(copy_row(it, tx), copy_chunk(it, tx)) * 8]),
+                    src.ptr_to([T.min(row0 + copy_row(it, tx), limit - 1),
+                                kt * tile_k + copy_chunk(it, tx) * 8]),
+                    16,
+                    T.if_then_else(row0 + copy_row(it, tx) < limit, T.uint32(16), T.uint32(0)),
+                )
+            else:
+                T.ptx.cp.async_.cg.shared.global_(
+                    smem.ptr_to([slot, base + line(copy_row(it, tx)),
+                                 chunk(copy_row(it, tx), copy_chunk(it, tx)) * 8]),
+                    src.ptr_to([row0 + copy_row(it, tx), kt * tile_k + copy_chunk(it, tx) * 8]),
+                    16,
+                )
+
+    @T.macro
+    def load_step(x, w, smem, m, m0, n0, kt, slot, tx):
+        """k-step ``kt`` of the block's x rows and w rows into ``smem[slot]``: w's rows always
+        exist (``n`` is a multiple of ``tile_n``), x's only past the last whole tile of rows
+        need bounds."""
+        if m0 + tile_m <= m:
+            load_tile(smem, 0, x, m0, tile_m, m, kt, slot, tx, False)
+        else:
+            load_tile(smem, 0, x, m0, tile_m, m, kt, slot, tx, True)
+        load_tile(smem, b_base, w, n0, tile_n, n, kt, slot, tx, False)
 
     @T.macro
     def product(x, w, smem, acc, m, m0, n0, kt0, tx):
@@ -147,16 +175,14 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
                     acc[i, j, c] = T.float32(0)
         for s in T.unroll(stages - 1):
             if s < steps:
-                load_tile(smem, 0, x, m0, tile_m, m, kt0 + s, s, tx)
-                load_tile(smem, b_base, w, n0, tile_n, n, kt0 + s, s, tx)
+                load_step(x, w, smem, m, m0, n0, kt0 + s, s, tx)
             T.ptx.cp.async_.commit_group()
         for kt in T.serial(steps):
             T.ptx.cp.async_.wait_group(stages - 2)
             T.cuda.cta_sync()  # k-step kt landed; every warp is done with the slot of kt - 1
             if kt + stages - 1 < steps:
-                nxt = (kt + stages - 1) % stages
-                load_tile(smem, 0, x, m0, tile_m, m, kt0 + kt + stages - 1, nxt, tx)
-                load_tile(smem, b_base, w, n0, tile_n, n, kt0 + kt + stages - 1, nxt, tx)
+                load_step(x, w, smem, m, m0, n0, kt0 + kt + stages - 1,
+                          (kt + stages - 1) % stages, tx)
             T.ptx.cp.async_.commit_group()
             slot = kt % stages
             for kk in T.unroll(tile_k // 16):
