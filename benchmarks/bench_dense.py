@@ -193,6 +193,7 @@ CPU_SWEEP = [
     {"whole_k": 768, "task_cols": 512},
     {"blocks_outer_k": 0},  # panels outermost at every k
     {"blocks_outer_k": 1 << 30},  # register blocks outermost at every k
+    {"whole_k": 0},  # k in depth-deep slices at every k
 ]
 
 

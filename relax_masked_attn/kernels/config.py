@@ -139,7 +139,8 @@ def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
     well enough): alternating with the 256-deep slices and torch in one process on the Zen 3
     (6 rounds), 7% faster at k = 384 (n = 384 and 1536) and 768 x 768, within 1% at
     384 x 1536 and 3072 x 768; at k = 3072 whole slices of 768 were 8% slower than 256, so
-    longer ``k`` keeps 256. On AVX-512 the Xeon sweep above saw no gain from 512-deep slices.
+    longer ``k`` keeps 256. On AVX-512 the Xeon sweep above (panels outermost) saw no gain from
+    512-deep slices.
     A ``k`` of 2048 or more runs tasks of 96 rows, not 48: a task's weight (256 columns by k,
     3 MiB at k = 3072) then serves twice the rows; at 768 x 3072 on the Zen 3, alternating in
     one process, 3%, 16% and 7% faster in three runs; at k = 768 and 1536 it was -11% to +5%,
@@ -154,11 +155,20 @@ def cpu_dense_tiles(isa: str) -> CpuDenseTiles:
     +6%, +27%, +4.5% (one thread: +8% and +13%); at k = 1536 +1%, at k = 3072 -15%, -4% and
     (one thread) +2%, so longer ``k`` keeps the panels outermost. The AVX2 build, measured the
     same way, gained nothing from it (-12% to +2%) and keeps them everywhere.
+
+    With its blocks outermost, ``avx512`` also runs a ``k`` of up to 768 in one slice, as
+    ``avx2`` does: a block's accumulators then stay in registers over the whole ``k`` instead of
+    going back to ``out`` and returning at each slice, while its packed x rows (18 KiB at
+    k = 384, 36 KiB at 768) stay in or near the L1 and the panels stream from L2 as before. On
+    the Skylake-SP, 8192 rows, alternating with 256-deep slices in one process and taking the
+    median of the per-round ratios (9 to 15 rounds): at k = 384, +7.6% and +4.3% (384 x 384,
+    1536 x 384; 2 threads), +9.1% and +7.4% (one thread); at k = 768, +3.4%, +0.5%, +2.1%,
+    +2.5% (768 x 768, 3072 x 768, two runs on 2 threads), +1.2% and -2.3% on one thread.
     """
     rows, cols = {"avx512": (12, 32), "avx2": (6, 16), "neon": (6, 16), "sse": (6, 8)}[isa]
     return CpuDenseTiles(rows, cols, VECTOR_LANES[isa], task_rows=rows * 8,
-                         **({"whole_k": 768, "long_k": 2048, "long_task_rows": 96}
-                            if isa == "avx2" else {}),
+                         **({"whole_k": 768} if isa in ("avx2", "avx512") else {}),
+                         **({"long_k": 2048, "long_task_rows": 96} if isa == "avx2" else {}),
                          **({"blocks_outer_k": 768} if isa == "avx512" else {}))
 
 

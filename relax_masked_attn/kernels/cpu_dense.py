@@ -10,13 +10,14 @@ are one contiguous run; :func:`pack_weight` is a Relax expression on the paramet
 ``LiftTransformParams`` moves out of ``forward`` to run once at load time.
 
 Blocking (``kernels.config.cpu_dense_tiles``, per vector ISA): ``k`` in slices of at most
-``depth``; parallel tasks of ``task_rows`` rows by ``task_cols`` columns, numbered row block
-first so that a thread's consecutive tasks share their x rows in L2. Within a slice a task
-walks its weight panels outermost, each ``depth x cols`` panel read by its ``task_rows /
-rows`` register blocks in turn, or, where ``k <= blocks_outer_k`` (AVX-512 up to 768), its
-register blocks outermost, each block's packed x rows read against every panel in turn and
-staying in L1 (an AVX-512 panel slice of 32 KiB fills the L1 by itself). The epilogue (bias, gelu,
-residual) runs on the last slice's registers, before the one store.
+``depth`` (in one slice up to ``whole_k``: 768 on AVX2 and AVX-512); parallel tasks of
+``task_rows`` rows by ``task_cols`` columns, numbered row block first so that a thread's
+consecutive tasks share their x rows in L2. Within a slice a task walks its weight panels
+outermost, each ``depth x cols`` panel read by its ``task_rows / rows`` register blocks in
+turn, or, where ``k <= blocks_outer_k`` (AVX-512 up to 768), its register blocks outermost,
+each block's packed x rows read against every panel in turn and staying in or near L1 (an
+AVX-512 panel slice of 32 KiB fills the L1 by itself). The epilogue (bias, gelu, residual) runs
+on the last slice's registers, before the one store.
 
 Each task copies its x rows of the slice into a buffer of its own first (``pack_rows``, rows
 ``depth + ROW_PAD`` floats apart), as BLAS libraries pack their broadcast operand: in ``x``
