@@ -125,6 +125,11 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
     def copy_chunk(it, tx):
         return (it * threads + tx) % chunks
 
+    def copy_dest(smem, base, slot, it, tx):
+        """Shared pointer of the chunk thread tx copies in turn it, tile from line base on."""
+        return smem.ptr_to([slot, base + line(copy_row(it, tx)),
+                            chunk(copy_row(it, tx), copy_chunk(it, tx)) * 8])
+
     @T.macro
     def load_tile(smem, base, src, row0, rows, limit, kt, slot, tx, bounded):
         """cp.async ``src[row0 : row0 + rows, kt * tile_k : ...]`` into ``smem[slot]`` from line
@@ -134,8 +139,7 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
         for it in T.unroll(rows * chunks // threads):
             if bounded:
                 T.ptx.cp.async_.cg.shared.global_(
-                    smem.ptr_to([slot, base + line(copy_row(it, tx)),
-                                 chunk(copy_row(it, tx), copy_chunk(it, tx)) * 8]),
+                    copy_dest(smem, base, slot, it, tx),
                     src.ptr_to([T.min(row0 + copy_row(it, tx), limit - 1),
                                 kt * tile_k + copy_chunk(it, tx) * 8]),
                     16,
@@ -143,8 +147,7 @@ def _mma_bodies(n: int, k: int, dtype: str, epilogue: Epilogue, tiles, splits: i
                 )
             else:
                 T.ptx.cp.async_.cg.shared.global_(
-                    smem.ptr_to([slot, base + line(copy_row(it, tx)),
-                                 chunk(copy_row(it, tx), copy_chunk(it, tx)) * 8]),
+                    copy_dest(smem, base, slot, it, tx),
                     src.ptr_to([row0 + copy_row(it, tx), kt * tile_k + copy_chunk(it, tx) * 8]),
                     16,
                 )

@@ -44,9 +44,10 @@ def _pingpong_for_residuals(n: int, k: int, dtype: str, epilogue: Epilogue,
 # every tile), and the kernel whose threads all copy through ``cp.async``. ``HOPPER_DENSE`` is
 # what ``sm_90a`` targets get: the ping-pong form for products that add a residual (1-15% faster
 # than the persistent form on an H200: their epilogue reads a tile of the residual, which the
-# other consumer's products now hide), the cooperative one for the others (0.83-0.97x cuBLAS,
-# 0-3% ahead of the persistent form with its deeper ring; the ping-pong form's smaller tiles
-# cost it up to 5% there), SwiGLU's gated products the persistent one;
+# other consumer's products now hide), the cooperative one for the others (0.93-1.00x cuBLAS at
+# 8192 and 10368 rows, its tile width chosen by the row count; 0-3% ahead of the persistent form
+# at one width, with its deeper ring; the ping-pong form's smaller tiles cost it up to 5% there),
+# SwiGLU's gated products the persistent one;
 # ``bench_models.py --hopper-dense NAME`` puts another there to compare whole models, and
 # ``bench_dense.py`` times each (docs/performance.md#dense).
 HOPPER_DENSE_KERNELS = {
